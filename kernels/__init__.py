@@ -1,0 +1,1 @@
+"""Triton kernels for token labeling, shipped as ``tl_fast.kernels``."""

@@ -1,0 +1,49 @@
+"""The ``tl-fast`` command: data preparation for token labeling.
+
+Each subcommand lives beside the code it drives and registers itself through a ``register(sub)``
+function; this file only collects them.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that define ``register(subparsers)``. Listed here so ``tl-fast --help`` shows them all.
+COMMAND_MODULES = (
+    "tl_fast.store.commands",  # convert-pt, inspect
+    "tl_fast.annotate",  # annotate
+    "tl_fast.demo.commands",  # demo prepare
+    "tl_fast.loaders.ffcv_pack",  # pack-ffcv
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tl-fast",
+        description="Prepare data for token-labeling training: convert public label maps, run a machine "
+        "annotator, pack FFCV files, inspect stores, build the built-in demo dataset.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # a real missing dependency inside the module: surface it
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Pure PyTorch token targets and loss: the definition every fast path is tested against.
+
+SPEC section 3 in code. Nothing here builds the dense ``[B, K, H, W]`` map: every RoI-Align sample
+of every token is expanded to its four bilinear corners, each corner to its ``k`` (score, class)
+pairs, and the weighted scores are scatter-added straight into the ``[B, 1 + T, K]`` output. That is
+``B * (1 + T) * S * 4 * k`` additions instead of ``B * K * H * W`` writes plus two dense RoI-Aligns.
+It runs on CPU or GPU and is vectorized over the batch (no per-sample Python loop).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+# A token's sample count is ceil(extent); extents that are integers up to float noise must not
+# round up to an extra sample. RoI-Align computes extents in float32; this tolerance absorbs that.
+EXTENT_EPS = 1e-4
+
+
+def widened_affine(affine: torch.Tensor, map_size: tuple[int, int]) -> torch.Tensor:
+    """RoI-Align's ``aligned=False`` edge rule: an output region whose image is under one map pixel
+    along an axis is widened to exactly one pixel, keeping its start edge (``u = 0`` / ``v = 0``)."""
+    h, w = map_size
+    a = affine.to(torch.float64).clone()
+    scale = torch.tensor([w, h], dtype=torch.float64, device=a.device)
+    for col in (0, 1):
+        length = (a[:, :, col] * scale).norm(dim=1)  # extent of the whole output axis, map pixels
+        a[:, :, col] = a[:, :, col] / length.clamp(max=1.0).clamp(min=1e-12)[:, None]
+    return a
+
+
+def sample_counts(affine: torch.Tensor, map_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """Adaptive samples per token ``[B, 2]`` = (Sy, Sx), as RoI-Align's ``sampling_ratio=-1``.
+
+    ``affine`` must already be widened (:func:`widened_affine`)."""
+    h, w = map_size
+    scale = torch.tensor([w, h], dtype=torch.float64, device=affine.device)
+    ext_u = (affine[:, :, 0].double() * scale).norm(dim=1) / grid[1]
+    ext_v = (affine[:, :, 1].double() * scale).norm(dim=1) / grid[0]
+    sx = torch.ceil(ext_u - EXTENT_EPS).clamp(min=1)
+    sy = torch.ceil(ext_v - EXTENT_EPS).clamp(min=1)
+    return torch.stack([sy, sx], 1).long()
+
+
+def _bilinear_corners(px: torch.Tensor, py: torch.Tensor, h: int, w: int):
+    """RoI-Align's bilinear rule: 4 corner pixel ids and weights for each sample (``[..., 4]``)."""
+    valid = ~((py < -1.0) | (py > h) | (px < -1.0) | (px > w))
+    y = py.clamp(min=0)
+    x = px.clamp(min=0)
+    y_low = y.floor().long()
+    x_low = x.floor().long()
+    y_edge = y_low >= h - 1
+    x_edge = x_low >= w - 1
+    y_low = torch.where(y_edge, torch.full_like(y_low, h - 1), y_low)
+    x_low = torch.where(x_edge, torch.full_like(x_low, w - 1), x_low)
+    y = torch.where(y_edge, y_low.to(y.dtype), y)
+    x = torch.where(x_edge, x_low.to(x.dtype), x)
+    y_high = torch.where(y_edge, y_low, y_low + 1)
+    x_high = torch.where(x_edge, x_low, x_low + 1)
+    ly, lx = y - y_low, x - x_low
+    hy, hx = 1 - ly, 1 - lx
+    pix = torch.stack([y_low * w + x_low, y_low * w + x_high, y_high * w + x_low, y_high * w + x_high], -1)
+    wgt = torch.stack([hy * hx, hy * lx, ly * hx, ly * lx], -1) * valid.unsqueeze(-1)
+    return pix, wgt
+
+
+def _region_samples(affine: torch.Tensor, map_size: tuple[int, int], grid: tuple[int, int]):
+    """Every RoI-Align sample of every bin of a ``grid`` over the output: ``(pix, wgt)`` of shape
+    ``[B, Gh*Gw, S*4]`` with weights already divided by the bin's sample count (padding has 0)."""
+    h, w = map_size
+    gh, gw = grid
+    bsz = affine.shape[0]
+    a = widened_affine(affine, map_size)
+    counts = sample_counts(a, map_size, grid)  # [B, 2]
+    sy_max, sx_max = int(counts[:, 0].max()), int(counts[:, 1].max())
+    dev, f64 = a.device, torch.float64
+    sy = counts[:, 0].to(f64).view(bsz, 1, 1, 1, 1)
+    sx = counts[:, 1].to(f64).view(bsz, 1, 1, 1, 1)
+    r = torch.arange(gh, device=dev, dtype=f64).view(1, gh, 1, 1, 1)
+    c = torch.arange(gw, device=dev, dtype=f64).view(1, 1, gw, 1, 1)
+    j = torch.arange(sy_max, device=dev, dtype=f64).view(1, 1, 1, sy_max, 1)
+    i = torch.arange(sx_max, device=dev, dtype=f64).view(1, 1, 1, 1, sx_max)
+    v = (r + (j + 0.5) / sy) / gh
+    u = (c + (i + 0.5) / sx) / gw
+    u, v = torch.broadcast_tensors(u, v)  # [B, Gh, Gw, Sy, Sx]
+    x = a[:, 0, 0].view(-1, 1, 1, 1, 1) * u + a[:, 0, 1].view(-1, 1, 1, 1, 1) * v + a[:, 0, 2].view(-1, 1, 1, 1, 1)
+    y = a[:, 1, 0].view(-1, 1, 1, 1, 1) * u + a[:, 1, 1].view(-1, 1, 1, 1, 1) * v + a[:, 1, 2].view(-1, 1, 1, 1, 1)
+    pix, wgt = _bilinear_corners(x * w - 0.5, y * h - 0.5, h, w)  # [B, Gh, Gw, Sy, Sx, 4]
+    inside = (j < sy) & (i < sx)  # padding samples beyond this sample's own counts
+    wgt = wgt * inside.unsqueeze(-1) / (sy * sx).unsqueeze(-1)
+    return pix.reshape(bsz, gh * gw, -1), wgt.reshape(bsz, gh * gw, -1)
+
+
+def token_scores(
+    values: torch.Tensor, indices: torch.Tensor, affine: torch.Tensor, *, num_classes: int,
+    grid: tuple[int, int] = (14, 14),
+) -> torch.Tensor:
+    """RoI-Aligned dense scores ``[B, 1 + Gh*Gw, K]`` (float32) before the softmax.
+
+    Row 0 pools the whole output with one bin (the class token), rows ``1..`` are the tokens."""
+    bsz, k, h, w = values.shape
+    rows = 1 + grid[0] * grid[1]
+    parts = [_region_samples(affine, (h, w), (1, 1)), _region_samples(affine, (h, w), grid)]
+    out = torch.zeros(bsz * rows * num_classes, dtype=torch.float64, device=values.device)
+    vals = values.reshape(bsz, k, h * w).to(torch.float64)
+    ids = indices.reshape(bsz, k, h * w).long()
+    row0 = 0
+    for pix, wgt in parts:  # pix, wgt: [B, R, N]
+        n_rows = pix.shape[1]
+        flat = pix.reshape(bsz, 1, -1).expand(bsz, k, -1)  # [B, k, R*N]
+        contrib = torch.gather(vals, 2, flat) * wgt.reshape(bsz, 1, -1)  # [B, k, R*N]
+        cls = torch.gather(ids, 2, flat)
+        row = torch.arange(n_rows, device=values.device).repeat_interleave(pix.shape[2]) + row0
+        b = torch.arange(bsz, device=values.device).view(bsz, 1, 1)
+        lin = (b * rows + row.view(1, 1, -1)) * num_classes + cls
+        out.index_add_(0, lin.reshape(-1), contrib.reshape(-1))
+        row0 += n_rows
+    return out.view(bsz, rows, num_classes).to(torch.float32)
+
+
+def _mix_boxes(mix_box, bsz: int, device) -> torch.Tensor:
+    """Normalize ``mix_box`` to ``[B, 4]`` int64 ``(r1, c1, r2, c2)``."""
+    box = torch.as_tensor(mix_box, device=device).long()
+    if box.dim() == 1:
+        box = box.view(1, 4).expand(bsz, 4)
+    if box.shape != (bsz, 4):
+        raise ValueError(f"mix_box must be (r1, c1, r2, c2) or [B, 4]; got shape {tuple(box.shape)} for B={bsz}")
+    return box
+
+
+def apply_mixtoken(targets: torch.Tensor, mix_box, grid: tuple[int, int]) -> torch.Tensor:
+    """MixToken on targets ``[B, 1 + T, K]``: tokens in the box come from the partner ``B-1-b``, the
+    class target becomes ``lam * own + (1 - lam) * partner`` with ``lam = 1 - area / T``."""
+    bsz = targets.shape[0]
+    gh, gw = grid
+    box = _mix_boxes(mix_box, bsz, targets.device)
+    r = torch.arange(gh, device=targets.device).view(1, gh, 1)
+    c = torch.arange(gw, device=targets.device).view(1, 1, gw)
+    inside = (r >= box[:, 0, None, None]) & (r < box[:, 2, None, None]) & (c >= box[:, 1, None, None]) & (c < box[:, 3, None, None])
+    inside = inside.reshape(bsz, gh * gw, 1)
+    partner = targets.flip(0)
+    tokens = torch.where(inside, partner[:, 1:], targets[:, 1:])
+    lam = 1.0 - inside.sum(dim=(1, 2)).to(targets.dtype) / float(gh * gw)
+    cls = lam[:, None] * targets[:, 0] + (1 - lam[:, None]) * partner[:, 0]
+    return torch.cat([cls[:, None], tokens], 1)
+
+
+def token_targets(
+    values: torch.Tensor, indices: torch.Tensor, affine: torch.Tensor, *, num_classes: int,
+    grid: Sequence[int] = (14, 14), smoothing: float = 0.0, mix_box=None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Token targets ``[B, 1 + Gh*Gw, K]`` from top-k maps and per-sample affines (SPEC section 3).
+
+    values  [B, k, H, W] scores (float16 in storage); indices [B, k, H, W] class ids in [0, K)
+    affine  [B, 2, 3] normalized output -> source map (:mod:`tl_fast.geometry`)
+    mix_box ``(r1, c1, r2, c2)`` for the batch, ``[B, 4]`` per sample, or ``None``
+    """
+    grid = (int(grid[0]), int(grid[1]))
+    _check_inputs(values, indices, affine, num_classes)
+    t = token_scores(values, indices, affine, num_classes=num_classes, grid=grid).softmax(-1)
+    if smoothing:
+        t = t * (1.0 - smoothing) + smoothing / num_classes
+    if mix_box is not None:
+        t = apply_mixtoken(t, mix_box, grid)
+    return t.to(out_dtype)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``-sum_c t_c log softmax(z)_c`` per row, in float32."""
+    return -(target.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+
+
+def token_label_loss(
+    cls_logits: torch.Tensor, token_logits: torch.Tensor, targets: torch.Tensor, *,
+    cls_weight: float = 1.0, dense_weight: float = 1.0,
+) -> torch.Tensor:
+    """``cls_weight * CE(cls) + dense_weight * mean over tokens CE(token)`` (batch means)."""
+    if token_logits.dim() == 4:  # [B, Gh, Gw, K]
+        token_logits = token_logits.flatten(1, 2)
+    if targets.shape[1] != 1 + token_logits.shape[1]:
+        raise ValueError(f"targets have {targets.shape[1]} rows; expected 1 + {token_logits.shape[1]} tokens")
+    cls = soft_cross_entropy(cls_logits, targets[:, 0]).mean()
+    dense = soft_cross_entropy(token_logits, targets[:, 1:]).mean()
+    return cls_weight * cls + dense_weight * dense
+
+
+def _check_inputs(values, indices, affine, num_classes: int) -> None:
+    if values.dim() != 4 or indices.shape != values.shape:
+        raise ValueError(f"values and indices must both be [B, k, H, W]; got {tuple(values.shape)} and {tuple(indices.shape)}")
+    if affine.shape != (values.shape[0], 2, 3):
+        raise ValueError(f"affine must be [B, 2, 3] = [{values.shape[0]}, 2, 3]; got {tuple(affine.shape)}")
+    if num_classes <= 0 or math.prod(values.shape) == 0:
+        raise ValueError("num_classes must be positive and maps non-empty")
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"class ids must lie in [0, {num_classes}); found range [{lo}, {hi}]")
