@@ -1,0 +1,168 @@
+"""LV-ViT: sizes against the paper's table, inference rule, MixToken semantics, checkpoint loading."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tl_fast.models import MODEL_NAMES, create_lvvit, load_checkpoint, lvvit_demo, resize_pos_embed
+from tl_fast.models.lvvit import Attention, mix_tokens
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,img_size,millions", [
+    ("lvvit_t", 224, 8.53), ("lvvit_s", 224, 26.15), ("lvvit_m", 224, 55.83), ("lvvit_l", 448, 150.47),
+])
+def test_parameter_counts_match_paper_table(name, img_size, millions):
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = create_lvvit(name, num_classes=1000, img_size=img_size)
+    assert abs(_count(model) / 1e6 - millions) / millions < 0.01
+    # The published figures are given to two decimals; ours round to the same.
+    assert round(_count(model) / 1e6, 2) == millions
+
+
+def test_architecture_details():
+    with torch.device("meta"):
+        s = create_lvvit("lvvit_s")
+        l_ = create_lvvit("lvvit_l")
+        t = create_lvvit("lvvit_t")
+    assert (len(s.blocks), s.embed_dim, s.blocks[0].attn.num_heads) == (16, 384, 6)
+    assert s.blocks[0].mlp.fc1.out_features == 3 * 384
+    assert s.blocks[0].attn.qkv.bias is None
+    assert (s.blocks[0].skip_lam, t.blocks[0].skip_lam, l_.blocks[0].skip_lam) == (2.0, 1.0, 3.0)
+    assert l_.patch_embed.conv1.out_channels == 128 and s.patch_embed.conv1.out_channels == 64
+    assert s.patch_embed.proj.kernel_size == (8, 8) and s.grid == (14, 14)
+    assert set(MODEL_NAMES) >= {"lvvit_t", "lvvit_s", "lvvit_m", "lvvit_l"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = lvvit_demo(num_classes=7, img_size=32, drop_path_rate=0.1)
+    # Non-trivial BatchNorm statistics, so eval mode is not the identity.
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(8, 3, 32, 32))
+    return m.eval()
+
+
+def test_forward_is_cls_plus_half_max_token(model):
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        cls, tok = model.forward_train(x)
+        out = model(x)
+    assert cls.shape == (3, 7) and tok.shape == (3, 16, 7)
+    torch.testing.assert_close(out, cls + 0.5 * tok.max(dim=1).values)
+    assert not torch.allclose(out, cls)
+
+
+def test_mixtoken_box_semantics(model):
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        plain_cls, plain_tok = model.forward_train(x)
+        # An empty box changes nothing.
+        cls, tok = model.forward_train(x, torch.tensor([1, 1, 1, 3], dtype=torch.int32))
+        torch.testing.assert_close(cls, plain_cls)
+        # A box over the whole grid replaces every token by the partner's: the batch reversed.
+        cls, tok = model.forward_train(x, torch.tensor([0, 0, 4, 4], dtype=torch.int32))
+        torch.testing.assert_close(cls, plain_cls.flip(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tok, plain_tok.flip(0), rtol=1e-5, atol=1e-5)
+        # A partial box equals mixing the patch embedding by hand.
+        box = torch.tensor([1, 0, 3, 2], dtype=torch.int32)
+        emb = model.patch_embed(x)
+        mixed = emb.clone()
+        mixed[:, :, 1:3, 0:2] = emb.flip(0)[:, :, 1:3, 0:2]
+        cls, tok = model.forward_train(x, box)
+        ref = _tail(model, mixed)
+        torch.testing.assert_close(cls, ref[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(tok, ref[1], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(cls, plain_cls)
+
+
+def test_mixtoken_per_sample_boxes(model):
+    torch.manual_seed(2)
+    x = torch.randn(4, 3, 32, 32)
+    boxes = torch.tensor([[0, 0, 4, 4], [0, 0, 0, 0], [0, 0, 0, 0], [2, 2, 4, 3]], dtype=torch.int32)
+    with torch.no_grad():
+        plain_cls, _ = model.forward_train(x)
+        cls, _ = model.forward_train(x, boxes)
+    torch.testing.assert_close(cls[0], plain_cls[3], rtol=1e-5, atol=1e-5)  # full box: the partner
+    torch.testing.assert_close(cls[1:3], plain_cls[1:3], rtol=1e-5, atol=1e-5)  # empty boxes
+    assert not torch.allclose(cls[3], plain_cls[3])
+
+
+def test_mix_tokens_map_level():
+    emb = torch.arange(3 * 2 * 3 * 3, dtype=torch.float32).view(3, 2, 3, 3)
+    out = mix_tokens(emb, torch.tensor([0, 1, 2, 3]))
+    assert torch.equal(out[:, :, 0:2, 1:3], emb.flip(0)[:, :, 0:2, 1:3])
+    assert torch.equal(out[:, :, 2], emb[:, :, 2]) and torch.equal(out[:, :, :, 0], emb[:, :, :, 0])
+    with pytest.raises(ValueError, match="mix_box"):
+        mix_tokens(emb, torch.zeros(2, 4))
+
+
+def _tail(model, emb):
+    tokens = emb.flatten(2).transpose(1, 2)
+    tokens = torch.cat([model.cls_token.expand(emb.shape[0], -1, -1), tokens], 1) + model.pos_embed
+    for blk in model.blocks:
+        tokens = blk(tokens)
+    tokens = model.norm(tokens)
+    return model.head(tokens[:, 0]), model.aux_head(tokens[:, 1:])
+
+
+def test_attention_matches_explicit_softmax():
+    torch.manual_seed(3)
+    attn = Attention(12, 3).eval()
+    x = torch.randn(2, 5, 12)
+    q, k, v = attn.qkv(x).view(2, 5, 3, 3, 4).permute(2, 0, 3, 1, 4)
+    w = (q @ k.transpose(-1, -2) / math.sqrt(4)).softmax(-1)
+    ref = attn.proj((w @ v).transpose(1, 2).reshape(2, 5, 12))
+    torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_load_public_layout_checkpoint_with_pos_embed_resize(model):
+    # A checkpoint as saved by the public code under DDP, at another resolution, with a sequential stem.
+    src = lvvit_demo(num_classes=7, img_size=48)
+    state = {"module." + k: v for k, v in src.state_dict().items()}
+    for i, name in ((0, "conv1"), (1, "bn1"), (3, "conv2"), (4, "bn2"), (6, "conv3"), (7, "bn3")):
+        for k in [k for k in state if k.startswith(f"module.patch_embed.{name}.")]:
+            state[k.replace(f"patch_embed.{name}.", f"patch_embed.conv.{i}.")] = state.pop(k)
+    dst = lvvit_demo(num_classes=7, img_size=32)
+    load_checkpoint(dst, {"state_dict": state})
+    torch.testing.assert_close(dst.blocks[2].mlp.fc2.weight, src.blocks[2].mlp.fc2.weight)
+    torch.testing.assert_close(dst.patch_embed.bn2.running_var, src.patch_embed.bn2.running_var)
+    torch.testing.assert_close(dst.pos_embed, resize_pos_embed(src.pos_embed, (4, 4)))
+    assert dst.pos_embed.shape == (1, 17, 96)
+    # Other class count: heads are dropped, the body still loads.
+    other = lvvit_demo(num_classes=3, img_size=48)
+    load_checkpoint(other, src.state_dict())
+    torch.testing.assert_close(other.cls_token, src.cls_token)
+    with pytest.raises(RuntimeError, match="missing keys"):
+        load_checkpoint(lvvit_demo(num_classes=7, img_size=48, depth=5), src.state_dict())
+
+
+def test_resize_pos_embed_identity_and_smooth():
+    pe = torch.randn(1, 1 + 16, 8)
+    assert resize_pos_embed(pe, (4, 4)) is pe
+    # A linear ramp stays (nearly) a ramp after upsampling.
+    ramp = torch.linspace(0, 1, 4).view(1, 4, 1).expand(4, 4, 8).reshape(1, 16, 8)
+    up = resize_pos_embed(torch.cat([torch.zeros(1, 1, 8), ramp], 1), (8, 8))
+    assert up.shape == (1, 65, 8)
+    cols = up[0, 1:, 0].view(8, 8)
+    assert (cols[:, 1:] >= cols[:, :-1] - 1e-6).all()
+
+
+def test_other_resolution_runs_with_interpolated_pos_embed(model):
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 48, 48))
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+
+
+def test_bad_patch_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="even"):
+        lvvit_demo(patch_size=7, img_size=63)
+    with pytest.raises(ValueError, match="unknown model"):
+        create_lvvit("lvvit_xl")
