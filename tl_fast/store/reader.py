@@ -1,0 +1,230 @@
+"""Memory-mapped reader of label stores (format: :mod:`tl_fast.store.format`)."""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .codec import RecordError, StoreError, TopKMaps, decode_into
+from .format import CRC_OFFSET, HEADER_SIZE, MAGIC, VERSION, FLAG_LOSSY, unpack_header
+
+
+def _as_ids(ids) -> np.ndarray:
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    arr = np.asarray(ids)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"record ids must be integers, got {arr.dtype}")
+    return np.ascontiguousarray(arr.reshape(-1), dtype=np.int64)
+
+
+class LabelStore:
+    """A read-only, memory-mapped label store.
+
+    ``LabelStore.open(path)`` checks the header (magic, version, sizes) and a crc32 of header, index
+    and manifest; every :meth:`read` verifies each record's checksum while decoding. Any mismatch
+    raises :class:`StoreError` naming the file (and the record)."""
+
+    def __init__(self, path: str, mm: np.ndarray, header: dict, keys: list[str], metadata: dict,
+                 offsets: np.ndarray, lengths: np.ndarray, checksums: np.ndarray):
+        self.path = path
+        self._mm = mm
+        self._buf64 = mm.view(np.uint64)
+        self.header = header
+        self._keys = keys
+        self._key_index: dict[str, int] | None = None
+        self.metadata = metadata
+        self._offsets = offsets
+        self._lengths = lengths
+        self._checksums = checksums
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "LabelStore":
+        """Open and validate the store at ``path``."""
+        path = os.fspath(path)
+        size = os.path.getsize(path)
+        if size < HEADER_SIZE:
+            raise StoreError(f"{path}: {size} bytes is too small to be a tl_fast label store (truncated?)")
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_SIZE)
+        hdr = unpack_header(raw)
+        if hdr["magic"] != MAGIC:
+            raise StoreError(f"{path}: not a tl_fast label store (bad magic {hdr['magic']!r}); an interrupted "
+                             "write leaves a zeroed header like this")
+        if hdr["version"] != VERSION:
+            raise StoreError(f"{path}: store format version {hdr['version']} is not supported (this tl_fast "
+                             f"reads version {VERSION})")
+        if hdr["file_size"] != size:
+            raise StoreError(f"{path}: file is {size} bytes but its header says {hdr['file_size']}: "
+                             "the store is truncated or was modified")
+        n = hdr["num_records"]
+        ok = (size % 8 == 0 and hdr["data_offset"] == HEADER_SIZE
+              and hdr["index_offset"] == hdr["data_offset"] + hdr["data_bytes"]
+              and hdr["manifest_offset"] == hdr["index_offset"] + 16 * n
+              and hdr["meta_offset"] == hdr["manifest_offset"] + hdr["manifest_bytes"]
+              and hdr["meta_offset"] + hdr["meta_bytes"] <= size
+              and hdr["index_offset"] % 8 == 0
+              and hdr["num_classes"] >= 1 and hdr["topk"] >= 1 and hdr["height"] >= 1 and hdr["width"] >= 1)
+        if not ok:
+            raise StoreError(f"{path}: inconsistent header (section offsets/sizes); the store is corrupted")
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+        zeroed = bytearray(raw)
+        zeroed[CRC_OFFSET:CRC_OFFSET + 4] = bytes(4)
+        crc = zlib.crc32(bytes(zeroed))
+        crc = zlib.crc32(mm[hdr["index_offset"]:hdr["meta_offset"] + hdr["meta_bytes"]], crc)
+        if crc != hdr["crc"]:
+            raise StoreError(f"{path}: header/index/manifest checksum mismatch; the store is corrupted")
+        io = hdr["index_offset"]
+        offsets = np.frombuffer(mm, dtype="<u8", count=n, offset=io).astype(np.int64)
+        lengths = np.frombuffer(mm, dtype="<u4", count=n, offset=io + 8 * n).astype(np.int64)
+        checksums = np.frombuffer(mm, dtype="<u4", count=n, offset=io + 12 * n).astype(np.uint32)
+        if n and (np.any(offsets < hdr["data_offset"]) or np.any(offsets % 8) or np.any(lengths % 8)
+                  or np.any(offsets + lengths > hdr["index_offset"]) or np.any(lengths <= 0)):
+            raise StoreError(f"{path}: index points outside the data section; the store is corrupted")
+        try:
+            manifest = bytes(mm[hdr["manifest_offset"]:hdr["meta_offset"]]).decode("utf-8")
+            metadata = json.loads(bytes(mm[hdr["meta_offset"]:hdr["meta_offset"] + hdr["meta_bytes"]]) or b"{}")
+        except (UnicodeDecodeError, ValueError) as err:
+            raise StoreError(f"{path}: unreadable manifest or metadata ({err})") from err
+        keys = manifest.split("\n") if n else []
+        if len(keys) != n:
+            raise StoreError(f"{path}: manifest has {len(keys)} keys for {n} records")
+        return cls(path, mm, hdr, keys, metadata, offsets, lengths, checksums)
+
+    def __reduce__(self):
+        # Pickle by path (DataLoader workers reopen the map) instead of copying the mapped bytes.
+        return (LabelStore.open, (self.path,))
+
+    def __enter__(self) -> "LabelStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the memory map (reads afterwards fail)."""
+        mm = getattr(self, "_mm", None)
+        self._mm = None
+        self._buf64 = None
+        if mm is not None and getattr(mm, "_mmap", None) is not None:
+            try:
+                mm._mmap.close()
+            except (BufferError, ValueError):
+                pass  # views still alive elsewhere; the OS unmaps when they go
+
+    def __repr__(self) -> str:
+        return (f"LabelStore({self.path!r}, records={len(self)}, num_classes={self.num_classes}, "
+                f"topk={self.topk}, map_size={self.map_size}, lossy={self.lossy})")
+
+    # ----------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.header["num_records"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.header["num_classes"])
+
+    @property
+    def topk(self) -> int:
+        return int(self.header["topk"])
+
+    @property
+    def map_size(self) -> tuple[int, int]:
+        return int(self.header["height"]), int(self.header["width"])
+
+    @property
+    def lossy(self) -> bool:
+        return bool(self.header["flags"] & FLAG_LOSSY)
+
+    @property
+    def keys(self) -> list[str]:
+        """Record id -> key (image path relative to the image root, without extension)."""
+        return self._keys
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the store file in bytes."""
+        return int(self.header["file_size"])
+
+    @property
+    def record_lengths(self) -> np.ndarray:
+        """Encoded length in bytes of every record (int64 [N])."""
+        return self._lengths
+
+    def _index(self) -> dict[str, int]:
+        if self._key_index is None:
+            index = {key: i for i, key in enumerate(self._keys)}
+            if len(index) != len(self._keys):
+                raise StoreError(f"{self.path}: manifest holds duplicate keys")
+            self._key_index = index
+        return self._key_index
+
+    def index_of(self, key: str) -> int:
+        """Record id of ``key``; ``KeyError`` naming the key (and the store) if it is absent."""
+        try:
+            return self._index()[key]
+        except KeyError:
+            raise KeyError(f"no label record for {key!r} in {self.path}") from None
+
+    def lookup(self, keys: Iterable[str]) -> np.ndarray:
+        """Record ids (int64) of ``keys``; ``KeyError`` naming the first missing one."""
+        index = self._index()
+        try:
+            return np.fromiter((index[k] for k in keys), dtype=np.int64)
+        except KeyError as err:
+            raise KeyError(f"no label record for {err.args[0]!r} in {self.path}") from None
+
+    def _check_ids(self, ids: np.ndarray) -> None:
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
+            bad = ids[(ids < 0) | (ids >= len(self))][0]
+            raise IndexError(f"record id {bad} out of range for {self.path} ({len(self)} records)")
+
+    def record_bytes(self, i: int) -> np.ndarray:
+        """The encoded record ``i`` as a uint8 array (a copy), e.g. to pack into an FFCV/DALI dataset."""
+        ids = _as_ids(i)
+        self._check_ids(ids)
+        o, ln = int(self._offsets[ids[0]]), int(self._lengths[ids[0]])
+        return np.array(self._mm[o:o + ln], dtype=np.uint8)
+
+    def read(self, ids, out: TopKMaps | None = None) -> TopKMaps:
+        """Decode records ``ids`` (sequence / array / tensor of ints) into CPU tensors, one batched call.
+
+        ``out`` may be a preallocated (e.g. pinned) :class:`TopKMaps` of the right shape and dtypes."""
+        if self._buf64 is None:
+            raise StoreError(f"{self.path}: store is closed")
+        ids = _as_ids(ids)
+        self._check_ids(ids)
+        try:
+            return decode_into(self._buf64, self._offsets[ids], self._lengths[ids], self._checksums[ids],
+                               self.num_classes, self.topk, self.map_size, out, self.path)
+        except RecordError as err:
+            rid = int(ids[err.position])
+            raise StoreError(f"{self.path}: record {rid} ({self._keys[rid]!r}): {err.reason}") from None
+
+    def verify(self, *, batch_size: int = 4096, progress: bool = False) -> None:
+        """Decode every record, checking its checksum and bounds; raises :class:`StoreError` on the
+        first bad one."""
+        from tqdm.auto import tqdm
+
+        n = len(self)
+        bar = tqdm(total=n, unit="rec", desc=f"verify {os.path.basename(self.path)}", disable=not progress)
+        with bar:
+            for start in range(0, n, batch_size):
+                stop = min(n, start + batch_size)
+                self.read(np.arange(start, stop))
+                bar.update(stop - start)
+
+
+def open_store(path: str | os.PathLike) -> LabelStore:
+    """Alias of :meth:`LabelStore.open`."""
+    return LabelStore.open(path)
+
+
+__all__ = ["LabelStore", "open_store"]

@@ -1,0 +1,227 @@
+"""Atomic writer of label stores (format: :mod:`tl_fast.store.format`)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zlib
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .codec import StoreError, encode_record
+from .format import FLAG_LOSSY, HEADER_SIZE, VERSION, align8, pack_header
+
+_MAX_CLASSES = 2**31 - 1
+
+
+def _as_numpy(x, what: str, key: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    try:
+        return np.asarray(x)
+    except Exception as err:  # pragma: no cover - exotic inputs
+        raise StoreError(f"{key!r}: {what} is not array-like ({err})") from err
+
+
+def check_key(key: str) -> str:
+    """Validate a record key (relative image path without extension, '/'-separated)."""
+    if not isinstance(key, str) or not key:
+        raise StoreError(f"record key must be a non-empty str, got {key!r}")
+    if "\n" in key or "\r" in key or "\0" in key:
+        raise StoreError(f"record key {key!r} contains a newline or NUL character")
+    if key.startswith("/"):
+        raise StoreError(f"record key {key!r} must be relative to the image root (no leading '/')")
+    return key
+
+
+class StoreWriter:
+    """Write a label store atomically.
+
+    ::
+
+        with StoreWriter("train.tls", num_classes=1000, topk=5, map_size=(18, 18)) as w:
+            w.add("n01440764/img_0001", values, indices)   # [k, H, W] each, numpy or torch
+
+    Records are streamed into a temporary file beside ``path``; the header is written last and the
+    file renamed onto ``path`` when the ``with`` block ends without an exception. An exception (or
+    :meth:`abort`) removes the temporary file and leaves any previous ``path`` untouched.
+
+    Args:
+        path: destination file.
+        num_classes: K; every class id must be in ``[0, K)``. ``None`` infers ``K = max id + 1``
+            at close (used by ``convert-pt`` when ``--num-classes`` is not given).
+        topk: k, maps are ``[k, H, W]``.
+        map_size: ``(H, W)``; ``None`` takes it from the first record.
+        lossy: quantize values to 8-bit codes (error bound in :mod:`tl_fast.store.format`).
+        metadata: JSON-serializable dict stored in the file (``LabelStore.metadata``).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, num_classes: int | None, topk: int,
+                 map_size: Sequence[int] | None = None, lossy: bool = False,
+                 metadata: dict[str, Any] | None = None):
+        self.path = os.fspath(path)
+        if num_classes is not None and not (1 <= int(num_classes) <= _MAX_CLASSES):
+            raise ValueError(f"num_classes must be in [1, {_MAX_CLASSES}], got {num_classes}")
+        if int(topk) < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.topk = int(topk)
+        self.map_size = None if map_size is None else (int(map_size[0]), int(map_size[1]))
+        if self.map_size is not None and min(self.map_size) < 1:
+            raise ValueError(f"map_size must be positive, got {map_size}")
+        self.lossy = bool(lossy)
+        self.metadata = dict(metadata or {})
+        json.dumps(self.metadata)  # fail early on non-serializable metadata
+        self._keys: list[str] = []
+        self._key_set: set[str] = set()
+        self._offsets: list[int] = []
+        self._lengths: list[int] = []
+        self._checksums: list[int] = []
+        self._max_id = -1
+        self._pos = HEADER_SIZE
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=directory)
+        self._file = os.fdopen(fd, "wb")
+        self._file.write(bytes(HEADER_SIZE))  # zero header until close: a partial file never opens
+        self._closed = False
+
+    # ----------------------------------------------------------------------------------------
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, key: str, values, indices) -> int:
+        """Append the map of image ``key``; returns its record id. Rejects (naming ``key``) duplicate
+        keys, shape mismatches, non-finite values, values that overflow float16, non-integer ids and
+        ids outside ``[0, K)``. Nothing is written for a rejected record."""
+        if self._closed:
+            raise StoreError(f"{self.path}: writer is closed")
+        check_key(key)
+        if key in self._key_set:
+            raise StoreError(f"duplicate record key {key!r}")
+        v = _as_numpy(values, "values", key)
+        ids = _as_numpy(indices, "indices", key)
+        if self.map_size is None and v.ndim == 3:
+            self.map_size = (int(v.shape[1]), int(v.shape[2]))
+        want = (self.topk, *(self.map_size or (-1, -1)))
+        if v.shape != want or ids.shape != want:
+            raise StoreError(f"{key!r}: values {v.shape} and indices {ids.shape} must both be [k, H, W] = {want}")
+        if not np.issubdtype(v.dtype, np.floating):
+            raise StoreError(f"{key!r}: values must be floating point, got {v.dtype}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise StoreError(f"{key!r}: indices must be integers, got {ids.dtype} "
+                             "(convert float class ids explicitly, as convert-pt does)")
+        if not np.all(np.isfinite(v)):
+            bad = np.argwhere(~np.isfinite(v))[0]
+            raise StoreError(f"{key!r}: non-finite value {v[tuple(bad)]} at [k, y, x] = {tuple(int(t) for t in bad)}")
+        with np.errstate(over="ignore"):
+            v16 = np.ascontiguousarray(v, dtype=np.float16)
+        if v.dtype != np.float16 and not np.all(np.isfinite(v16)):
+            bad = np.argwhere(~np.isfinite(v16))[0]
+            raise StoreError(f"{key!r}: value {v[tuple(bad)]} at [k, y, x] = {tuple(int(t) for t in bad)} "
+                             "overflows float16 (|x| > 65504)")
+        lo, hi = int(ids.min()), int(ids.max())
+        limit = self.num_classes if self.num_classes is not None else _MAX_CLASSES
+        if lo < 0 or hi >= limit:
+            bad = lo if lo < 0 else hi
+            raise StoreError(f"{key!r}: class id {bad} outside [0, {limit})")
+        record, checksum = encode_record(v16, ids.astype(np.int64, copy=False), lossy=self.lossy)
+        self._file.write(memoryview(record))
+        self._offsets.append(self._pos)
+        self._lengths.append(record.shape[0])
+        self._checksums.append(checksum)
+        self._pos += record.shape[0]
+        self._keys.append(key)
+        self._key_set.add(key)
+        self._max_id = max(self._max_id, hi)
+        return len(self._keys) - 1
+
+    def add_batch(self, keys: Sequence[str], values, indices) -> None:
+        """:meth:`add` for ``[B, k, H, W]`` values and indices (e.g. one annotator batch)."""
+        v = _as_numpy(values, "values", "batch")
+        ids = _as_numpy(indices, "indices", "batch")
+        if len(keys) != v.shape[0] or len(keys) != ids.shape[0]:
+            raise StoreError(f"add_batch: {len(keys)} keys for values {v.shape} and indices {ids.shape}")
+        for i, key in enumerate(keys):
+            self.add(key, v[i], ids[i])
+
+    # ----------------------------------------------------------------------------------------
+    def abort(self) -> None:
+        """Discard everything written; ``path`` is left as it was."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._file.close()
+        finally:
+            if os.path.exists(self._tmp):
+                os.unlink(self._tmp)
+
+    def close(self) -> None:
+        """Write index, manifest, metadata and header, then atomically rename onto ``path``."""
+        if self._closed:
+            return
+        try:
+            self._finish()
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
+
+    def _finish(self) -> None:
+        n = len(self._keys)
+        if self.map_size is None:
+            raise StoreError(f"{self.path}: no records and no map_size given; cannot write an empty store "
+                             "without knowing its map size")
+        num_classes = self.num_classes if self.num_classes is not None else max(self._max_id + 1, 1)
+        data_bytes = self._pos - HEADER_SIZE
+        index = (np.asarray(self._offsets, dtype="<u8").tobytes() + np.asarray(self._lengths, dtype="<u4").tobytes()
+                 + np.asarray(self._checksums, dtype="<u4").tobytes())
+        manifest = "\n".join(self._keys).encode("utf-8")
+        meta = dict(self.metadata)
+        meta.setdefault("writer", "tl_fast.store")
+        meta["lossy"] = self.lossy
+        meta_raw = json.dumps(meta, sort_keys=True).encode("utf-8")
+        index_offset = self._pos
+        manifest_offset = index_offset + len(index)
+        meta_offset = manifest_offset + len(manifest)
+        file_size = align8(meta_offset + len(meta_raw))
+        fields = dict(version=VERSION, flags=FLAG_LOSSY if self.lossy else 0, num_classes=num_classes,
+                      topk=self.topk, height=self.map_size[0], width=self.map_size[1], num_records=n,
+                      data_offset=HEADER_SIZE, data_bytes=data_bytes, index_offset=index_offset,
+                      manifest_offset=manifest_offset, manifest_bytes=len(manifest), meta_offset=meta_offset,
+                      meta_bytes=len(meta_raw), file_size=file_size, crc=0, reserved=0)
+        crc = zlib.crc32(pack_header(**fields))
+        for part in (index, manifest, meta_raw):
+            crc = zlib.crc32(part, crc)
+        fields["crc"] = crc
+        f = self._file
+        f.write(index)
+        f.write(manifest)
+        f.write(meta_raw)
+        f.write(bytes(file_size - (meta_offset + len(meta_raw))))
+        f.seek(0)
+        f.write(pack_header(**fields))
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(self._tmp, self.path)
+        try:  # make the rename durable
+            dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
