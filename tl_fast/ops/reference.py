@@ -2,9 +2,10 @@
 
 SPEC section 3 in code. Nothing here builds the dense ``[B, K, H, W]`` map: every RoI-Align sample
 of every token is expanded to its four bilinear corners, each corner to its ``k`` (score, class)
-pairs, and the weighted scores are scatter-added straight into the ``[B, 1 + T, K]`` output. That is
-``B * (1 + T) * S * 4 * k`` additions instead of ``B * K * H * W`` writes plus two dense RoI-Aligns.
-It runs on CPU or GPU and is vectorized over the batch (no per-sample Python loop).
+pairs, so a token is a short sparse row of ``S * 4 * k`` weighted scores. Those rows are
+scatter-added into cache-sized dense blocks, soft-maxed and written once: ``B * (1 + T) * S * 4 * k``
+additions instead of ``B * K * H * W`` writes plus two dense RoI-Aligns. Runs on CPU or GPU, all
+batch-wide tensor operations (the only loop walks cache blocks, not samples).
 """
 from __future__ import annotations
 
@@ -93,6 +94,23 @@ def _region_samples(affine: torch.Tensor, map_size: tuple[int, int], grid: tuple
     return pix.reshape(bsz, gh * gw, -1), wgt.reshape(bsz, gh * gw, -1)
 
 
+def region_contributions(
+    values: torch.Tensor, indices: torch.Tensor, affine: torch.Tensor, grid: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse scores of each bin of a ``grid`` over the output: ``(classes, scores)``, both
+    ``[B, Gh*Gw, N]`` (int64, float32); a bin's dense score vector is the sum of its ``scores`` at
+    its ``classes`` (duplicates add up; padding entries score 0)."""
+    bsz, k, h, w = values.shape
+    pix, wgt = _region_samples(affine, (h, w), grid)  # [B, R, S*4]
+    rows, n = pix.shape[1], pix.shape[2]
+    # Entry (sample corner, j) reads element j * H*W + pixel of the flattened [k, H, W] map.
+    flat = (pix.unsqueeze(-1) + torch.arange(k, device=pix.device) * (h * w)).view(bsz, rows * n * k)
+    vals = torch.gather(values.reshape(bsz, k * h * w).to(torch.float32), 1, flat).view(bsz, rows, n, k)
+    ids = torch.gather(indices.reshape(bsz, k * h * w).long(), 1, flat).view(bsz, rows, n * k)
+    vals = vals * wgt.to(torch.float32).unsqueeze(-1)
+    return ids, vals.view(bsz, rows, n * k)
+
+
 def token_scores(
     values: torch.Tensor, indices: torch.Tensor, affine: torch.Tensor, *, num_classes: int,
     grid: tuple[int, int] = (14, 14),
@@ -100,24 +118,12 @@ def token_scores(
     """RoI-Aligned dense scores ``[B, 1 + Gh*Gw, K]`` (float32) before the softmax.
 
     Row 0 pools the whole output with one bin (the class token), rows ``1..`` are the tokens."""
-    bsz, k, h, w = values.shape
-    rows = 1 + grid[0] * grid[1]
-    parts = [_region_samples(affine, (h, w), (1, 1)), _region_samples(affine, (h, w), grid)]
-    out = torch.zeros(bsz * rows * num_classes, dtype=torch.float64, device=values.device)
-    vals = values.reshape(bsz, k, h * w).to(torch.float64)
-    ids = indices.reshape(bsz, k, h * w).long()
-    row0 = 0
-    for pix, wgt in parts:  # pix, wgt: [B, R, N]
-        n_rows = pix.shape[1]
-        flat = pix.reshape(bsz, 1, -1).expand(bsz, k, -1)  # [B, k, R*N]
-        contrib = torch.gather(vals, 2, flat) * wgt.reshape(bsz, 1, -1)  # [B, k, R*N]
-        cls = torch.gather(ids, 2, flat)
-        row = torch.arange(n_rows, device=values.device).repeat_interleave(pix.shape[2]) + row0
-        b = torch.arange(bsz, device=values.device).view(bsz, 1, 1)
-        lin = (b * rows + row.view(1, 1, -1)) * num_classes + cls
-        out.index_add_(0, lin.reshape(-1), contrib.reshape(-1))
-        row0 += n_rows
-    return out.view(bsz, rows, num_classes).to(torch.float32)
+    parts = []
+    for g in ((1, 1), tuple(grid)):
+        ids, vals = region_contributions(values, indices, affine, g)
+        dense = torch.zeros(ids.shape[0], ids.shape[1], num_classes, dtype=torch.float64, device=values.device)
+        parts.append(dense.scatter_add_(2, ids, vals.double()))
+    return torch.cat(parts, 1).to(torch.float32)
 
 
 def _mix_boxes(mix_box, bsz: int, device) -> torch.Tensor:
@@ -136,9 +142,7 @@ def apply_mixtoken(targets: torch.Tensor, mix_box, grid: tuple[int, int]) -> tor
     bsz = targets.shape[0]
     gh, gw = grid
     box = _mix_boxes(mix_box, bsz, targets.device)
-    r = torch.arange(gh, device=targets.device).view(1, gh, 1)
-    c = torch.arange(gw, device=targets.device).view(1, 1, gw)
-    inside = (r >= box[:, 0, None, None]) & (r < box[:, 2, None, None]) & (c >= box[:, 1, None, None]) & (c < box[:, 3, None, None])
+    inside = _box_mask(box, grid)
     inside = inside.reshape(bsz, gh * gw, 1)
     partner = targets.flip(0)
     tokens = torch.where(inside, partner[:, 1:], targets[:, 1:])
@@ -160,12 +164,55 @@ def token_targets(
     """
     grid = (int(grid[0]), int(grid[1]))
     _check_inputs(values, indices, affine, num_classes)
-    t = token_scores(values, indices, affine, num_classes=num_classes, grid=grid).softmax(-1)
-    if smoothing:
-        t = t * (1.0 - smoothing) + smoothing / num_classes
-    if mix_box is not None:
-        t = apply_mixtoken(t, mix_box, grid)
-    return t.to(out_dtype)
+    bsz, tokens = values.shape[0], grid[0] * grid[1]
+    keep, spread = 1.0 - smoothing, smoothing / num_classes
+
+    cls = _class_token_scores(values, indices, affine, num_classes).softmax(-1) * keep + spread
+    ids, scores = region_contributions(values, indices, affine, grid)  # [B, T, N] sparse token rows
+    inside = None
+    if mix_box is not None:  # MixToken: tokens inside the box take the partner's (sparse) rows
+        inside = _box_mask(_mix_boxes(mix_box, bsz, values.device), grid).view(bsz, tokens, 1)
+        lam = (1.0 - inside.sum((1, 2)).to(cls.dtype) / tokens).unsqueeze(1)
+        cls = lam * cls + (1.0 - lam) * cls.flip(0)
+
+    out = torch.empty(bsz, 1 + tokens, num_classes, dtype=out_dtype, device=values.device)
+    out[:, 0] = cls
+    # Densify, softmax and write a few samples at a time: the scratch rows stay in cache, so the
+    # [B, T, K] output is written once instead of zeroed, accumulated, read and rewritten.
+    step = max(1, _CHUNK_ROWS // tokens)
+    scratch = torch.zeros(step, tokens, num_classes, dtype=torch.float32, device=values.device)
+    for b0 in range(0, bsz, step):
+        b1 = min(b0 + step, bsz)
+        rows_ids, rows_scores = ids[b0:b1], scores[b0:b1]
+        if inside is not None:
+            rows_ids = torch.where(inside[b0:b1], ids[bsz - b1:bsz - b0].flip(0), rows_ids)
+            rows_scores = torch.where(inside[b0:b1], scores[bsz - b1:bsz - b0].flip(0), rows_scores)
+        dense = scratch[: b1 - b0].zero_()
+        dense.scatter_add_(2, rows_ids, rows_scores)
+        t = dense.softmax(-1)
+        if smoothing:
+            t.mul_(keep).add_(spread)
+        out[b0:b1, 1:] = t
+    return out
+
+
+_CHUNK_ROWS = 1024  # rows of K floats per scratch block (about 4 MB for K = 1000)
+
+
+def _class_token_scores(values, indices, affine, num_classes: int) -> torch.Tensor:
+    """Dense ``[B, K]`` class-token scores (one bin over the whole output), float64."""
+    ids, vals = region_contributions(values, indices, affine, (1, 1))
+    dense = torch.zeros(values.shape[0], num_classes, dtype=torch.float64, device=values.device)
+    return dense.scatter_add_(1, ids[:, 0], vals[:, 0].double())
+
+
+def _box_mask(box: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``[B, Gh, Gw]`` True inside each sample's box."""
+    gh, gw = grid
+    r = torch.arange(gh, device=box.device).view(1, gh, 1)
+    c = torch.arange(gw, device=box.device).view(1, 1, gw)
+    return ((r >= box[:, 0, None, None]) & (r < box[:, 2, None, None])
+            & (c >= box[:, 1, None, None]) & (c < box[:, 3, None, None]))
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
