@@ -1,0 +1,116 @@
+"""The batch type every backend yields, and the loader's configuration."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..augment import EraseConfig
+from ..plan import AugmentConfig
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Everything that shapes a loader's output (the backends and the device step read it)."""
+
+    batch_size: int
+    image_size: int = 224
+    patch_size: int = 16
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
+    erase: EraseConfig | None = field(default_factory=EraseConfig)
+    mixtoken: bool = True
+    mixtoken_per_sample: bool = False
+    smoothing: float = 0.1
+    seed: int = 0
+    train: bool = True
+    drop_last: bool = True
+    num_workers: int = 4
+    channels_last: bool = False
+    crop_pct: float = 0.875  # evaluation centre crop
+    missing_labels: str = "error"  # or "one_hot": counted fall-back for images without a record
+    bad_images: str = "skip"  # or "error": unreadable/truncated files found while indexing
+    timeout_s: float = 300.0  # a backend that delivers nothing for this long raises
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f"smoothing must lie in [0, 1), got {self.smoothing}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self.image_size // self.patch_size
+        return (g, g)
+
+    @property
+    def augmenting(self) -> bool:
+        """Training with the random plan (otherwise: the evaluation centre crop)."""
+        return self.train and self.augment is not None
+
+    @property
+    def device_pixel_ops(self) -> bool:
+        """Whether the device step must see uint8 levels (RandAugment runs there)."""
+        return self.augmenting and self.augment.randaugment is not None
+
+
+@dataclass
+class Batch:
+    """One batch: images on the device, class ids, and the label side of token labeling.
+
+    images   [B, 3, S, S] float32, normalized (channels_last when asked)
+    labels   [B] int64 class ids
+    maps     top-k score maps on the device (``TopKMaps``), None without token labels
+    affine   [B, 2, 3] float32, network input -> source image (normalized), what the labels follow
+    mix_box  int32 ``[4]`` (one box for the batch) or ``[B, 4]`` (per sample) in token units, or None
+    indices  [B] int64 dataset sample indices (numpy, host)
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    maps: object | None
+    affine: torch.Tensor
+    mix_box: torch.Tensor | None
+    grid: tuple[int, int]
+    num_classes: int
+    smoothing: float = 0.0
+    indices: np.ndarray | None = None
+    epoch: int = 0
+    step: int = 0
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def token_targets(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Soft targets ``[B, 1 + Gh*Gw, K]`` (class token first) from the maps, affines and box."""
+        if self.maps is None:
+            raise ValueError("this batch has no token labels (the loader was built without a label store, or train=False)")
+        from .. import ops
+
+        return ops.token_targets(self.maps.values, self.maps.indices, self.affine, num_classes=self.num_classes,
+                                 grid=self.grid, smoothing=self.smoothing, mix_box=self.mix_box, out_dtype=dtype)
+
+    def loss(self, cls_logits: torch.Tensor, token_logits: torch.Tensor | None = None, *, cls_weight: float = 1.0,
+             dense_weight: float = 1.0, fused: bool = True) -> torch.Tensor:
+        """Token-labeling loss of the model's outputs on this batch.
+
+        ``fused=True`` lets the ops compute it from the compressed maps without materializing the
+        targets (the fused kernel on CUDA); ``fused=False`` builds the targets first. A batch without
+        maps falls back to cross-entropy with the class ids (label smoothing as configured)."""
+        from .. import ops
+
+        if self.maps is None:
+            return F.cross_entropy(cls_logits.float(), self.labels, label_smoothing=self.smoothing)
+        if token_logits is None:
+            raise ValueError("token labeling needs token_logits [B, T, K] (model.forward_train)")
+        if fused and "maps" in inspect.signature(ops.token_label_loss).parameters:
+            return ops.token_label_loss(cls_logits, token_logits, maps=self.maps, affine=self.affine,
+                                        mix_box=self.mix_box, num_classes=self.num_classes, grid=self.grid,
+                                        smoothing=self.smoothing, cls_weight=cls_weight, dense_weight=dense_weight)
+        targets = self.token_targets(torch.float32)
+        return ops.token_label_loss(cls_logits, token_logits, targets, cls_weight=cls_weight,
+                                    dense_weight=dense_weight)

@@ -1,0 +1,129 @@
+"""DALI backend: an external source feeds JPEG bytes with the plan's crop windows; DALI decodes only
+the window (``fn.decoders.image_slice``; ``device="mixed"`` — nvJPEG on the GPU — when the loader's
+device is CUDA, ``"cpu"`` with ``device_id=None`` otherwise), resizes to S (antialiased bilinear),
+flips and lays out CHW (``fn.crop_mirror_normalize``), normalizing too when no RandAugment pixel
+operation has to see uint8 levels on the device.
+
+One pipeline is built per epoch (or resumed part of one) over exactly that epoch's batches of this
+rank, so the source never has to guess which epoch DALI's prefetching is asking for. Label records
+are read by sample id in the main process (one batched store read per batch).
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..augment import IMAGENET_MEAN, IMAGENET_STD
+from .batch import LoaderConfig
+from .common import PlanMaker
+
+
+def _import_dali():
+    try:
+        from nvidia import dali  # noqa: F401
+        from nvidia.dali import fn, pipeline_def, types
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("backend='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
+                          "(or the wheel matching your CUDA major version)") from err
+    return fn, pipeline_def, types
+
+
+class _EpochSource:
+    """DALI external source (batch mode): batch ``info.iteration`` of the epoch's list, or
+    ``StopIteration`` past its end. Yields JPEG bytes, pixel anchors (x, y), shapes (w, h), mirror
+    flags and sample ids."""
+
+    def __init__(self, paths: Sequence[str], batches: Sequence[np.ndarray], plan: PlanMaker) -> None:
+        self.paths = paths
+        self.batches = batches
+        self.plan = plan
+
+    def __call__(self, info):
+        i = info.iteration
+        if i >= len(self.batches):
+            raise StopIteration
+        idx = np.asarray(self.batches[i], dtype=np.int64)
+        plan = self.plan(idx)
+        jpegs, anchors, shapes, mirror, ids = [], [], [], [], []
+        for b, j in enumerate(idx):
+            try:
+                jpegs.append(np.fromfile(self.paths[j], dtype=np.uint8))
+            except OSError as err:
+                raise RuntimeError(f"cannot read image {self.paths[j]}: {err}") from err
+            top, left, h, w = (float(v) for v in plan.crop[b])
+            anchors.append(np.array([left, top], dtype=np.float32))
+            shapes.append(np.array([w, h], dtype=np.float32))
+            mirror.append(np.array(int(plan.flip[b]), dtype=np.int32))
+            ids.append(np.array(j, dtype=np.int64))
+        return jpegs, anchors, shapes, mirror, ids
+
+
+class DALIBackend:
+    name = "dali"
+
+    def __init__(self, paths: Sequence[str], sizes: np.ndarray, config: LoaderConfig, device: torch.device, *,
+                 normalize: bool) -> None:
+        _import_dali()
+        self.paths = list(paths)
+        self.config = config
+        self.device = device
+        self.normalizes = normalize
+        self.gpu = device.type == "cuda"
+
+    def _build(self, source: _EpochSource, batch: int):
+        fn, pipeline_def, types = _import_dali()
+        cfg = self.config
+        size = cfg.image_size
+        gpu = self.gpu
+        normalize = self.normalizes
+
+        @pipeline_def
+        def graph():
+            jpegs, anchor, shape, mirror, ids = fn.external_source(
+                source=source, num_outputs=5, batch=True, batch_info=True,
+                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT64])
+            images = fn.decoders.image_slice(
+                jpegs, anchor, shape, normalized_anchor=False, normalized_shape=False, axis_names="WH",
+                device="mixed" if gpu else "cpu", output_type=types.RGB)
+            images = fn.resize(images, resize_x=size, resize_y=size, antialias=True, interp_type=types.INTERP_LINEAR)
+            if normalize:
+                images = fn.crop_mirror_normalize(
+                    images, mirror=mirror, output_layout="CHW", dtype=types.FLOAT,
+                    mean=[255.0 * m for m in IMAGENET_MEAN], std=[255.0 * s for s in IMAGENET_STD])
+            else:
+                images = fn.crop_mirror_normalize(images, mirror=mirror, output_layout="CHW", dtype=types.UINT8)
+            return images, ids
+
+        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
+        pipe = graph(batch_size=batch, num_threads=max(1, int(cfg.num_workers)), device_id=device_id,
+                     prefetch_queue_depth=2, seed=cfg.seed & 0x7FFFFFFF)
+        pipe.build()
+        return pipe
+
+    def _to_torch(self, out) -> torch.Tensor:
+        tensor = out.as_tensor()
+        if self.gpu:
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            dtype = torch.float32 if self.normalizes else torch.uint8
+            dest = torch.empty(tensor.shape(), dtype=dtype, device=self.device)
+            feed_ndarray(tensor, dest, cuda_stream=torch.cuda.current_stream(self.device))
+            return dest
+        return torch.from_numpy(np.array(tensor))
+
+    def iterate(self, batches: Sequence[np.ndarray], plan: PlanMaker) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
+        if not batches:
+            return
+        source = _EpochSource(self.paths, batches, plan)
+        pipe = self._build(source, max(len(b) for b in batches))
+        try:
+            for _ in range(len(batches)):
+                try:
+                    images, ids = pipe.run()
+                except StopIteration:
+                    raise RuntimeError("DALI pipeline ended before the epoch's last batch") from None
+                yield self._to_torch(images), np.array(ids.as_tensor()).reshape(-1).astype(np.int64), {}
+        finally:
+            del pipe

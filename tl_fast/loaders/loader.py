@@ -1,0 +1,308 @@
+"""``TokenLabelLoader``: one loader, three image backends (DALI, FFCV, torch), one geometry plan.
+
+The loader owns everything that must agree across backends: the epoch's sample order (a
+counter-based permutation keyed by ``(seed, epoch)``), sharding by rank, the plan of every batch,
+the label side (store records by sample index, or records packed beside the images), the MixToken
+box and the device step (:mod:`tl_fast.augment`). A backend only turns lists of sample indices into
+cropped, resized, flipped uint8 images, by the plan, and reports which indices it delivered.
+
+Resuming: ``state_dict()`` holds ``(epoch, step)``; every random draw is keyed by sample index,
+epoch and step, so the batches after a resume are the ones an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .. import rng
+from ..augment import augment_batch
+from ..dataset import ONE_HOT_SCORE, ImageFolderIndex, join_labels
+from ..plan import AugmentConfig, draw_mix_box
+from .batch import Batch, LoaderConfig
+from .common import PlanMaker
+
+SHUFFLE_STREAM = 100
+BACKENDS = ("dali", "ffcv", "torch")
+
+
+def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        r, w = int(rank), int(world_size)
+    elif torch.distributed.is_available() and torch.distributed.is_initialized():
+        r = torch.distributed.get_rank() if rank is None else int(rank)
+        w = torch.distributed.get_world_size() if world_size is None else int(world_size)
+    else:
+        r, w = int(rank or 0), int(world_size or 1)
+    if not 0 <= r < w:
+        raise ValueError(f"rank {r} is not in [0, world_size={w})")
+    return r, w
+
+
+def epoch_order(seed: int, epoch: int, ids: np.ndarray, shuffle: bool) -> np.ndarray:
+    """The epoch's sample order: ``ids`` sorted by a hash of ``(seed, epoch, id)`` (or as given)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if not shuffle:
+        return ids
+    return ids[np.argsort(rng.hash_keys(seed, epoch, ids, SHUFFLE_STREAM), kind="stable")]
+
+
+def one_hot_maps(classes: np.ndarray, topk: int, map_size: tuple[int, int], index_dtype: torch.dtype):
+    """Maps whose every position scores ``ONE_HOT_SCORE`` for the image's class (the fall-back for
+    images without a record); the other top-k slots repeat the class with score 0."""
+    from ..store import TopKMaps
+
+    b = len(classes)
+    h, w = map_size
+    values = torch.zeros((b, topk, h, w), dtype=torch.float16)
+    values[:, 0] = ONE_HOT_SCORE
+    indices = torch.as_tensor(np.asarray(classes)).to(index_dtype).view(b, 1, 1, 1).expand(b, topk, h, w).contiguous()
+    return TopKMaps(values, indices)
+
+
+class TokenLabelLoader:
+    """Batches for token-labeling training (or evaluation) from an image folder (or packed file).
+
+    Args:
+        images: ImageFolder-layout directory (``root/<class>/<image>``); for ``backend="ffcv"`` the
+            ``.beton`` written by ``tl-fast pack-ffcv`` (labels packed inside).
+        labels: a label store path or an open ``LabelStore``; None for plain labels / evaluation.
+        backend: ``"dali"``, ``"ffcv"`` or ``"torch"``.
+        batch_size, image_size, patch_size: batch and network input geometry (grid = S / patch).
+        augment: training augmentation (``AugmentConfig()``: timm's recipe); None: centre crop.
+        mixtoken, mixtoken_per_sample: draw a MixToken box per batch (or per sample).
+        smoothing: label smoothing applied to the token targets.
+        device: where images, labels and maps are delivered.
+        seed: keys every random draw (with epoch and sample index).
+        train: False gives the evaluation centre crop, no erasing, no MixToken, no maps.
+        drop_last: drop the last incomplete batch (default: True when training).
+        num_workers: decoding workers / threads of the backend.
+        channels_last: deliver images in channels_last memory format.
+        rank, world_size: shard (default: from ``torch.distributed`` when initialized).
+        **options: further :class:`LoaderConfig` fields (``missing_labels``, ``bad_images``,
+            ``erase``, ``crop_pct``, ``timeout_s``).
+    """
+
+    def __init__(
+        self, images: str | os.PathLike, labels=None, *, backend: str = "dali", batch_size: int,
+        image_size: int = 224, patch_size: int = 16, augment: AugmentConfig | None = AugmentConfig(),
+        mixtoken: bool = True, mixtoken_per_sample: bool = False, smoothing: float = 0.1,
+        device: str | torch.device | None = None, seed: int = 0, train: bool = True, drop_last: bool | None = None,
+        num_workers: int = 4, channels_last: bool = False, rank: int | None = None, world_size: int | None = None,
+        **options,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend_name = backend
+        self.config = LoaderConfig(
+            batch_size=batch_size, image_size=image_size, patch_size=patch_size, augment=augment, mixtoken=mixtoken,
+            mixtoken_per_sample=mixtoken_per_sample, smoothing=smoothing, seed=seed, train=train,
+            drop_last=train if drop_last is None else drop_last, num_workers=num_workers, channels_last=channels_last,
+            **options)
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.rank, self.world_size = _dist_rank_world(rank, world_size)
+        self._epoch = 0
+        self._step = 0
+        self._store = None
+        self._record = None
+        self._packed_labels = False
+        self.num_missing_labels = 0
+        self.skipped: list = []
+
+        if backend == "ffcv":
+            from .ffcv_backend import FFCVBackend, read_packed
+
+            packed = read_packed(images)
+            self.classes = packed.classes
+            self._sizes, self._targets, self._ids = packed.sizes, packed.targets, packed.valid_ids
+            self.num_skipped = packed.num_invalid
+            self._map_geometry = (packed.num_classes, packed.topk, packed.map_size) if packed.has_records else None
+            self.num_classes = packed.num_classes
+            self.num_missing_labels = packed.num_one_hot
+            if labels is not None:
+                store = self._open_store(labels)
+                if (store.num_classes, store.topk, store.map_size) != self._map_geometry:
+                    raise ValueError(f"{images} packs labels with (K, k, map) = {self._map_geometry} but the store "
+                                     f"{labels} has {(store.num_classes, store.topk, store.map_size)}: repack with this store")
+            self._packed_labels = self._map_geometry is not None
+            self._backend = FFCVBackend(images, self.config, self.device, with_records=self._packed_labels and train)
+        else:
+            if not os.path.isdir(images):
+                raise ValueError(f"backend {backend!r} reads an ImageFolder directory; {images} is not one")
+            index = ImageFolderIndex(images, bad_images=self.config.bad_images)
+            self.index = index
+            self.skipped = index.skipped
+            self.num_skipped = len(index.skipped)
+            self.classes = index.classes
+            self._sizes, self._targets = index.sizes, index.targets
+            self._ids = np.arange(len(index), dtype=np.int64)
+            self.num_classes = index.num_classes
+            self._map_geometry = None
+            if labels is not None:
+                self._store = self._open_store(labels)
+                join = join_labels(index, self._store, missing_labels=self.config.missing_labels)
+                self._record = join.record
+                self.num_missing_labels = join.num_missing
+                self.num_classes = self._store.num_classes
+                self._map_geometry = (self._store.num_classes, self._store.topk, self._store.map_size)
+            paths = [index.abspath(i) for i in range(len(index))]
+            normalize = not self.config.device_pixel_ops
+            if backend == "torch":
+                from .torch_backend import TorchBackend
+
+                self._backend = TorchBackend(paths, self._sizes, self.config, self.device)
+            else:
+                from .dali_backend import DALIBackend
+
+                self._backend = DALIBackend(paths, self._sizes, self.config, self.device, normalize=normalize)
+        if len(self) == 0:
+            warnings.warn(f"loader has no batches: {len(self._ids)} samples, batch_size {batch_size}, "
+                          f"world_size {self.world_size}, drop_last {self.config.drop_last}", stacklevel=2)
+
+    @staticmethod
+    def _open_store(labels):
+        from ..store import LabelStore
+
+        if isinstance(labels, (str, os.PathLike)):
+            return LabelStore.open(labels)
+        return labels
+
+    # -- public API ------------------------------------------------------------------------------
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.config.grid
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def num_samples(self) -> int:
+        """Usable samples in the whole dataset (all ranks)."""
+        return len(self._ids)
+
+    @property
+    def has_token_labels(self) -> bool:
+        return self.config.train and self._map_geometry is not None
+
+    def __len__(self) -> int:
+        return self._num_batches()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch; a different epoch restarts at its first batch, the current one keeps its
+        position (so ``load_state_dict`` then ``set_epoch`` of the same epoch resumes mid-epoch)."""
+        if int(epoch) != self._epoch:
+            self._epoch = int(epoch)
+            self._step = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "step": self._step, "seed": self.config.seed, "batch_size": self.config.batch_size,
+                "world_size": self.world_size, "rank": self.rank, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "batch_size", "world_size", "num_samples"):
+            mine = self.state_dict()[key]
+            if key in state and state[key] != mine:
+                raise ValueError(f"cannot resume: the saved loader had {key}={state[key]}, this one has {mine}")
+        self._epoch = int(state["epoch"])
+        self._step = int(state["step"])
+
+    # -- epoch layout ----------------------------------------------------------------------------
+    def _num_batches(self) -> int:
+        cfg = self.config
+        n = len(self._ids)
+        if self.world_size > 1:
+            n = n // self.world_size if cfg.drop_last else len(range(self.rank, n, self.world_size))
+        return n // cfg.batch_size if cfg.drop_last else -(-n // cfg.batch_size)
+
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        cfg = self.config
+        order = epoch_order(cfg.seed, epoch, self._ids, shuffle=cfg.augmenting)
+        if self.world_size > 1:
+            shard = order[self.rank::self.world_size]
+            if cfg.drop_last:  # every rank the same count: the first n // world_size of its shard
+                shard = shard[: len(order) // self.world_size]
+            order = shard
+        n_full = len(order) // cfg.batch_size
+        n = n_full if cfg.drop_last or len(order) % cfg.batch_size == 0 else n_full + 1
+        return [order[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(n)]
+
+    def plan_maker(self, epoch: int | None = None) -> PlanMaker:
+        cfg = self.config
+        return PlanMaker(cfg.seed, self._epoch if epoch is None else epoch, self._sizes,
+                         cfg.augment if cfg.augmenting else None, cfg.crop_pct)
+
+    # -- iteration -------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, start = self._epoch, self._step
+        batches = self._batches(epoch)
+        plan = self.plan_maker(epoch)
+        stream = self._backend.iterate(batches[start:], plan)
+        try:
+            step = start
+            for images, idx, extras in stream:
+                if step >= len(batches) or not np.array_equal(idx, batches[step]):
+                    raise RuntimeError(f"{self.backend_name} backend delivered samples {idx[:4]}... at step {step}, "
+                                       "expected the planned ones: backend and plan are out of step")
+                batch = self._finish(images, idx, extras, plan, epoch, step)
+                step += 1
+                self._step = step
+                yield batch
+            if step != len(batches):
+                raise RuntimeError(f"{self.backend_name} backend stopped after {step} of {len(batches)} batches")
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+        self._epoch, self._step = epoch + 1, 0
+
+    def _read_maps(self, idx: np.ndarray, extras: dict):
+        k_classes, topk, map_size = self._map_geometry
+        if self._packed_labels:
+            from ..store import decode_records
+
+            return decode_records(extras["records"], k_classes, topk, map_size, lengths=extras["record_lengths"])
+        rec = self._record[idx]
+        missing = rec < 0
+        if not missing.any():
+            return self._store.read(rec)
+        from ..store import TopKMaps
+
+        fallback = one_hot_maps(self._targets[idx], topk, map_size, torch.int16 if k_classes <= 32767 else torch.int32)
+        if missing.all():
+            return fallback
+        read = self._store.read(rec[~missing])
+        keep = torch.from_numpy(np.flatnonzero(~missing))
+        values, indices = fallback.values.clone(), fallback.indices.clone().to(read.indices.dtype)
+        values[keep], indices[keep] = read.values, read.indices
+        return TopKMaps(values, indices)
+
+    def _finish(self, images: torch.Tensor, idx: np.ndarray, extras: dict, plan_maker: PlanMaker, epoch: int,
+                step: int) -> Batch:
+        cfg = self.config
+        dev = self.device
+        plan = plan_maker(idx)
+        images = images.to(dev, non_blocking=True)
+        x = augment_batch(images, plan, seed=cfg.seed, epoch=epoch, erase=cfg.erase if cfg.augmenting else None,
+                          normalize_output=not getattr(self._backend, "normalizes", False))
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        labels = torch.from_numpy(self._targets[idx]).to(dev, non_blocking=True)
+        affine = torch.from_numpy(plan.affine).to(dev, torch.float32, non_blocking=True)
+        maps = mix = None
+        if self.has_token_labels:
+            maps = self._read_maps(idx, extras)
+            if dev.type == "cuda":
+                maps = maps.pin_memory()
+            maps = maps.to(dev, non_blocking=True)
+            if cfg.mixtoken and cfg.augmenting:
+                if cfg.mixtoken_per_sample:
+                    mix = draw_mix_box(cfg.seed, epoch, idx, self.grid).tensor(dev)
+                else:
+                    mix = draw_mix_box(cfg.seed, epoch, [step], self.grid).tensor(dev)[0]
+        return Batch(images=x, labels=labels, maps=maps, affine=affine, mix_box=mix, grid=self.grid,
+                     num_classes=self.num_classes, smoothing=cfg.smoothing if cfg.train else 0.0,
+                     indices=idx, epoch=epoch, step=step)
