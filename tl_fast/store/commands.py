@@ -1,0 +1,185 @@
+"""``tl-fast convert-pt`` and ``tl-fast inspect``: label-store commands.
+
+``convert-pt SRC DST`` converts the public per-image layout (``SRC/<class>/<image>.pt``, each a
+``[2, k, H, W]`` float16 tensor: scores, then class ids stored as float16) into one store.
+``inspect STORE`` prints the header and statistics, ``--verify`` checks every record.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .codec import StoreError
+from .reader import LabelStore
+from .writer import StoreWriter
+
+
+def public_pt_bytes(topk: int, map_size: tuple[int, int]) -> int:
+    """Size of one public label file (``torch.save`` of a ``[2, k, H, W]`` float16 tensor)."""
+    buf = io.BytesIO()
+    torch.save(torch.zeros(2, topk, *map_size, dtype=torch.float16), buf)
+    return buf.tell()
+
+
+def _load_public(path: Path, shape: tuple[int, int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Values (float16) and class ids (int64) of one public ``.pt`` file; StoreError naming it if bad."""
+    try:
+        t = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise StoreError(f"{path}: cannot load label file ({type(err).__name__}: {err})") from err
+    if not isinstance(t, torch.Tensor):
+        raise StoreError(f"{path}: expected a [2, k, H, W] tensor, got {type(t).__name__}")
+    if t.dim() != 4 or t.shape[0] != 2:
+        raise StoreError(f"{path}: expected a [2, k, H, W] tensor, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape[1:]) != shape:
+        raise StoreError(f"{path}: shape {tuple(t.shape)} differs from the first file's [2, {', '.join(map(str, shape))}]")
+    if not t.is_floating_point():
+        raise StoreError(f"{path}: expected a floating tensor (float16 scores and ids), got {t.dtype}")
+    values = t[0].numpy()
+    ids_f = t[1].to(torch.float64).numpy()
+    if not np.all(np.isfinite(ids_f)) or np.any(ids_f != np.round(ids_f)) or np.any(ids_f < 0):
+        bad = ids_f[~(np.isfinite(ids_f) & (ids_f == np.round(ids_f)) & (ids_f >= 0))][0]
+        raise StoreError(f"{path}: class ids must be non-negative integers, found {bad}")
+    return values, ids_f.astype(np.int64)
+
+
+def convert_pt(src: str | os.PathLike, dst: str | os.PathLike, *, num_classes: int | None = None,
+               lossy: bool = False, progress: bool = True) -> LabelStore:
+    """Convert ``src/<class>/<image>.pt`` files into the store ``dst``; returns the opened store.
+
+    Keys are the files' paths relative to ``src`` without the ``.pt`` extension. Without
+    ``num_classes`` it is inferred as the largest class id seen + 1."""
+    from tqdm.auto import tqdm
+
+    root = Path(src)
+    if not root.is_dir():
+        raise StoreError(f"{root}: not a directory")
+    files = sorted(p for p in root.rglob("*.pt") if p.is_file())
+    if not files:
+        raise StoreError(f"{root}: no .pt label files found (expected SRC/<class>/<image>.pt)")
+    first = _load_public(files[0], None)
+    shape = first[0].shape
+    source_bytes = sum(p.stat().st_size for p in files)
+    meta = {"source": "convert-pt", "src": str(root), "source_bytes": source_bytes, "source_files": len(files)}
+    with StoreWriter(dst, num_classes=num_classes, topk=shape[0], map_size=shape[1:], lossy=lossy,
+                     metadata=meta) as writer:
+        for i, path in enumerate(tqdm(files, unit="file", desc="convert-pt", disable=not progress)):
+            values, ids = first if i == 0 else _load_public(path, shape)
+            key = path.relative_to(root).with_suffix("").as_posix()
+            try:
+                writer.add(key, values, ids)
+            except StoreError as err:
+                raise StoreError(f"{path}: {err}") from None
+    return LabelStore.open(dst)
+
+
+def inspect_store(path: str | os.PathLike, *, verify: bool = False, sample: int = 4096,
+                  out=None) -> dict[str, Any]:
+    """Print the header and statistics of a store; returns them as a dict."""
+    out = out or sys.stdout
+    store = LabelStore.open(path)
+    n = len(store)
+    k, (h, w) = store.topk, store.map_size
+    lengths = store.record_lengths
+    pt = public_pt_bytes(k, (h, w))
+    stats: dict[str, Any] = {
+        "path": store.path, "version": store.header["version"], "records": n, "num_classes": store.num_classes,
+        "topk": k, "map_size": (h, w), "lossy": store.lossy, "file_bytes": store.nbytes,
+        "record_bytes_mean": float(lengths.mean()) if n else 0.0,
+        "record_bytes_max": int(lengths.max()) if n else 0,
+        "file_bytes_per_record": store.nbytes / n if n else 0.0, "public_pt_bytes": pt,
+    }
+    print(f"store       {store.path}", file=out)
+    print(f"format      version {stats['version']}, {'lossy' if store.lossy else 'lossless'}", file=out)
+    print(f"records     {n}", file=out)
+    print(f"maps        top-{k} of K={store.num_classes}, {h}x{w}, class ids as "
+          f"{'int16' if store.num_classes <= 32767 else 'int32'}", file=out)
+    if store.metadata:
+        print(f"metadata    {store.metadata}", file=out)
+    print(f"size        {store.nbytes:,} bytes; {stats['file_bytes_per_record']:.0f} B/record in file, "
+          f"records mean {stats['record_bytes_mean']:.0f} B (max {stats['record_bytes_max']}); "
+          f"~{stats['file_bytes_per_record'] / pt:.1%} of a public .pt file (~{pt} B)" if n else
+          f"size        {store.nbytes:,} bytes", file=out)
+    if n:
+        ids = np.unique(np.linspace(0, n - 1, min(n, sample)).round().astype(np.int64)) if not verify \
+            else np.arange(n)
+        if verify:
+            store.verify(progress=True)
+            print(f"verify      all {n} records OK (checksums and bounds)", file=out)
+        maps = store.read(ids[: min(len(ids), sample)])
+        v = maps.values.float()
+        top1_cls = maps.indices[:, 0].reshape(-1).long()
+        hist = torch.bincount(maps.indices.reshape(-1).long(), minlength=store.num_classes)
+        top1_hist = torch.bincount(top1_cls, minlength=store.num_classes)
+        common = torch.argsort(top1_hist, descending=True)[:5].tolist()
+        stats.update(
+            sampled=int(v.shape[0]), value_min=float(v.min()), value_max=float(v.max()),
+            top1_mean=float(v[:, 0].mean()), classes_seen=int((hist > 0).sum()),
+            common_top1=[(c, int(top1_hist[c])) for c in common if top1_hist[c] > 0],
+        )
+        print(f"values      over {stats['sampled']} records: min {stats['value_min']:.4g}, max "
+              f"{stats['value_max']:.4g}, mean top-1 {stats['top1_mean']:.4g}", file=out)
+        print(f"classes     {stats['classes_seen']} of {store.num_classes} appear; most frequent top-1: "
+              + ", ".join(f"{c} ({cnt})" for c, cnt in stats["common_top1"]), file=out)
+    store.close()
+    return stats
+
+
+def _run(func, name: str, *args, **kwargs) -> int:
+    try:
+        func(*args, **kwargs)
+    except (StoreError, OSError) as err:
+        print(f"tl-fast {name}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _convert_cmd(args: argparse.Namespace) -> int:
+    def go():
+        store = convert_pt(args.src, args.dst, num_classes=args.num_classes, lossy=args.lossy,
+                           progress=not args.quiet)
+        n = len(store)
+        src = store.metadata.get("source_bytes", 0)
+        print(f"wrote {args.dst}: {n} records, K={store.num_classes}, top-{store.topk}, "
+              f"{store.map_size[0]}x{store.map_size[1]}, {store.nbytes / max(n, 1):.0f} B/record, "
+              f"{store.nbytes / max(src, 1):.1%} of the {src:,} bytes of .pt files")
+        if args.num_classes is None:
+            print(f"note: num_classes inferred as {store.num_classes} (largest id + 1); pass --num-classes "
+                  "to set it explicitly")
+        store.close()
+
+    return _run(go, "convert-pt")
+
+
+def _inspect_cmd(args: argparse.Namespace) -> int:
+    return _run(inspect_store, "inspect", args.store, verify=args.verify, sample=args.sample)
+
+
+def register(subparsers) -> None:
+    """Add ``convert-pt`` and ``inspect`` to the ``tl-fast`` command."""
+    p = subparsers.add_parser(
+        "convert-pt", help="convert public per-image .pt label maps into a label store",
+        description="Convert SRC/<class>/<image>.pt files (each a [2, k, H, W] float16 tensor: scores, then "
+        "class ids) into one label store DST. Keys are the relative paths without extension. Files are "
+        "loaded with torch.load(weights_only=True).")
+    p.add_argument("src", help="root folder of the public label files")
+    p.add_argument("dst", help="output store file (written atomically)")
+    p.add_argument("--num-classes", type=int, default=None, help="K (default: largest class id + 1)")
+    p.add_argument("--lossy", action="store_true", help="quantize scores to 8-bit codes (see tl_fast.store.format)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_convert_cmd)
+
+    q = subparsers.add_parser("inspect", help="print a label store's header and statistics",
+                              description="Print a label store's header, sizes, value statistics and a class "
+                              "histogram summary; --verify checks every record's checksum.")
+    q.add_argument("store", help="label store file")
+    q.add_argument("--verify", action="store_true", help="decode and check every record")
+    q.add_argument("--sample", type=int, default=4096, help="records sampled for the statistics (default 4096)")
+    q.set_defaults(func=_inspect_cmd)
