@@ -189,14 +189,16 @@ def token_targets(
             rows_scores = torch.where(inside[b0:b1], scores[bsz - b1:bsz - b0].flip(0), rows_scores)
         dense = scratch[: b1 - b0].zero_()
         dense.scatter_add_(2, rows_ids, rows_scores)
-        t = dense.softmax(-1)
+        block = out[b0:b1, 1:]
+        t = torch.softmax(dense, -1, out=block) if out_dtype == torch.float32 else dense.softmax(-1)
         if smoothing:
             t.mul_(keep).add_(spread)
-        out[b0:b1, 1:] = t
+        if t is not block:
+            block.copy_(t)
     return out
 
 
-_CHUNK_ROWS = 1024  # rows of K floats per scratch block (about 4 MB for K = 1000)
+_CHUNK_ROWS = 256  # rows of K floats per scratch block (about 1 MB for K = 1000)
 
 
 def _class_token_scores(values, indices, affine, num_classes: int) -> torch.Tensor:
