@@ -10,3 +10,12 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and 
     _os.path.join(_src_kernels, "__init__.py")
 ):
     __path__.append(_os.path.dirname(_src_kernels))  # type: ignore[name-defined]
+
+
+def __getattr__(name: str):
+    # Lazy: importing tl_fast must not import torch data loading, DALI or FFCV.
+    if name == "TokenLabelLoader":
+        from .loaders import TokenLabelLoader
+
+        return TokenLabelLoader
+    raise AttributeError(f"module 'tl_fast' has no attribute {name!r}")

@@ -1,0 +1,418 @@
+"""FFCV backend: a ``.beton`` written by ``tl-fast pack-ffcv`` (images + class ids + sample ids +
+label records), read with a decoder whose crop comes from the geometry plan.
+
+* ``PlanImageField`` is FFCV's RGB image field with two more metadata columns, the original image
+  size: the plan is a function of the original size, while the stored image may be downscaled.
+* ``PlanCropDecoder`` subclasses FFCV's resized-crop decoder and overrides ``generate_code``: for
+  every sample it computes the plan's crop (and flip) from ``(seed, epoch, sample index, original
+  size)`` inside the compiled code — a numba port of :func:`tl_fast.plan.random_resized_crop` and of
+  the counter RNG (tests check it equals the numpy plan) — maps the box proportionally into the
+  stored image, decodes, crops, resizes and flips.
+* The epoch is a compile-time constant of that code, so each epoch builds (and compiles) its own FFCV
+  loader over this rank's sample order: ``indices`` = the shard, in order, with sequential traversal.
+  The loader does its own sharding (the same for every backend) instead of FFCV's
+  ``distributed=True``, which would pad the shard with repeated samples.
+* A failing pipeline thread would leave FFCV's iterator waiting forever; ``_GuardedEpochIterator``
+  forwards the exception to the main process, and a watchdog raises ``TimeoutError`` when no batch
+  arrives within ``timeout_s``.
+* Label records are packed as a bytes field (uint8; numba has no float16) and decoded in the main
+  process with :func:`tl_fast.store.decode_records`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from queue import Empty
+from typing import Iterator, Sequence
+
+import numba
+import numpy as np
+import torch
+
+from ..plan import _S_CROP, _S_FLIP
+from .batch import LoaderConfig
+from .common import PlanMaker
+
+META_SUFFIX = ".json"
+FORMAT = "tl_fast-ffcv"
+FORMAT_VERSION = 1
+# Field order in the file (the combined metadata names them f0, f1, ... in this order).
+FIELDS = ("image", "label", "index", "record")
+
+
+def _import_ffcv():
+    try:
+        import ffcv  # noqa: F401
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("backend='ffcv' needs FFCV: apt-get install pkg-config libturbojpeg0-dev libopencv-dev; "
+                          "pip install ffcv") from err
+
+
+_import_ffcv()
+from ffcv.fields import BytesField, IntField, RGBImageField  # noqa: E402
+from ffcv.fields.basics import IntDecoder  # noqa: E402
+from ffcv.fields.bytes import BytesDecoder  # noqa: E402
+from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder  # noqa: E402
+from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
+from ffcv.loader import Loader, OrderOption  # noqa: E402
+from ffcv.loader.epoch_iterator import EpochIterator  # noqa: E402
+from ffcv.pipeline.compiler import Compiler  # noqa: E402
+
+# --------------------------------------------------------------------------------------------
+# The plan, compiled: tl_fast.rng and tl_fast.plan.random_resized_crop for one sample
+# --------------------------------------------------------------------------------------------
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_INV53 = 1.0 / 9007199254740992.0
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+@numba.njit(cache=False, fastmath=False)
+def _mix64(z):
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+@numba.njit(cache=False, fastmath=False)
+def nb_hash(seed, epoch, key, stream):
+    """:func:`tl_fast.rng.hash_keys` for one key (all arguments uint64)."""
+    h = _mix64(seed + _GOLDEN)
+    h = _mix64(h ^ (epoch + _GOLDEN))
+    h = _mix64(h ^ (stream * _GOLDEN))
+    return _mix64(h ^ (key * _GOLDEN + np.uint64(1)))
+
+
+@numba.njit(cache=False, fastmath=False)
+def nb_uniform(base, j):
+    """Draw ``j`` (0-based) of :func:`tl_fast.rng.uniform` from a key's hash ``base``."""
+    d = _mix64(base + np.uint64(j + 1) * _GOLDEN)
+    return np.float64(d >> np.uint64(11)) * _INV53
+
+
+@numba.njit(cache=False, fastmath=False)
+def nb_random_resized_crop(seed, epoch, key, height, width, s0, s1, lr0, lr1, rmin, rmax):
+    """:func:`tl_fast.plan.random_resized_crop` for one sample: ``(top, left, h, w)``."""
+    base = nb_hash(seed, epoch, key, np.uint64(_S_CROP))
+    fh = np.float64(height)
+    fw = np.float64(width)
+    area = fh * fw
+    for a in range(10):
+        target_area = area * (s0 + nb_uniform(base, 4 * a) * (s1 - s0))
+        aspect = np.exp(lr0 + nb_uniform(base, 4 * a + 1) * (lr1 - lr0))
+        w = np.rint(np.sqrt(target_area * aspect))
+        h = np.rint(np.sqrt(target_area / aspect))
+        if w > 0 and w <= fw and h > 0 and h <= fh:
+            top = np.floor(nb_uniform(base, 4 * a + 2) * (fh - h + 1))
+            left = np.floor(nb_uniform(base, 4 * a + 3) * (fw - w + 1))
+            return np.int64(top), np.int64(left), np.int64(h), np.int64(w)
+    in_ratio = fw / fh
+    if in_ratio < rmin:
+        cw = fw
+        ch = np.rint(fw / rmin)
+    elif in_ratio > rmax:
+        cw = np.rint(fh * rmax)
+        ch = fh
+    else:
+        cw = fw
+        ch = fh
+    return np.int64((fh - ch) // 2), np.int64((fw - cw) // 2), np.int64(ch), np.int64(cw)
+
+
+@numba.njit(cache=False, fastmath=False)
+def nb_center_crop(height, width, crop_pct):
+    """:func:`tl_fast.plan.center_crop_plan`'s crop for one sample."""
+    side = max(np.floor(min(height, width) * crop_pct), 1.0)
+    top = np.rint((height - side) / 2.0)
+    left = np.rint((width - side) / 2.0)
+    return np.int64(top), np.int64(left), np.int64(side), np.int64(side)
+
+
+@numba.njit(cache=False, fastmath=False)
+def nb_flip(seed, epoch, key, hflip):
+    return nb_uniform(nb_hash(seed, epoch, key, np.uint64(_S_FLIP)), 0) < hflip
+
+
+def plan_crops_numba(maker: PlanMaker, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The compiled plan for ``indices`` (``crop [B, 4]``, ``flip [B]``), to test against the numpy plan."""
+    fn = _crop_function(maker)
+    crops = np.zeros((len(indices), 4), np.int64)
+    flips = np.zeros(len(indices), bool)
+    for b, i in enumerate(indices):
+        h, w = maker.sizes[i]
+        t, l, ch, cw, f = fn(np.uint64(i), np.int64(h), np.int64(w))
+        crops[b] = (t, l, ch, cw)
+        flips[b] = f
+    return crops, flips
+
+
+def _crop_function(maker: PlanMaker):
+    """A compiled ``(key, height, width) -> (top, left, h, w, flip)`` for the maker's epoch."""
+    seed = np.uint64(maker.seed & _MASK64)
+    epoch = np.uint64(maker.epoch & _MASK64)
+    if maker.augment is None:
+        crop_pct = float(maker.crop_pct)
+
+        @numba.njit(cache=False, fastmath=False)
+        def crop(key, height, width):
+            t, l, h, w = nb_center_crop(height, width, crop_pct)
+            return t, l, h, w, False
+        return crop
+    aug = maker.augment
+    s0, s1 = float(aug.scale[0]), float(aug.scale[1])
+    lr0, lr1 = math.log(aug.ratio[0]), math.log(aug.ratio[1])
+    rmin, rmax = float(min(aug.ratio)), float(max(aug.ratio))
+    hflip = float(aug.hflip)
+
+    @numba.njit(cache=False, fastmath=False)
+    def crop(key, height, width):
+        t, l, h, w = nb_random_resized_crop(seed, epoch, key, height, width, s0, s1, lr0, lr1, rmin, rmax)
+        return t, l, h, w, nb_flip(seed, epoch, key, hflip)
+    return crop
+
+
+# --------------------------------------------------------------------------------------------
+# Field and decoder
+# --------------------------------------------------------------------------------------------
+
+class PlanRGBImageField(RGBImageField):
+    """RGB image field that also records the original image size (before any pack-time downscale).
+
+    ``encode`` takes ``(jpeg_bytes uint8 [n], stored_height, stored_width, orig_height, orig_width)``."""
+
+    def __init__(self) -> None:
+        super().__init__(write_mode="jpg")
+
+    @property
+    def metadata_type(self) -> np.dtype:
+        return np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8"),
+                         ("orig_height", "<u4"), ("orig_width", "<u4")])
+
+    @staticmethod
+    def from_binary(binary) -> "PlanRGBImageField":
+        return PlanRGBImageField()
+
+    def encode(self, destination, value, malloc) -> None:
+        data, height, width, orig_height, orig_width = value
+        data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+        destination["mode"] = IMAGE_MODES["jpg"]
+        destination["height"], destination["width"] = height, width
+        destination["orig_height"], destination["orig_width"] = orig_height, orig_width
+        destination["data_ptr"], storage = malloc(data.nbytes)
+        storage[:] = data
+
+
+class PlanCropDecoder(ResizedCropRGBImageDecoder):
+    """FFCV's resized-crop decoder with the crop (and flip) taken from the geometry plan."""
+
+    def __init__(self, maker: PlanMaker, output_size: int) -> None:
+        super().__init__((output_size, output_size))
+        self.maker = maker
+
+    @property
+    def get_crop_generator(self):  # required by the abstract base; the plan replaces it
+        raise NotImplementedError("PlanCropDecoder takes its crops from the plan")
+
+    def generate_code(self):
+        jpg = IMAGE_MODES["jpg"]
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        crop_c = _crop_function(self.maker)
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage = my_storage
+            for dst_ix in my_range(len(batch_indices)):
+                source_ix = batch_indices[dst_ix]
+                field = metadata[source_ix]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height = np.uint32(field["height"])
+                width = np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    temp_buffer = temp_storage[dst_ix]
+                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
+                    temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                else:
+                    temp_buffer = image_data.reshape(height, width, 3)
+                oh = np.int64(field["orig_height"])
+                ow = np.int64(field["orig_width"])
+                top, left, ch, cw, flip = crop_c(np.uint64(source_ix), oh, ow)
+                if oh != height or ow != width:  # stored downscaled: map the box proportionally
+                    sy = np.float64(height) / np.float64(oh)
+                    sx = np.float64(width) / np.float64(ow)
+                    top2 = min(np.int64(np.rint(top * sy)), np.int64(height) - 1)
+                    left2 = min(np.int64(np.rint(left * sx)), np.int64(width) - 1)
+                    bottom = max(min(np.int64(np.rint((top + ch) * sy)), np.int64(height)), top2 + 1)
+                    right = max(min(np.int64(np.rint((left + cw) * sx)), np.int64(width)), left2 + 1)
+                    top, left, ch, cw = top2, left2, bottom - top2, right - left2
+                out = destination[dst_ix]
+                resize_crop_c(temp_buffer, top, top + ch, left, left + cw, out)
+                if flip:
+                    n = out.shape[1]
+                    for r in range(out.shape[0]):
+                        for c in range(n // 2):
+                            for k in range(3):
+                                tmp = out[r, c, k]
+                                out[r, c, k] = out[r, n - 1 - c, k]
+                                out[r, n - 1 - c, k] = tmp
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+# --------------------------------------------------------------------------------------------
+# Guarded loader: pipeline errors surface, stalls time out
+# --------------------------------------------------------------------------------------------
+
+class _PipelineFailure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _GuardedEpochIterator(EpochIterator):
+    def run(self) -> None:
+        try:
+            super().run()
+        except BaseException as err:  # forwarded to the consumer instead of dying silently
+            while not self.terminate_event.is_set():
+                try:
+                    self.output_queue.put(_PipelineFailure(err), timeout=0.5)
+                    return
+                except Exception:
+                    continue
+
+    def __next__(self):
+        timeout = getattr(self.loader, "timeout_s", 300.0)
+        try:
+            result = self.output_queue.get(timeout=timeout)
+        except Empty:
+            self.close()
+            raise TimeoutError(f"FFCV pipeline produced no batch for {timeout:.0f} s (stalled decoder thread?)") from None
+        if result is None:
+            self.close()
+            raise StopIteration
+        if isinstance(result, _PipelineFailure):
+            self.close()
+            raise RuntimeError(f"FFCV pipeline failed: {type(result.error).__name__}: {result.error}") from result.error
+        slot, result = result
+        if torch.cuda.is_available():
+            self.current_stream.wait_stream(self.cuda_streams[slot])
+        return result
+
+
+class _GuardedLoader(Loader):
+    timeout_s: float = 300.0
+
+    def __iter__(self):
+        Compiler.set_num_threads(self.num_workers)
+        order = self.next_traversal_order()
+        selected = order[:len(self) * self.batch_size]
+        self.next_epoch += 1
+        if self.code is None or self.recompile:
+            self.generate_code()
+        return _GuardedEpochIterator(self, selected)
+
+
+# --------------------------------------------------------------------------------------------
+# Packed file description and the backend
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class PackedInfo:
+    path: str
+    classes: list[str]
+    num_classes: int
+    topk: int
+    map_size: tuple[int, int]
+    has_records: bool
+    sizes: np.ndarray  # [N, 2] original (height, width)
+    stored_sizes: np.ndarray  # [N, 2] as stored
+    targets: np.ndarray  # [N] int64
+    valid_ids: np.ndarray  # samples that decoded at pack time
+    record_lengths: np.ndarray  # [N]
+    num_invalid: int
+    num_one_hot: int
+
+
+def read_packed(path: str | os.PathLike) -> PackedInfo:
+    """Read a packed file's description (sidecar JSON) and per-sample metadata (host side)."""
+    from ffcv.reader import Reader
+
+    path = str(path)
+    if os.path.isdir(path) or not os.path.isfile(path):
+        raise ValueError(f"backend='ffcv' reads a .beton written by `tl-fast pack-ffcv IMAGES STORE OUT.beton`; "
+                         f"{path} is not such a file")
+    meta_path = path + META_SUFFIX
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path} has no {os.path.basename(meta_path)} beside it: was it written by tl-fast "
+                         "pack-ffcv? (repack it)") from None
+    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: not a {FORMAT} v{FORMAT_VERSION} description")
+    reader = Reader(path, custom_handlers={"image": PlanRGBImageField})
+    md = reader.metadata
+    if len(md) != meta["num_samples"]:
+        raise ValueError(f"{path} holds {len(md)} samples but {meta_path} says {meta['num_samples']}: files mismatch")
+    img, label, rec = md[f"f{FIELDS.index('image')}"], md[f"f{FIELDS.index('label')}"], md[f"f{FIELDS.index('record')}"]
+    sizes = np.stack([img["orig_height"], img["orig_width"]], 1).astype(np.int64)
+    valid = np.asarray(meta.get("invalid", []), dtype=np.int64)
+    valid_mask = np.ones(len(md), bool)
+    valid_mask[valid] = False
+    return PackedInfo(
+        path=path, classes=list(meta["classes"]), num_classes=int(meta["num_classes"]), topk=int(meta["topk"]),
+        map_size=tuple(meta["map_size"]), has_records=bool(meta["has_records"]), sizes=sizes,
+        stored_sizes=np.stack([img["height"], img["width"]], 1).astype(np.int64),
+        targets=np.asarray(label, dtype=np.int64).reshape(-1), valid_ids=np.flatnonzero(valid_mask).astype(np.int64),
+        record_lengths=np.asarray(rec["size"], dtype=np.int64), num_invalid=int((~valid_mask).sum()),
+        num_one_hot=int(meta.get("num_one_hot", 0)))
+
+
+class FFCVBackend:
+    name = "ffcv"
+    normalizes = False
+
+    def __init__(self, path: str | os.PathLike, config: LoaderConfig, device: torch.device, *, with_records: bool) -> None:
+        self.path = str(path)
+        self.info = read_packed(self.path)
+        self.config = config
+        self.device = device
+        self.with_records = with_records
+
+    def iterate(self, batches: Sequence[np.ndarray], plan: PlanMaker) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
+        if not batches:
+            return
+        cfg = self.config
+        # The decoder's plan needs the original sizes; they are the packed ones by construction.
+        maker = replace(plan, sizes=self.info.sizes)
+        order = np.concatenate([np.asarray(b, dtype=np.uint64) for b in batches])
+        pipelines = {
+            "image": [PlanCropDecoder(maker, cfg.image_size)],
+            "label": None,
+            "index": [IntDecoder()],
+            "record": [BytesDecoder()] if self.with_records else None,
+        }
+        loader = _GuardedLoader(self.path, batch_size=cfg.batch_size, num_workers=max(1, int(cfg.num_workers)),
+                                order=OrderOption.SEQUENTIAL, indices=order, pipelines=pipelines, drop_last=False,
+                                custom_fields={"image": PlanRGBImageField}, batches_ahead=2, os_cache=True)
+        loader.timeout_s = cfg.timeout_s
+        it = iter(loader)
+        try:
+            for out in it:
+                images = torch.from_numpy(out[0]).permute(0, 3, 1, 2).contiguous()  # copy out of FFCV's buffer
+                idx = np.asarray(out[1], dtype=np.int64).reshape(-1)
+                extras = {}
+                if self.with_records:
+                    extras["records"] = np.array(out[2])
+                    extras["record_lengths"] = self.info.record_lengths[idx]
+                if self.device.type == "cuda":
+                    images = images.pin_memory()
+                yield images, idx, extras
+        finally:
+            it.close()

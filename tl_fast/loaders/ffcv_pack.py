@@ -1,0 +1,163 @@
+"""``tl-fast pack-ffcv IMAGES STORE OUT.beton``: images, class ids, sample ids and label records in one
+FFCV file (plus ``OUT.beton.json``: classes and the store's geometry).
+
+Images are stored as JPEG. A JPEG no larger than ``--max-side`` is stored byte for byte (no second
+lossy encoding, so FFCV decodes exactly what the other backends decode); larger or non-JPEG images
+are resized (longer side = ``--max-side``, bilinear with antialiasing) and encoded at
+``--jpeg-quality``. The original size is kept in the image metadata, because the geometry plan is a
+function of it; the FFCV decoder maps the plan's box into the stored pixels proportionally.
+
+Bad input: an image that fails to decode at pack time is a counted skip (stored as a 1x1 placeholder,
+listed in the JSON as ``invalid`` and never sampled); an image without a label record is an error
+naming it unless ``--missing-labels one_hot``. The output is written to a temporary file and renamed,
+so an interrupted pack leaves no ``.beton`` that loads.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+import warnings
+
+import numpy as np
+
+from ..dataset import ONE_HOT_SCORE, ImageFolderIndex, join_labels
+
+JPEG_MAGIC = b"\xff\xd8"
+
+
+def _placeholder_jpeg() -> np.ndarray:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="JPEG")
+    return np.frombuffer(buf.getvalue(), np.uint8)
+
+
+class _PackSource:
+    """Indexed dataset for FFCV's writer: ``(image, label, index, record)`` per sample."""
+
+    def __init__(self, paths, sizes, targets, records, max_side: int | None, quality: int) -> None:
+        self.paths, self.sizes, self.targets, self.records = paths, sizes, targets, records
+        self.max_side, self.quality = max_side, quality
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def image(self, i: int):
+        """``(jpeg bytes, stored h, stored w, orig h, orig w)``; raises for an undecodable file."""
+        from PIL import Image
+
+        path = self.paths[i]
+        oh, ow = (int(v) for v in self.sizes[i])
+        with open(path, "rb") as f:
+            raw = f.read()
+        with Image.open(io.BytesIO(raw)) as im:
+            im.load()  # full decode: a corrupt file fails here, at pack time
+            if im.size != (ow, oh):
+                raise ValueError(f"{path} is {im.size[1]}x{im.size[0]} but was indexed as {oh}x{ow}")
+            scale = 1.0 if not self.max_side else min(1.0, self.max_side / max(oh, ow))
+            if scale == 1.0 and im.format == "JPEG" and im.mode in ("RGB", "L") and raw[:2] == JPEG_MAGIC:
+                return np.frombuffer(raw, np.uint8), oh, ow, oh, ow
+            rgb = im.convert("RGB")
+            if scale < 1.0:
+                sw, sh = max(1, round(ow * scale)), max(1, round(oh * scale))
+                rgb = rgb.resize((sw, sh), Image.Resampling.BILINEAR)
+            buf = io.BytesIO()
+            rgb.save(buf, format="JPEG", quality=self.quality)
+            return np.frombuffer(buf.getvalue(), np.uint8), rgb.size[1], rgb.size[0], oh, ow
+
+    def __getitem__(self, i: int):
+        try:
+            image = self.image(i)
+        except Exception as err:  # counted skip: recorded by the placeholder's zero original size
+            warnings.warn(f"pack-ffcv: skipping {self.paths[i]}: {err}")
+            image = (_placeholder_jpeg(), 1, 1, 0, 0)
+        return image, int(self.targets[i]), i, self.records[i]
+
+
+def _one_hot_record(cls: int, topk: int, map_size) -> np.ndarray:
+    from ..store import encode_record
+
+    h, w = map_size
+    values = np.zeros((topk, h, w), np.float16)
+    values[0] = ONE_HOT_SCORE
+    indices = np.full((topk, h, w), cls, np.int64)
+    return encode_record(values, indices)[0]
+
+
+def pack_ffcv(images: str, store_path: str, out: str, *, max_side: int | None = None, jpeg_quality: int = 90,
+              num_workers: int = 4, missing_labels: str = "error", progress: bool = True) -> dict:
+    """Write ``out`` (+ ``out.json``); returns the description written to the JSON."""
+    from ffcv.fields import BytesField, IntField
+    from ffcv.writer import DatasetWriter
+
+    from ..store import LabelStore
+    from .ffcv_backend import FORMAT, FORMAT_VERSION, META_SUFFIX, PlanRGBImageField
+
+    index = ImageFolderIndex(images, progress=progress)
+    store = LabelStore.open(store_path)
+    join = join_labels(index, store, missing_labels=missing_labels)
+    records = [store.record_bytes(int(r)) if r >= 0 else _one_hot_record(int(index.targets[i]), store.topk, store.map_size)
+               for i, r in enumerate(join.record)]
+    paths = [index.abspath(i) for i in range(len(index))]
+    source = _PackSource(paths, index.sizes, index.targets, records, max_side, jpeg_quality)
+    out = os.path.abspath(out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=".pack-ffcv.", suffix=".beton")
+    os.close(fd)
+    try:
+        fields = {"image": PlanRGBImageField(), "label": IntField(), "index": IntField(), "record": BytesField()}
+        writer = DatasetWriter(tmp, fields, num_workers=max(1, num_workers))
+        writer.from_indexed_dataset(source, chunksize=64)
+        from ffcv.reader import Reader
+
+        md = Reader(tmp, custom_handlers={"image": PlanRGBImageField}).metadata["f0"]
+        invalid = np.flatnonzero(md["orig_height"] == 0).tolist()
+        meta = {
+            "format": FORMAT, "version": FORMAT_VERSION, "source": os.path.abspath(images),
+            "store": os.path.abspath(store_path), "num_samples": len(index), "classes": index.classes,
+            "num_classes": store.num_classes, "topk": store.topk, "map_size": list(store.map_size),
+            "has_records": True, "max_side": max_side, "jpeg_quality": jpeg_quality, "invalid": invalid,
+            "invalid_paths": [index.paths[i] for i in invalid], "num_one_hot": join.num_missing,
+            "skipped_at_index": [s.path for s in index.skipped],
+        }
+        meta_tmp = tmp + ".json"
+        with open(meta_tmp, "w") as f:
+            json.dump(meta, f)
+        os.replace(tmp, out)
+        os.replace(meta_tmp, out + META_SUFFIX)
+    finally:
+        for p in (tmp, tmp + ".json"):
+            if os.path.exists(p):
+                os.unlink(p)
+    if invalid:
+        warnings.warn(f"pack-ffcv: {len(invalid)} image(s) failed to decode and are skipped: "
+                      f"{', '.join(meta['invalid_paths'][:5])}")
+    return meta
+
+
+def _run(args: argparse.Namespace) -> int:
+    meta = pack_ffcv(args.images, args.store, args.out, max_side=args.max_side, jpeg_quality=args.jpeg_quality,
+                     num_workers=args.workers, missing_labels=args.missing_labels)
+    n_bad = len(meta["invalid"]) + len(meta["skipped_at_index"])
+    print(f"wrote {args.out}: {meta['num_samples'] - len(meta['invalid'])} samples, {len(meta['classes'])} classes, "
+          f"{n_bad} skipped, {meta['num_one_hot']} one-hot fall-backs")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pack-ffcv", help="pack an image folder and its label store into one FFCV .beton",
+        description="Pack IMAGES (ImageFolder layout) and the label STORE into OUT.beton for backend='ffcv'.")
+    p.add_argument("images", help="ImageFolder-layout directory (root/<class>/<image>)")
+    p.add_argument("store", help="label store of those images (tl-fast annotate / convert-pt)")
+    p.add_argument("out", help="output .beton (a .beton.json description is written beside it)")
+    p.add_argument("--max-side", type=int, default=None, help="downscale images whose longer side exceeds N")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="quality of re-encoded images (default 90)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="writer processes")
+    p.add_argument("--missing-labels", choices=("error", "one_hot"), default="error",
+                   help="images without a record: error (default) or a one-hot map of their class")
+    p.set_defaults(func=_run)
