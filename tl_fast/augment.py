@@ -97,18 +97,23 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
 
 
 def auto_contrast(x: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
-    lo = x.amin(dim=(2, 3), keepdim=True)
-    hi = x.amax(dim=(2, 3), keepdim=True)
+    """PIL ``ImageOps.autocontrast`` per channel: ``lut[i] = int(i * scale + offset)`` (float64 maths
+    as PIL's Python loop), identity for a flat channel."""
+    n, c, h, w = x.shape
+    lo = x.amin(dim=(2, 3)).double().reshape(n * c, 1)
+    hi = x.amax(dim=(2, 3)).double().reshape(n * c, 1)
     scale = 255.0 / (hi - lo).clamp(min=1)
-    out = (x * scale - lo * scale).clamp_(0, 255).trunc_()
-    return torch.where(hi > lo, out, x)
+    levels = torch.arange(256, dtype=torch.float64, device=x.device).view(1, 256)
+    lut = (levels * scale - lo * scale).clamp_(0, 255).trunc_().to(x.dtype)
+    out = lut.gather(1, x.long().clamp_(0, 255).reshape(n * c, h * w)).view(n, c, h, w)
+    return torch.where((hi > lo).view(n, c, 1, 1), out, x)
 
 
 def equalize(x: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
     """PIL ``ImageOps.equalize`` per channel: ``lut[i] = (step // 2 + sum(h[:i])) // step`` with
     ``step = (pixels - count of the last non-empty level) // 255``; identity when ``step == 0``."""
     n, c, h, w = x.shape
-    lv = x.long().clamp_(0, 255).view(n * c, h * w)
+    lv = x.long().clamp_(0, 255).reshape(n * c, h * w)
     base = torch.arange(n * c, device=x.device).view(-1, 1) * 256
     hist = torch.zeros(n * c * 256, dtype=torch.long, device=x.device)
     hist.index_add_(0, (lv + base).view(-1), torch.ones_like(lv).view(-1))
