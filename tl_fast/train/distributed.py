@@ -70,3 +70,13 @@ def all_gather_object(obj):
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm statistics) to every rank.
+
+    DDP broadcasts buffers before each forward, so after the last step the ranks' statistics differ
+    by one local update; call this before evaluating or saving so every rank holds the same model."""
+    if dist.is_available() and dist.is_initialized():
+        for buf in module.buffers():
+            dist.broadcast(buf, src)

@@ -1,0 +1,129 @@
+"""examples/train_lvvit.py end to end on CPU: loss falls on every backend, exact resume, two-process DDP.
+
+A tiny image folder (3 classes of coloured quadrant scenes) and a matching real label store are
+written once per module; the model is a 2-block LV-ViT at 32 px, so each run takes seconds.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tl_fast.store import StoreWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_lvvit.py"
+COLOURS = np.array([[220, 40, 40], [40, 200, 60], [50, 70, 230]], dtype=np.float64)
+MAP = 6
+
+
+def _load_trainer():
+    spec = importlib.util.spec_from_file_location("train_lvvit", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """``train/`` and ``val/`` folders of JPEGs whose class colour fills most of the image, with a
+    patch of another class in one corner; the label map says which class is where."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    store = root / "labels.tlstore"
+    with StoreWriter(store, num_classes=3, topk=2, map_size=(MAP, MAP)) as writer:
+        for split, per_class in (("train", 8), ("val", 4)):
+            for c in range(3):
+                (root / split / f"c{c}").mkdir(parents=True)
+                for i in range(per_class):
+                    h, w = (int(v) for v in rng.integers(40, 64, size=2))
+                    other = (c + 1 + i % 2) % 3
+                    cls_map = np.full((MAP, MAP), c)
+                    cls_map[: MAP // 2, : MAP // 2] = other
+                    ys = np.minimum(np.arange(h) * MAP // h, MAP - 1)
+                    xs = np.minimum(np.arange(w) * MAP // w, MAP - 1)
+                    img = COLOURS[cls_map[ys][:, xs]] + rng.normal(0, 12, (h, w, 3))
+                    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / split / f"c{c}" / f"{i}.jpg",
+                                                                            quality=92)
+                    if split == "train":
+                        values = np.stack([np.full((MAP, MAP), 6.0), np.full((MAP, MAP), 1.0)]).astype(np.float16)
+                        indices = np.stack([cls_map, (cls_map + 1) % 3]).astype(np.int16)
+                        writer.add(f"c{c}/{i}", values, indices)
+    return root
+
+
+def _args(data, out, loader="torch", *extra):
+    return ["--loader", loader, "--data", str(data), "--labels", str(data / "labels.tlstore"), "--model", "lvvit_demo",
+            "--img-size", "32", "--patch-size", "8", "--dim", "32", "--depth", "2", "--heads", "2",
+            "--batch-size", "6", "--workers", "0", "--lr", "0.2", "--warmup-epochs", "0.5", "--aa", "none",
+            "--crop-scale", "0.5", "--device", "cpu", "--no-progress", "--log-every", "1", "--output", str(out),
+            *extra]
+
+
+def _log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def _train_losses(out):
+    return {r["step"]: r["loss"] for r in _log(out) if r["event"] == "train"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["torch", "dali", "ffcv"])
+def test_few_steps_reduce_loss(dataset, tmp_path, loader):
+    trainer = _load_trainer()
+    result = trainer.main(_args(dataset, tmp_path, loader, "--epochs", "4"))
+    losses = _train_losses(tmp_path)
+    steps = sorted(losses)
+    assert len(steps) == 4 * 4  # 24 images / batch 6, drop_last
+    first, last = losses[steps[0]], np.mean([losses[s] for s in steps[-4:]])
+    assert last < 0.8 * first, (loader, [round(losses[s], 3) for s in steps])
+    assert {"top1", "top5", "ema_top1", "ema_top5"} <= set(result) and result["count"] == 12
+    assert (tmp_path / "last.pth").is_file()
+
+
+@pytest.mark.slow
+def test_class_token_only_baseline_runs(dataset, tmp_path):
+    trainer = _load_trainer()
+    result = trainer.main(_args(dataset, tmp_path, "torch", "--epochs", "1", "--no-token-label"))
+    start = next(r for r in _log(tmp_path) if r["event"] == "start")
+    assert start["args"]["token_label"] == "False" and start["args"]["mixtoken"] == "False"
+    assert 0.0 <= result["top1"] <= 100.0
+
+
+@pytest.mark.slow
+def test_resume_is_exact(dataset, tmp_path):
+    trainer = _load_trainer()
+    full, part = tmp_path / "full", tmp_path / "part"
+    trainer.main(_args(dataset, full, "torch", "--epochs", "2", "--drop-path", "0.2"))
+    # Interrupted in the middle of the second epoch (steps 1-4 of 4 + 2 of 4), then resumed.
+    trainer.main(_args(dataset, part, "torch", "--epochs", "2", "--drop-path", "0.2", "--max-steps", "6"))
+    assert max(_train_losses(part)) == 6
+    trainer.main(_args(dataset, part, "torch", "--epochs", "2", "--drop-path", "0.2", "--resume"))
+    a, b = _train_losses(full), _train_losses(part)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in (7, 8):
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
+    wa = torch.load(full / "last.pth", weights_only=False)["model"]
+    wb = torch.load(part / "last.pth", weights_only=False)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(dataset, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+           *_args(dataset, tmp_path, "torch", "--epochs", "1", "--batch-size", "3")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    end = next(r for r in _log(tmp_path) if r["event"] == "end")
+    assert len(end["rank_digests"]) == 2 and end["ranks_agree"], end
+    start = next(r for r in _log(tmp_path) if r["event"] == "start")
+    assert start["world_size"] == 2 and start["steps_per_epoch"] == 4  # 24 images / (2 ranks x 3)
