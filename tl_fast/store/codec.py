@@ -211,6 +211,7 @@ def _decode_batch(buf, offsets, lengths, expected, check_expected, num_classes, 
         else:
             mask = (np.uint64(1) << np.uint64(b)) - np.uint64(1)
             ub = np.uint64(b)
+            check_q = npal != (1 << b)  # with a full palette every b-bit index is valid
             acc = np.uint64(0)
             have = 0
             for i in range(n):
@@ -225,7 +226,7 @@ def _decode_batch(buf, offsets, lengths, expected, check_expected, num_classes, 
                     acc = w >> np.uint64(b - have)
                     have = 64 - (b - have)
                 qi = np.int64(q)
-                if qi >= npal:
+                if check_q and qi >= npal:
                     return ERR_ID_RANGE, r
                 out_ids[r, i] = pal[qi]
         # values: per-slot frame of reference over float16 order keys
