@@ -42,12 +42,35 @@ PRESETS = {
 }
 
 
+EPILOG = """examples:
+  python examples/train_lvvit.py --loader torch                  # demo data, CPU-sized LV-ViT, a few minutes
+  python examples/train_lvvit.py --no-token-label                # the same, class-token labels only (baseline)
+  python examples/train_lvvit.py --resume                        # continue exactly from <output>/last.pth
+  torchrun --nproc_per_node 8 examples/train_lvvit.py --loader dali --data /imagenet \\
+      --labels /imagenet/labels.tlstore --model lvvit_s           # LV-ViT-S recipe (lr 1.6e-3 per 1024 images)
+
+--batch-size is per process; --lr is for a global batch of 1024 and scaled linearly by
+batch-size x processes / 1024. Every epoch writes <output>/last.pth atomically and evaluates top-1/top-5
+of the model and its EMA on the val split; <output>/log.jsonl has one JSON object per logged step/epoch.
+"""
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Shows defaults, except unset options (those come from the preset)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] + " Options left unset take the 'demo' preset without --data and the "
         "'imagenet' preset (LV-ViT-S recipe) with it: " + "; ".join(
             f"{k}: " + ", ".join(f"{a}={v}" for a, v in d.items()) for k, d in PRESETS.items()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Help, epilog=EPILOG)
     d = p.add_argument_group("data")
     d.add_argument("--loader", choices=("dali", "ffcv", "torch"), default="torch",
                    help="image pipeline; ffcv packs a .beton beside the data on first use")
@@ -114,7 +137,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def make_loaders(args, dist):
-    from tl_fast.loaders import TokenLabelLoader
+    from tl_fast import TokenLabelLoader
     from tl_fast.augment import EraseConfig
     aa = None if args.aa in (None, "none") else RandAugmentConfig.parse(args.aa)
     common = dict(backend=args.loader, batch_size=args.batch_size, image_size=args.img_size, patch_size=args.patch,
@@ -188,12 +211,13 @@ def train_one_epoch(args, epoch, loader, step_fn, state, meter, log, dist, stop_
     return True
 
 
-def make_step(args, model, train_model, opt, sched, ema, dist):
+def make_step(args, model, train_model, opt, sched, ema, dist, state):
+    """One optimizer step on a batch; returns the loss (on the device, no sync)."""
     amp = torch.autocast(dist.device.type, dtype=torch.bfloat16) if args.amp == "bf16" else nullcontext()
-    counter = {"step": 0}
 
     def step(batch):
-        torch.manual_seed(step_seed(args.seed, dist.rank, counter["step"]))  # drop path: exact on resume
+        # The model's own randomness (drop path) is keyed by (seed, rank, step): exact after a resume.
+        torch.manual_seed(step_seed(args.seed, dist.rank, state["global_step"]))
         with amp:
             cls, tokens = train_model(batch.images, batch.mix_box if args.mixtoken else None)
         if args.token_label:
@@ -207,11 +231,9 @@ def make_step(args, model, train_model, opt, sched, ema, dist):
         opt.step()
         sched.step()
         ema.update(model)
-        counter["step"] += 1
         return loss.detach()
 
     step.lr = lambda: opt.param_groups[0]["lr"]
-    step.counter = counter
     return step
 
 
@@ -249,8 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
         set_rng_state(ckpt["rng"])
         train_loader.set_epoch(state["epoch"])
         train_loader.load_state_dict(ckpt["loader"])
-    step_fn = make_step(args, model, train_model, opt, sched, ema, dist)
-    step_fn.counter["step"] = state["global_step"]
+    step_fn = make_step(args, model, train_model, opt, sched, ema, dist, state)
     log = JsonlLogger(out / "log.jsonl" if dist.is_main else None)
     log.log("start", args={k: str(v) for k, v in vars(args).items()}, world_size=dist.world_size, lr=lr,
             steps_per_epoch=steps, params=sum(p.numel() for p in model.parameters()))
