@@ -197,7 +197,8 @@ def check_lossy_bound(orig: np.ndarray, dec: np.ndarray) -> None:
             assert np.abs(kd[b, j] - ko[b, j]).max() <= bound
             assert kd[b, j].min() >= lo and kd[b, j].max() <= hi
             mag = np.maximum(np.abs(o32[b, j]), np.abs(d32[b, j]))
-            ok = (np.minimum(np.abs(o32[b, j]), np.abs(d32[b, j])) >= 2.0**-14) & (np.sign(o32[b, j]) == np.sign(d32[b, j]))
+            ok = np.minimum(np.abs(o32[b, j]), np.abs(d32[b, j])) >= 2.0**-14
+            ok &= np.sign(o32[b, j]) == np.sign(d32[b, j])
             assert np.all(np.abs(d32[b, j] - o32[b, j])[ok] <= bound * 2.0**-10 * mag[ok])
     assert np.all(np.isfinite(dec))
 

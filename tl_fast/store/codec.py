@@ -414,11 +414,13 @@ def decode_records(records, num_classes: int, topk: int, map_size: Sequence[int]
             raise ValueError(f"decode_records: {nrec} records but {lens.shape[0]} lengths")
         if np.any(lens > width) or np.any(lens < 0):
             raise StoreError("decode_records: a record length exceeds the padded row width")
-        if records.dtype == np.uint8 and width % 8 == 0 and records.flags.c_contiguous and \
+        if records.dtype != np.uint8:
+            raise TypeError(f"decode_records: records must be uint8, got {records.dtype}")
+        if width % 8 == 0 and records.flags.c_contiguous and \
                 records.ctypes.data % 8 == 0:
             buf = records.reshape(-1).view(np.uint64)
         else:
-            buf = np.ascontiguousarray(records, dtype=np.uint8)
+            buf = np.ascontiguousarray(records)
             if width % 8:
                 buf = np.pad(buf, ((0, 0), (0, 8 - width % 8)))
             width = buf.shape[1]

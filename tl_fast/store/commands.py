@@ -39,7 +39,8 @@ def _load_public(path: Path, shape: tuple[int, int, int] | None) -> tuple[np.nda
     if t.dim() != 4 or t.shape[0] != 2:
         raise StoreError(f"{path}: expected a [2, k, H, W] tensor, got shape {tuple(t.shape)}")
     if shape is not None and tuple(t.shape[1:]) != shape:
-        raise StoreError(f"{path}: shape {tuple(t.shape)} differs from the first file's [2, {', '.join(map(str, shape))}]")
+        first = ", ".join(map(str, shape))
+        raise StoreError(f"{path}: shape {tuple(t.shape)} differs from the first file's [2, {first}]")
     if not t.is_floating_point():
         raise StoreError(f"{path}: expected a floating tensor (float16 scores and ids), got {t.dtype}")
     values = t[0].numpy()

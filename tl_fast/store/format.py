@@ -63,7 +63,8 @@ as ``key = min(base_j + q * step_j + (step_j - 1) // 2, top_j)``.
   the decoded float16 lies within that many float16 ulps of the original: for normal values of the
   same sign, ``|v' - v| <= ceil((step_j - 1) / 2) * 2**-10 * max(|v|, |v'|)``; near zero (subnormals)
   ``|v' - v| <= ceil((step_j - 1) / 2) * 2**-24``. With 8-bit codes a slot spanning 13 binades of
-  scores has ``step_j = 53``, i.e. at most 26 ulps (2.5% relative). Decoded values are always finite and inside ``[min_j, max_j]`` of the slot.
+  scores has ``step_j = 53``, i.e. at most 26 ulps (2.5% relative). Decoded values are always
+  finite and inside ``[min_j, max_j]`` of the slot.
 
 Class ids go through a per-record palette (the sorted distinct ids of the record) and are stored as
 ``b = ceil(log2 P)``-bit palette indices.
