@@ -54,6 +54,13 @@ EXTENT_EPS = 1e-4
 # augmentation); it keeps lane indices inside int32.
 MAX_SAMPLES_PER_AXIS = 1024
 
+# Launch shape, from compiling for sm_90 (ptxas -v): about 160 registers per thread at 4 warps,
+# i.e. 3 resident programs per SM; the persistent grid keeps a few more queued for the tail.
+NUM_WARPS = 4
+PROGRAMS_PER_SM = 4
+CHUNK = 512  # general-path lanes per step (the class row has Sy * Sx * 4 * k lanes, ~3k at 224 px)
+PAIR_BLOCK = 16  # fast path: other-lane chunk of the all-pairs comparison
+
 MODE_TARGETS, MODE_LOSS, MODE_GRAD = 0, 1, 2
 MIX_NONE, MIX_SCALAR, MIX_TENSOR = 0, 1, 2
 
@@ -177,14 +184,24 @@ def _logsumexp(z_row, K, BLOCK_K: tl.constexpr):
 def _fast_row(values_ptr, indices_ptr, affine_ptr, s, r, c, H, W, K, Hf, Wf, GHf, GWf, Kf, smoothing,
               out_row, z_row, g_row, loss_slot, lse_slot, row_w, gout_ptr,
               KTOP: tl.constexpr, EPS: tl.constexpr, MAX_S: tl.constexpr, MODE: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CB: tl.constexpr):
     """One row whose sparse list fits BLOCK_N lanes: class totals by all-pairs comparison."""
     lane = tl.arange(0, BLOCK_N)
     cls, score, ok, bad = _lanes(values_ptr, indices_ptr, affine_ptr, s, lane, r, c, H, W, K,
                                  Hf, Wf, GHf, GWf, KTOP, EPS, MAX_S)
-    same = (cls[:, None] == cls[None, :]) & ok[None, :] & ok[:, None]
-    total = tl.sum(tl.where(same, score[None, :], 0.0), axis=1)  # A_c of each entry's class
-    seen = tl.sum((same & (lane[None, :] < lane[:, None])).to(tl.int32), axis=1)
+    # All pairs, against OTHER lanes in chunks of CB (recomputed: cheaper than holding a
+    # [BLOCK_N, BLOCK_N] tile in registers), only as far as the live lanes go.
+    g00, g01, g02, g10, g11, g12, sy, sx = _geometry(affine_ptr, s, Hf, Wf, GHf, GWf, EPS, MAX_S)
+    n_live = sy * sx * (4 * KTOP)
+    total = tl.zeros([BLOCK_N], tl.float32)
+    seen = tl.zeros([BLOCK_N], tl.int32)
+    for o0 in range(0, n_live, CB):
+        other = o0 + tl.arange(0, CB)
+        cls_o, score_o, ok_o, bad_o = _lanes(values_ptr, indices_ptr, affine_ptr, s, other, r, c, H, W, K,
+                                         Hf, Wf, GHf, GWf, KTOP, EPS, MAX_S)
+        same = (cls[:, None] == cls_o[None, :]) & ok_o[None, :]
+        total += tl.sum(tl.where(same, score_o[None, :], 0.0), axis=1)  # A_c of each entry's class
+        seen += tl.sum((same & (other[None, :] < lane[:, None])).to(tl.int32), axis=1)
     first = ok & (seen == 0)  # one entry per distinct class
     untouched = K - tl.sum(first.to(tl.int32), axis=0)
     top = tl.max(tl.where(ok, total, float("-inf")), axis=0)
@@ -230,7 +247,7 @@ def _fast_row(values_ptr, indices_ptr, affine_ptr, s, r, c, H, W, K, Hf, Wf, GHf
 def _accumulate(scr, values_ptr, indices_ptr, affine_ptr, s, r, c, H, W, K, Hf, Wf, GHf, GWf,
                 KTOP: tl.constexpr, EPS: tl.constexpr, MAX_S: tl.constexpr, CHUNK: tl.constexpr):
     """Atomically add bin (r, c)'s sparse row of sample s into the float32 row scr[0:K]."""
-    _, _, _, _, _, _, sy, sx = _geometry(affine_ptr, s, Hf, Wf, GHf, GWf, EPS, MAX_S)
+    g00, g01, g02, g10, g11, g12, sy, sx = _geometry(affine_ptr, s, Hf, Wf, GHf, GWf, EPS, MAX_S)
     n_lanes = sy * sx * (4 * KTOP)
     n_bad = 0
     for g0 in range(0, n_lanes, CHUNK):
@@ -334,7 +351,7 @@ def _token_rows_kernel(
     Hf, Wf, GHf, GWf, Kf, smoothing, cls_w, tok_w,
     KTOP: tl.constexpr, MODE: tl.constexpr, MIX: tl.constexpr,
     NT0: tl.constexpr, NT1: tl.constexpr, NT2: tl.constexpr,
-    BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, EPS: tl.constexpr, MAX_S: tl.constexpr,
+    BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, PB: tl.constexpr, EPS: tl.constexpr, MAX_S: tl.constexpr,
 ):
     """Persistent over rows: rows [0, B) are class tokens, then tokens of sample 0, 1, ... ."""
     pid = tl.program_id(0)
@@ -378,26 +395,26 @@ def _token_rows_kernel(
         else:
             src = tl.where(inside, partner, b)  # MixToken: the partner's clean target
             trow = (b.to(tl.int64) * T + tok) * K
-            _, _, _, _, _, _, sy, sx = _geometry(affine_ptr, src, Hf, Wf, GHf, GWf, EPS, MAX_S)
+            g00, g01, g02, g10, g11, g12, sy, sx = _geometry(affine_ptr, src, Hf, Wf, GHf, GWf, EPS, MAX_S)
             n_lanes = sy * sx * (4 * KTOP)
             if NT0 > 0:
                 if n_lanes <= NT0:
                     _fast_row(values_ptr, indices_ptr, affine_ptr, src, rt, ct, H, W, K, Hf, Wf, GHf, GWf,
                               Kf, smoothing, out_ptr + orow * K, tok_ptr + trow, gtok_ptr + trow,
                               loss_ptr + orow, lse_ptr + orow, tok_w, gout_ptr,
-                              KTOP, EPS, MAX_S, MODE, NT0, BLOCK_K)
+                              KTOP, EPS, MAX_S, MODE, NT0, BLOCK_K, PB)
             if NT1 > 0:
                 if (n_lanes > NT0) & (n_lanes <= NT1):
                     _fast_row(values_ptr, indices_ptr, affine_ptr, src, rt, ct, H, W, K, Hf, Wf, GHf, GWf,
                               Kf, smoothing, out_ptr + orow * K, tok_ptr + trow, gtok_ptr + trow,
                               loss_ptr + orow, lse_ptr + orow, tok_w, gout_ptr,
-                              KTOP, EPS, MAX_S, MODE, NT1, BLOCK_K)
+                              KTOP, EPS, MAX_S, MODE, NT1, BLOCK_K, PB)
             if NT2 > 0:
                 if (n_lanes > NT1) & (n_lanes <= NT2):
                     _fast_row(values_ptr, indices_ptr, affine_ptr, src, rt, ct, H, W, K, Hf, Wf, GHf, GWf,
                               Kf, smoothing, out_ptr + orow * K, tok_ptr + trow, gtok_ptr + trow,
                               loss_ptr + orow, lse_ptr + orow, tok_w, gout_ptr,
-                              KTOP, EPS, MAX_S, MODE, NT2, BLOCK_K)
+                              KTOP, EPS, MAX_S, MODE, NT2, BLOCK_K, PB)
             if n_lanes > NT2:
                 _general_row(values_ptr, indices_ptr, affine_ptr, src, src, lam, rt, ct, H, W, K, Hf, Wf,
                              GHf, GWf, Kf, smoothing, scr, out_ptr + orow * K, tok_ptr + trow,
@@ -461,7 +478,7 @@ def _num_programs(n_rows: int, device: torch.device, num_classes: int) -> int:
         idx = device.index if device.index is not None else torch.cuda.current_device()
         if idx not in _SM_COUNT:
             _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        progs = _SM_COUNT[idx] * 8
+        progs = _SM_COUNT[idx] * PROGRAMS_PER_SM
         progs = min(progs, max(1, (64 << 20) // (8 * num_classes)))  # scratch <= 64 MiB
     else:  # interpreter: programs run one after another; a few exercise the persistent loop
         progs = 5
@@ -515,8 +532,8 @@ def launch_rows(
         grad_out if grad_out is not None else dummy, scratch,
         bsz, num_classes, h, w, gh, gw, n_rows, n_prog,
         float(h), float(w), float(gh), float(gw), float(num_classes), float(smoothing), float(cls_w), float(tok_w),
-        KTOP=topk, MODE=mode, MIX=mix.mode, NT0=nt0, NT1=nt1, NT2=nt2, BLOCK_K=block_k, CHUNK=512,
-        EPS=EXTENT_EPS, MAX_S=float(MAX_SAMPLES_PER_AXIS), num_warps=4,
+        KTOP=topk, MODE=mode, MIX=mix.mode, NT0=nt0, NT1=nt1, NT2=nt2, BLOCK_K=block_k, CHUNK=CHUNK, PB=PAIR_BLOCK,
+        EPS=EXTENT_EPS, MAX_S=float(MAX_SAMPLES_PER_AXIS), num_warps=NUM_WARPS,
     )
 
 
