@@ -349,7 +349,8 @@ def allocate_maps(batch: int, num_classes: int, topk: int, map_size: tuple[int, 
     """Uninitialized CPU output tensors for ``batch`` decoded maps."""
     h, w = map_size
     values = torch.empty((batch, topk, h, w), dtype=torch.float16)
-    indices = torch.empty((batch, topk, h, w), dtype=torch.from_numpy(np.empty(0, index_dtype_for(num_classes))).dtype)
+    ids_dtype = torch.int16 if index_dtype_for(num_classes) == np.int16 else torch.int32
+    indices = torch.empty((batch, topk, h, w), dtype=ids_dtype)
     return TopKMaps(values, indices)
 
 
