@@ -108,12 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for b in batches:
                     s.read(b)
 
-            recs = [store.record_bytes(i) for i in range(n)]
-            width = (max(r.nbytes for r in recs) + 7) // 8 * 8
-            padded = np.zeros((n, width), np.uint8)
-            for i, r in enumerate(recs):
-                padded[i, : r.nbytes] = r
-            lens = np.array([r.nbytes for r in recs])
+            padded, lens = store.raw_records(np.arange(n))
 
             def raw_decode():
                 for b in batches:

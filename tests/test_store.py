@@ -98,6 +98,10 @@ def test_record_bytes_and_decode_records(tmp_path, maps):
         padded[n, : r.nbytes] = r
     out2 = decode_records(padded, K, TOPK, HW, lengths=[r.nbytes for r in recs])
     np.testing.assert_array_equal(out2.indices.numpy(), i)
+    raw, lens = s.raw_records([3, 0, 3])
+    assert raw.shape[1] % 8 == 0 and list(lens) == [recs[3].nbytes, recs[0].nbytes, recs[3].nbytes]
+    np.testing.assert_array_equal(raw[1, : lens[1]], recs[0])
+    np.testing.assert_array_equal(decode_records(raw, K, TOPK, HW, lengths=lens).indices.numpy(), i[[3, 0, 3]])
     out3 = decode_records([bytes(r) for r in recs[:2]], K, TOPK, HW)
     np.testing.assert_array_equal(bits16(out3.values), bits16(v[:2]))
     with pytest.raises(ValueError, match="lengths"):

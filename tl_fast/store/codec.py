@@ -268,6 +268,14 @@ def _decode_batch(buf, offsets, lengths, expected, check_expected, num_classes, 
 
 
 @numba.njit(cache=True, nogil=True)
+def _gather_bytes(buf8, offsets, lengths, out):
+    """Copy record bytes ``buf8[offsets[r]:offsets[r] + lengths[r]]`` into row r of ``out``."""
+    for r in range(offsets.shape[0]):
+        o = offsets[r]
+        out[r, :lengths[r]] = buf8[o:o + lengths[r]]
+
+
+@numba.njit(cache=True, nogil=True)
 def _fill_record(words, k, hw, npal, b, width, flags, slot_base, slot_top, slot_step, slot_bits,
                  palette, inv, codes, pal_words):
     """Write a record (everything but the checksum) into zeroed ``words``; returns its checksum."""

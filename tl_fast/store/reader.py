@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .codec import RecordError, StoreError, TopKMaps, decode_into
+from .codec import RecordError, StoreError, TopKMaps, _gather_bytes, decode_into
 from .format import CRC_OFFSET, HEADER_SIZE, MAGIC, VERSION, FLAG_LOSSY, unpack_header
 
 
@@ -192,6 +192,18 @@ class LabelStore:
         self._check_ids(ids)
         o, ln = int(self._offsets[ids[0]]), int(self._lengths[ids[0]])
         return np.array(self._mm[o:o + ln], dtype=np.uint8)
+
+    def raw_records(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """Encoded records ``ids`` as a zero-padded uint8 array ``[B, L]`` (``L`` a multiple of 8) and
+        their lengths ``[B]`` (int64): one batched copy, ready for :func:`decode_records` or for
+        handing to a loader pipeline."""
+        ids = _as_ids(ids)
+        self._check_ids(ids)
+        lengths = self._lengths[ids]
+        width = int(lengths.max()) if ids.size else 8
+        out = np.zeros((ids.size, (width + 7) // 8 * 8), np.uint8)
+        _gather_bytes(self._mm, self._offsets[ids], lengths, out)
+        return out, lengths
 
     def read(self, ids, out: TopKMaps | None = None) -> TopKMaps:
         """Decode records ``ids`` (sequence / array / tensor of ints) into CPU tensors, one batched call.
