@@ -243,9 +243,8 @@ def _decode_batch(buf, offsets, lengths, expected, check_expected, num_classes, 
             ob = j * hw
             if bits == 0:
                 key = min(half, top)
-                fb = key - 0x8000 if key >= 0x8000 else 0xFFFF - key
                 for i in range(hw):
-                    out_vals[r, ob + i] = fb
+                    out_vals[r, ob + i] = key
                 continue
             mask = (np.uint64(1) << np.uint64(bits)) - np.uint64(1)
             ub = np.uint64(bits)
@@ -263,7 +262,12 @@ def _decode_batch(buf, offsets, lengths, expected, check_expected, num_classes, 
                 key = half + np.int64(q) * step
                 if key > top:
                     key = top
-                out_vals[r, ob + i] = key - 0x8000 if key >= 0x8000 else 0xFFFF - key
+                out_vals[r, ob + i] = key
+        # order keys -> float16 bits, in a separate (vectorizable) pass: key ^ 0x8000 for keys >= 0x8000
+        # (non-negative values), else 0xFFFF - key == key ^ 0xFFFF
+        for i in range(n):
+            x = out_vals[r, i]
+            out_vals[r, i] = x ^ (np.uint16(0x8000) if x >= np.uint16(0x8000) else np.uint16(0xFFFF))
     return 0, -1
 
 
