@@ -158,7 +158,8 @@ def _finite_f16(rng, shape, allow_neg):
     return bits.view(np.float16)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(k=st.integers(1, 6), h=st.integers(1, 7), w=st.integers(1, 9),
        num_classes=st.sampled_from([1, 2, 3, 7, 100, 1000, 32767, 32768, 65537, 100003]),
        seed=st.integers(0, 2**31 - 1), smooth=st.booleans(), neg=st.booleans())
