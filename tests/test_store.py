@@ -466,3 +466,20 @@ def test_convert_pt_names_bad_file(tmp_path, capsys, bad):
     err = capsys.readouterr().err
     assert "zz_bad.pt" in err
     assert not dst.exists() and os.listdir(tmp_path) == ["pub"]
+
+
+def test_benchmark_runs_small(capsys):
+    """benchmarks/store_throughput.py end to end on a tiny configuration (figures, not timings)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "store_throughput.py"
+    spec = importlib.util.spec_from_file_location("store_throughput", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.main(["--n", "32", "--batch", "8", "--repeats", "1", "--public-n", "16", "--size-n", "2",
+                  "--num-classes", "50", "--topk", "3", "--map-size", "6", "5"])
+    assert r["gather_maps_s"]["median"] > 0 and r["public_maps_s"]["median"] > 0
+    assert set(r["bytes"]) == {"smooth", "field", "random"}
+    assert r["bytes"]["smooth"]["lossy"] < r["bytes"]["smooth"]["lossless"] < r["public_pt_bytes"]
+    assert "LabelStore.read (lossless)" in capsys.readouterr().out
