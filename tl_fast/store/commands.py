@@ -151,6 +151,9 @@ def _convert_cmd(args: argparse.Namespace) -> int:
         print(f"wrote {args.dst}: {n} records, K={store.num_classes}, top-{store.topk}, "
               f"{store.map_size[0]}x{store.map_size[1]}, {store.nbytes / max(n, 1):.0f} B/record, "
               f"{store.nbytes / max(src, 1):.1%} of the {src:,} bytes of .pt files")
+        if store.num_classes > 2049:
+            print("note: the public format stores class ids as float16, which is exact only up to 2048; larger "
+                  "ids in these files may already have been rounded when they were written", file=sys.stderr)
         if args.num_classes is None:
             print(f"note: num_classes inferred as {store.num_classes} (largest id + 1); pass --num-classes "
                   "to set it explicitly")
