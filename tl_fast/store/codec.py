@@ -20,7 +20,6 @@ from .format import (
     RECORD_FORMAT,
     RECORD_HEADER_BYTES,
     SLOT_PARAM_BYTES,
-    align8,
     index_dtype_for,
 )
 
@@ -352,11 +351,6 @@ def encode_record(values: np.ndarray, indices: np.ndarray, *, lossy: bool = Fals
     return words.view(np.uint8), int(c)
 
 
-def record_size_bytes(record: np.ndarray) -> int:
-    """Length of an encoded record in bytes (a multiple of 8)."""
-    return int(record.shape[0])
-
-
 def allocate_maps(batch: int, num_classes: int, topk: int, map_size: tuple[int, int]) -> TopKMaps:
     """Uninitialized CPU output tensors for ``batch`` decoded maps."""
     h, w = map_size
@@ -454,4 +448,4 @@ def decode_records(records, num_classes: int, topk: int, map_size: Sequence[int]
 
 
 __all__ = ["TopKMaps", "StoreError", "RecordError", "encode_record", "decode_records", "float16_keys",
-           "allocate_maps", "decode_into", "align8"]
+           "allocate_maps", "decode_into"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import torch
