@@ -3,8 +3,8 @@
 The network follows timm's classifier interface (``forward_features`` -> ``[B, C, h, w]``,
 ``forward_head`` = global average pool + linear layer, ``pretrained_cfg`` with the input
 normalization), so ``tl-fast annotate --model tl_fast.demo.annotator:demo_cnn`` runs it through the
-same dense-prediction path as any timm model. Its total stride is 8: at the default 112 px input the
-score map is 14 x 14, the ViT token grid at 224 px / patch 16.
+same dense-prediction path as any timm model. Its total stride is 8: at the default 96 px input the
+score map is 12 x 12 (each cell sees a 55 px receptive field, about the size of a main object).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class DemoCNN(nn.Module):
         width: channels of the first stage; later stages use 2x and 4x.
     """
 
-    def __init__(self, num_classes: int = 32, width: int = 24) -> None:
+    def __init__(self, num_classes: int = 32, width: int = 16) -> None:
         super().__init__()
         w = width
         self.num_classes = num_classes
@@ -58,7 +58,7 @@ class DemoCNN(nn.Module):
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(4 * w, num_classes)
         # What timm's ``resolve_data_config`` would read: how ``tl-fast annotate`` normalizes inputs.
-        self.pretrained_cfg = {"mean": MEAN, "std": STD, "interpolation": "bilinear"}
+        self.pretrained_cfg = {"mean": MEAN, "std": STD, "interpolation": "bilinear", "input_size": (3, 96, 96)}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -74,7 +74,7 @@ class DemoCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def demo_cnn(num_classes: int = 32, width: int = 24) -> DemoCNN:
+def demo_cnn(num_classes: int = 32, width: int = 16) -> DemoCNN:
     """Entry point for ``tl-fast annotate --model tl_fast.demo.annotator:demo_cnn``."""
     return DemoCNN(num_classes=num_classes, width=width)
 
@@ -83,9 +83,9 @@ def demo_cnn(num_classes: int = 32, width: int = 24) -> DemoCNN:
 class TrainConfig:
     """Training recipe of the demo annotator (about a minute on a laptop CPU at the defaults)."""
 
-    img_size: int = 112
-    width: int = 24
-    epochs: int = 12
+    img_size: int = 96
+    width: int = 16
+    epochs: int = 18
     batch_size: int = 64
     lr: float = 0.2  # peak SGD learning rate, cosine decay after one warm-up epoch
     weight_decay: float = 5e-4
