@@ -33,7 +33,7 @@ def generate_images(
     """
     specs = class_specs(num_classes)
     names = [s.name for s in specs]
-    settings = {
+    settings: dict = {
         "seed": seed,
         "num_classes": num_classes,
         "train_per_class": train_per_class,
@@ -41,6 +41,7 @@ def generate_images(
         "scene": asdict(scene),
         "classes": names,
     }
+    settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back from the marker
     marker = root / IMAGES_MARKER
     if marker.is_file():
         found = json.loads(marker.read_text())

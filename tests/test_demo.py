@@ -1,0 +1,145 @@
+"""The built-in demo dataset: deterministic scenes, ImageNet layout, prepare() end to end."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tl_fast.annotate import annotate, list_images, load_checkpoint
+from tl_fast.cli import build_parser
+from tl_fast.demo import DemoConfig, default_root, prepare
+from tl_fast.demo.annotator import DemoCNN, TrainConfig
+from tl_fast.demo.generate import generate_images
+from tl_fast.demo.scenes import SceneConfig, class_specs, render_scene
+from tl_fast.store import LabelStore
+
+SMALL_SCENE = SceneConfig(min_side=48, max_side=80)
+TINY = DemoConfig(num_classes=3, train_per_class=5, val_per_class=2, scene=SMALL_SCENE,
+                  annotator=TrainConfig(img_size=32, width=4, epochs=1, batch_size=8), topk=2)
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_classes_are_distinct_and_sorted_by_index():
+    specs = class_specs(32)
+    assert len({(s.shape, s.colour) for s in specs}) == 32
+    assert [s.name for s in specs] == sorted(s.name for s in specs)
+    with pytest.raises(ValueError):
+        class_specs(1)
+
+
+def test_scene_is_a_deterministic_jpeg_within_size_bounds():
+    specs = class_specs(8)
+    a = render_scene(7, "train", 3, 11, specs)
+    assert a == render_scene(7, "train", 3, 11, specs)
+    assert a != render_scene(7, "train", 3, 12, specs)
+    assert a != render_scene(8, "train", 3, 11, specs)
+    assert a != render_scene(7, "val", 3, 11, specs)
+    sizes = []
+    for i in range(6):
+        with Image.open(io.BytesIO(render_scene(0, "train", i, i, specs))) as im:
+            assert im.format == "JPEG" and im.mode == "RGB"
+            sizes.append(im.size)
+            assert all(160 <= s <= 400 for s in im.size) and max(im.size) / min(im.size) <= 1.7
+    assert len(set(sizes)) > 1  # sizes and aspect ratios vary
+
+
+def test_scene_contains_the_main_objects_colour():
+    """The labelled class's colour family dominates the rendered objects, not just the background."""
+    specs = class_specs(16)
+    red, yellow = specs[2], specs[8 + 2]  # red triangle, yellow triangle
+    for spec in (red, yellow):
+        with Image.open(io.BytesIO(render_scene(1, "train", spec.index, 0, specs))) as im:
+            hsv = np.asarray(im.convert("HSV"), dtype=np.float32)
+        saturated = hsv[..., 1] > 120
+        hue = hsv[..., 0][saturated] * 360 / 255
+        dist = np.abs((hue - spec.hue + 180) % 360 - 180)
+        assert saturated.mean() > 0.03 and (dist < 25).mean() > 0.3
+
+
+def test_generate_layout_determinism_and_idempotence(tmp_path):
+    kw = dict(num_classes=3, train_per_class=2, val_per_class=1, seed=5, scene=SMALL_SCENE, progress=False)
+    names = generate_images(tmp_path / "a", **kw)
+    generate_images(tmp_path / "b", **kw)
+    assert names == sorted(names) and len(names) == 3
+    for split, n in (("train", 2), ("val", 1)):
+        assert sorted(os.listdir(tmp_path / "a" / split)) == names
+        for c in names:
+            files = sorted(os.listdir(tmp_path / "a" / split / c))
+            assert len(files) == n and all(f.endswith(".jpg") for f in files)
+    digest = _tree_digest(tmp_path / "a")
+    assert digest == _tree_digest(tmp_path / "b")  # same seed, same bytes
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*.jpg")}
+    generate_images(tmp_path / "a", **kw)  # marker found: nothing rewritten
+    assert mtimes == {p: p.stat().st_mtime_ns for p in (tmp_path / "a").rglob("*.jpg")}
+    with pytest.raises(RuntimeError, match="other settings"):
+        generate_images(tmp_path / "a", **{**kw, "seed": 6})
+    assert not list(tmp_path.glob("a/*.tmp"))
+
+
+def test_default_root_honours_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("TL_FAST_DATA", str(tmp_path / "x"))
+    assert default_root() == tmp_path / "x"
+    monkeypatch.delenv("TL_FAST_DATA")
+    assert default_root() == Path.home() / ".cache" / "tl_fast" / "demo"
+
+
+def test_prepare_end_to_end_and_idempotent(tmp_path):
+    paths = prepare(tmp_path / "demo", progress=False, config=TINY)
+    assert paths.root == tmp_path / "demo" and paths.num_classes == 3
+    assert paths.train.is_dir() and paths.val.is_dir() and paths.annotator.is_file()
+    imgs = list_images(paths.train)
+    assert len(imgs) == 15 and imgs.classes == list(paths.classes)
+
+    store = LabelStore.open(paths.labels)
+    assert store.keys == imgs.keys
+    assert (store.num_classes, store.topk, store.map_size) == (3, 2, (4, 4))  # 32 px / stride 8
+    maps = store.read(store.lookup(store.keys))
+    assert maps.values.shape == (15, 2, 4, 4) and int(maps.indices.max()) < 3
+
+    m = paths.manifest
+    assert m["labels"]["map_size"] == [4, 4] and 0.0 <= m["annotator"]["val_top1"] <= 1.0
+    assert json.loads((paths.root / "demo.json").read_text()) == m
+
+    # The store is what the annotate path gives for the saved checkpoint.
+    net = DemoCNN(num_classes=3, width=4)
+    load_checkpoint(net, paths.annotator)
+    annotate(paths.train, tmp_path / "again.tls", model=net, img_size=32, topk=2, num_workers=0, progress=False)
+    again = LabelStore.open(tmp_path / "again.tls").read(np.arange(15))
+    assert torch.equal(again.values, maps.values) and torch.equal(again.indices, maps.indices)
+
+    before = _tree_digest(paths.root)
+    mtimes = {p: p.stat().st_mtime_ns for p in paths.root.rglob("*") if p.is_file()}
+    again_paths = prepare(tmp_path / "demo", progress=False, config=TINY)
+    assert again_paths == paths
+    assert mtimes == {p: p.stat().st_mtime_ns for p in paths.root.rglob("*") if p.is_file()}
+    assert _tree_digest(paths.root) == before
+
+    with pytest.raises(RuntimeError, match="other settings"):
+        prepare(tmp_path / "demo", progress=False, config=DemoConfig(num_classes=3, train_per_class=6,
+                                                                      val_per_class=2, scene=SMALL_SCENE))
+
+
+def test_prepare_resumes_after_losing_the_store(tmp_path):
+    paths = prepare(tmp_path / "demo", progress=False, config=TINY)
+    ckpt_mtime = paths.annotator.stat().st_mtime_ns
+    first = paths.labels.read_bytes()
+    paths.labels.unlink()
+    again = prepare(tmp_path / "demo", progress=False, config=TINY)
+    assert again.labels.read_bytes() == first  # re-annotated, same bytes
+    assert paths.annotator.stat().st_mtime_ns == ckpt_mtime  # the annotator was not retrained
+
+
+def test_cli_registers_demo_prepare():
+    args = build_parser().parse_args(["demo", "prepare", "--data", "/some/dir"])
+    assert args.data == "/some/dir" and callable(args.func)
