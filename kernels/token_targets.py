@@ -122,12 +122,16 @@ def _lanes(values_ptr, indices_ptr, affine_ptr, s, g, r, c, H, W, K, Hf, Wf, GHf
     corner = p % 4
     iy = q // sx
     ix = q % sx
-    syf = sy.to(tl.float64)
-    sxf = sx.to(tl.float64)
+    # Per-row reciprocals: per-lane float64 divisions would dominate the fast path (they differ from
+    # the reference's divisions by an ulp of float64, far below the float32 output).
+    inv_sy = 1.0 / sy.to(tl.float64)
+    inv_sx = 1.0 / sx.to(tl.float64)
+    inv_gh = 1.0 / tl.cast(GHf, tl.float64)
+    inv_gw = 1.0 / tl.cast(GWf, tl.float64)
     h = tl.cast(Hf, tl.float64)
     w = tl.cast(Wf, tl.float64)
-    v = (tl.cast(r, tl.float64) + (iy.to(tl.float64) + 0.5) / syf) / tl.cast(GHf, tl.float64)
-    u = (tl.cast(c, tl.float64) + (ix.to(tl.float64) + 0.5) / sxf) / tl.cast(GWf, tl.float64)
+    v = (tl.cast(r, tl.float64) + (iy.to(tl.float64) + 0.5) * inv_sy) * inv_gh
+    u = (tl.cast(c, tl.float64) + (ix.to(tl.float64) + 0.5) * inv_sx) * inv_gw
     px = (a00 * u + a01 * v + a02) * w - 0.5
     py = (a10 * u + a11 * v + a12) * h - 0.5
     inside = (py >= -1.0) & (py <= h) & (px >= -1.0) & (px <= w)
@@ -152,7 +156,7 @@ def _lanes(values_ptr, indices_ptr, affine_ptr, s, g, r, c, H, W, K, Hf, Wf, GHf
     cy = tl.where(lower, y_hi, y_lo)
     cx = tl.where(right, x_hi, x_lo)
     wgt = tl.where(lower, ly, 1.0 - ly) * tl.where(right, lx, 1.0 - lx)
-    wgt = tl.where(inside, wgt, 0.0) / (syf * sxf)
+    wgt = tl.where(inside, wgt, 0.0) * (inv_sy * inv_sx)
     off = s.to(tl.int64) * (KTOP * H * W) + j * (H * W) + cy * W + cx
     val = tl.load(values_ptr + off, mask=live, other=0.0).to(tl.float32)
     cls = tl.load(indices_ptr + off, mask=live, other=0).to(tl.int32)
