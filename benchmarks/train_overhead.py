@@ -45,16 +45,11 @@ def synthetic_batch(batch: int, img_size: int, grid: tuple[int, int], num_classe
     return (images.to(device), labels.to(device), values.to(device), indices.to(device), affine, box.to(device))
 
 
-def _maps(values, indices):
-    from tl_fast.store import TopKMaps
-    return TopKMaps(values=values, indices=indices)
-
-
 def make_steps(model, batch, num_classes: int, grid, amp: torch.dtype | None, smoothing: float = 0.1
                ) -> dict[str, Callable[[], None]]:
     images, labels, values, indices, affine, box = batch
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
-    maps = _maps(values, indices)
+    maps = (values, indices)  # what TopKMaps holds; no store import (numba-free on a bare GPU machine)
     autocast = (lambda: torch.autocast(images.device.type, dtype=amp)) if amp else nullcontext
 
     def run(loss_fn, mix):

@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import math
 import sys
+import textwrap
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -66,12 +67,15 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    presets = "\n".join(textwrap.fill(f"{k}: " + ", ".join(f"{a}={v}" for a, v in d.items()), 100,
+                                       subsequent_indent="    ") for k, d in PRESETS.items())
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] + " Options left unset take the 'demo' preset without --data and the "
-        "'imagenet' preset (LV-ViT-S recipe) with it: " + "; ".join(
-            f"{k}: " + ", ".join(f"{a}={v}" for a, v in d.items()) for k, d in PRESETS.items()),
+        description=__doc__.split("\n\n")[0] + "\n\nOptions left unset come from --preset: 'demo' without "
+        "--data, 'imagenet' (the LV-ViT-S recipe) with it.\n" + presets,
         formatter_class=_Help, epilog=EPILOG)
     d = p.add_argument_group("data")
+    d.add_argument("--preset", choices=tuple(PRESETS), help="defaults for unset options (default: demo without "
+                   "--data, imagenet with it)")
     d.add_argument("--loader", choices=("dali", "ffcv", "torch"), default="torch",
                    help="image pipeline; ffcv packs a .beton beside the data on first use")
     d.add_argument("--data", help="image root holding train/<class>/* and val/<class>/* (default: demo dataset)")
@@ -121,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset options from the preset; locate (or build) the data."""
-    for key, value in PRESETS["imagenet" if args.data else "demo"].items():
+    args.preset = args.preset or ("imagenet" if args.data else "demo")
+    for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.data is None:
@@ -241,6 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = resolve(build_parser().parse_args(argv))
     dist = setup_distributed(args.device)
     args.amp = args.amp or ("bf16" if dist.device.type == "cuda" else "none")
+    if dist.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(args.seed)
     overrides = {k: v for k, v in dict(depth=args.depth, embed_dim=args.dim, num_heads=args.heads,
                                         patch_size=args.patch_size).items() if v is not None}
@@ -321,18 +329,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _evaluate_both(args, model, ema, val_loader, dist) -> dict:
+    """Model and EMA in one pass over the val split. Token labeling: LV-ViT's rule (cls + 0.5 max
+    token); class-token only: the class head alone (the auxiliary head was never trained)."""
     if val_loader is None:
         return {}
-    amp = torch.bfloat16 if args.amp == "bf16" else None
     model.eval()
-    res = {}
-    for prefix, net in (("", model), ("ema_", ema.module)):
-        # Token labeling: LV-ViT's rule (cls + 0.5 max token); class-token only: the class head alone.
-        predict = net if args.token_label else (lambda x, n=net: n.forward_train(x)[0])
-        metrics = evaluate(predict, val_loader, device=dist.device, amp_dtype=amp,
-                           progress=dist.is_main and not args.no_progress, desc=f"eval {prefix or 'model'}")
-        res.update({prefix + k: v for k, v in metrics.items()})
-    return res
+    nets = {"": model, "ema_": ema.module}
+    predict = {k: (n if args.token_label else (lambda x, n=n: n.forward_train(x)[0])) for k, n in nets.items()}
+    return evaluate(predict, val_loader, device=dist.device, amp_dtype=torch.bfloat16 if args.amp == "bf16" else None,
+                    progress=dist.is_main and not args.no_progress, desc="eval")
 
 
 if __name__ == "__main__":

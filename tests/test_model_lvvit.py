@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tl_fast.models import MODEL_NAMES, create_lvvit, load_checkpoint, lvvit_demo, resize_pos_embed
-from tl_fast.models.lvvit import Attention, mix_tokens
+from tl_fast.models.lvvit import Attention, DropPath, mix_tokens
 
 
 def _count(model: torch.nn.Module) -> int:
@@ -166,3 +166,15 @@ def test_bad_patch_size_is_a_clear_error():
         lvvit_demo(patch_size=7, img_size=63)
     with pytest.raises(ValueError, match="unknown model"):
         create_lvvit("lvvit_xl")
+
+
+def test_drop_path_drops_whole_samples():
+    torch.manual_seed(4)
+    dp = DropPath(0.5)
+    x = torch.ones(4000, 3, 2)
+    y = dp(x)
+    per_sample = y.flatten(1)
+    assert set(per_sample.unique().tolist()) == {0.0, 2.0}
+    assert (per_sample == per_sample[:, :1]).all()  # a sample is kept or dropped as a whole
+    assert abs(y.mean().item() - 1.0) < 0.1
+    assert torch.equal(dp.eval()(x), x)

@@ -105,6 +105,8 @@ def test_evaluate_top1_top5():
     batches = [(torch.arange(3)[:2], labels[:2]), (torch.arange(3)[2:], labels[2:])]
     res = evaluate(lambda idx: logits[idx], batches, device=torch.device("cpu"))
     assert res["top1"] == pytest.approx(100 / 3) and res["top5"] == pytest.approx(200 / 3) and res["count"] == 3
+    both = evaluate({"": lambda idx: logits[idx], "ema_": lambda idx: logits[idx].roll(1, dims=1)}, batches, device=torch.device("cpu"))
+    assert both["top1"] == res["top1"] and both["ema_top1"] == 0.0 and both["ema_count"] == 3
 
 
 def test_logger_and_meter(tmp_path):

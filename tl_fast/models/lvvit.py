@@ -31,7 +31,6 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
 
 __all__ = [
     "LVViT", "ConvPatchEmbed", "Block", "Attention", "Mlp", "default_cfgs", "checkpoint_filter_fn",
@@ -43,6 +42,25 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Blocks
 # --------------------------------------------------------------------------------------------
+
+def trunc_normal_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    """Normal(0, std) truncated at two standard deviations (the ViT initialization)."""
+    return nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a sample's residual branch with probability ``p``, rescale the rest."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
 
 class ConvPatchEmbed(nn.Module):
     """LV-ViT's convolutional patch embedding: ``[B, 3, H, W] -> [B, D, H/p, W/p]``.

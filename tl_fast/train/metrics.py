@@ -7,7 +7,7 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -15,31 +15,40 @@ from .distributed import all_reduce_sum
 
 
 @torch.no_grad()
-def evaluate(predict: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, *, device: torch.device,
-             amp_dtype: torch.dtype | None = None, progress: bool = False, desc: str = "eval") -> dict[str, float]:
+def evaluate(predict: Callable[[torch.Tensor], torch.Tensor] | Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+             loader: Iterable, *, device: torch.device, amp_dtype: torch.dtype | None = None, progress: bool = False,
+             desc: str = "eval") -> dict[str, float]:
     """Top-1 / top-5 accuracy (percent) and mean cross-entropy of ``predict(images)`` over ``loader``.
 
-    Counts are summed over ranks, so each rank may see its own shard. ``loader`` yields objects with
+    ``predict`` may be a mapping ``{prefix: predict}`` (e.g. the model and its EMA): every predictor
+    sees the same batches in one pass over the data, and the result keys carry the prefixes. Counts
+    are summed over ranks, so each rank may see its own shard. ``loader`` yields objects with
     ``.images`` and ``.labels`` (a :class:`tl_fast.TokenLabelLoader` batch) or ``(images, labels)``."""
     from tqdm.auto import tqdm
 
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
+    predictors = dict(predict) if isinstance(predict, Mapping) else {"": predict}
+    # Per predictor: correct@1, correct@5, loss sum, count.
+    totals = {p: torch.zeros(4, dtype=torch.float64, device=device) for p in predictors}
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         images, labels = (batch.images, batch.labels) if hasattr(batch, "images") else batch
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast:
-            logits = predict(images)
-        logits = logits.float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top == labels[:, None]
-        totals += torch.stack([hit[:, 0].sum().double(), hit.any(1).sum().double(),
-                               torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
-                               torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
-    totals = all_reduce_sum(totals).tolist()
-    n = max(totals[3], 1.0)
-    return {"top1": 100.0 * totals[0] / n, "top5": 100.0 * totals[1] / n, "loss": totals[2] / n, "count": int(totals[3])}
+        for prefix, fn in predictors.items():
+            with autocast:
+                logits = fn(images)
+            logits = logits.float()
+            hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+            totals[prefix] += torch.stack([
+                hit[:, 0].sum().double(), hit.any(1).sum().double(),
+                torch.nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
+                torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
+    out: dict[str, float] = {}
+    for prefix, t in totals.items():
+        c1, c5, loss, n = all_reduce_sum(t).tolist()
+        n_ = max(n, 1.0)
+        out.update({prefix + "top1": 100.0 * c1 / n_, prefix + "top5": 100.0 * c5 / n_, prefix + "loss": loss / n_,
+                    prefix + "count": int(n)})
+    return out
 
 
 class JsonlLogger:
