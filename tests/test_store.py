@@ -429,19 +429,21 @@ def test_convert_pt_and_inspect_end_to_end(tmp_path, capsys):
     assert main(["inspect", str(dst), "--verify"]) == 0
     text = capsys.readouterr().out
     assert "records     6" in text and "all 6 records OK" in text and "K=40" in text
-    # lossy, with K inferred
+    # lossy, with K inferred, files loaded by worker processes
     dst2 = tmp_path / "lossy.tls"
-    assert main(["convert-pt", str(src), str(dst2), "--lossy", "--quiet"]) == 0
+    assert main(["convert-pt", str(src), str(dst2), "--lossy", "--quiet", "--workers", "2"]) == 0
     s2 = LabelStore.open(dst2)
-    assert s2.lossy and s2.num_classes == int(i.max()) + 1
+    assert s2.lossy and s2.num_classes == int(i.max()) + 1 and s2.keys == s.keys
+    np.testing.assert_array_equal(s2.read(s2.lookup(keys)).indices.numpy(), i)
     # a corrupted store fails inspect with the file named
     _flip(dst, int(s._offsets[1]) + 20)
     assert main(["inspect", str(dst), "--verify"]) == 1
     assert str(dst) in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad", ["shape", "unreadable", "fractional_ids", "id_range", "not_tensor"])
-def test_convert_pt_names_bad_file(tmp_path, capsys, bad):
+@pytest.mark.parametrize("bad, workers", [("shape", "0"), ("unreadable", "0"), ("fractional_ids", "0"),
+                                         ("id_range", "0"), ("not_tensor", "0"), ("unreadable", "2")])
+def test_convert_pt_names_bad_file(tmp_path, capsys, bad, workers):
     from tl_fast.cli import main
 
     src = tmp_path / "pub"
@@ -462,7 +464,7 @@ def test_convert_pt_names_bad_file(tmp_path, capsys, bad):
     elif bad == "not_tensor":
         torch.save({"a": 1}, target)
     dst = tmp_path / "x.tls"
-    assert main(["convert-pt", str(src), str(dst), "--num-classes", "40", "--quiet"]) == 1
+    assert main(["convert-pt", str(src), str(dst), "--num-classes", "40", "--quiet", "--workers", workers]) == 1
     err = capsys.readouterr().err
     assert "zz_bad.pt" in err
     assert not dst.exists() and os.listdir(tmp_path) == ["pub"]

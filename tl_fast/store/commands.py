@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -51,12 +52,17 @@ def _load_public(path: Path, shape: tuple[int, int, int] | None) -> tuple[np.nda
     return values, ids_f.astype(np.int64)
 
 
+def _load_job(job: tuple[str, tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    return _load_public(Path(job[0]), job[1])
+
+
 def convert_pt(src: str | os.PathLike, dst: str | os.PathLike, *, num_classes: int | None = None,
-               lossy: bool = False, progress: bool = True) -> LabelStore:
+               lossy: bool = False, progress: bool = True, workers: int = 0) -> LabelStore:
     """Convert ``src/<class>/<image>.pt`` files into the store ``dst``; returns the opened store.
 
     Keys are the files' paths relative to ``src`` without the ``.pt`` extension. Without
-    ``num_classes`` it is inferred as the largest class id seen + 1."""
+    ``num_classes`` it is inferred as the largest class id seen + 1. ``workers > 0`` loads the files
+    in that many processes (records are still written in sorted order)."""
     from tqdm.auto import tqdm
 
     root = Path(src)
@@ -69,15 +75,30 @@ def convert_pt(src: str | os.PathLike, dst: str | os.PathLike, *, num_classes: i
     shape = first[0].shape
     source_bytes = sum(p.stat().st_size for p in files)
     meta = {"source": "convert-pt", "src": str(root), "source_bytes": source_bytes, "source_files": len(files)}
-    with StoreWriter(dst, num_classes=num_classes, topk=shape[0], map_size=shape[1:], lossy=lossy,
-                     metadata=meta) as writer:
-        for i, path in enumerate(tqdm(files, unit="file", desc="convert-pt", disable=not progress)):
-            values, ids = first if i == 0 else _load_public(path, shape)
-            key = path.relative_to(root).with_suffix("").as_posix()
-            try:
-                writer.add(key, values, ids)
-            except StoreError as err:
-                raise StoreError(f"{path}: {err}") from None
+    pool = None
+    if workers > 0 and len(files) > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context().Pool(workers)
+        loaded = itertools.chain([first], pool.imap(_load_job, [(str(p), shape) for p in files[1:]], chunksize=64))
+    else:
+        loaded = (first if i == 0 else _load_public(p, shape) for i, p in enumerate(files))
+    try:
+        with StoreWriter(dst, num_classes=num_classes, topk=shape[0], map_size=shape[1:], lossy=lossy,
+                         metadata=meta) as writer:
+            bar = tqdm(total=len(files), unit="file", desc="convert-pt", disable=not progress)
+            with bar:
+                for path, (values, ids) in zip(files, loaded):
+                    key = path.relative_to(root).with_suffix("").as_posix()
+                    try:
+                        writer.add(key, values, ids)
+                    except StoreError as err:
+                        raise StoreError(f"{path}: {err}") from None
+                    bar.update(1)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     return LabelStore.open(dst)
 
 
@@ -145,7 +166,7 @@ def _run(func, name: str, *args, **kwargs) -> int:
 def _convert_cmd(args: argparse.Namespace) -> int:
     def go():
         store = convert_pt(args.src, args.dst, num_classes=args.num_classes, lossy=args.lossy,
-                           progress=not args.quiet)
+                           progress=not args.quiet, workers=args.workers)
         n = len(store)
         src = store.metadata.get("source_bytes", 0)
         print(f"wrote {args.dst}: {n} records, K={store.num_classes}, top-{store.topk}, "
@@ -177,6 +198,7 @@ def register(subparsers) -> None:
     p.add_argument("dst", help="output store file (written atomically)")
     p.add_argument("--num-classes", type=int, default=None, help="K (default: largest class id + 1)")
     p.add_argument("--lossy", action="store_true", help="quantize scores to 8-bit codes (see tl_fast.store.format)")
+    p.add_argument("--workers", type=int, default=0, help="processes loading .pt files (default 0: in process)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_convert_cmd)
 
