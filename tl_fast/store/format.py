@@ -50,10 +50,14 @@ Record (codec version 1), for a map of ``n = k * H * W`` entries in ``[k, H, W]`
     ..  ids: n palette indices of b bits, bit-packed LSB-first into u64 words
     ..  values: for slot j = 0..k-1, H*W codes of bits_j bits, one LSB-first bit stream in u64 words
 
+The ids and values sections are each zero-padded to whole u64 words, so a record is exactly
+``16 + 8k + align8(P * width) + 8 * ceil(n * b / 64) + 8 * ceil(H * W * sum_j bits_j / 64)`` bytes;
+decoders reject any other length.
+
 Values are float16. Each is mapped to its *order key*, a uint16 that sorts like the float
 (``key = bits | 0x8000`` for a clear sign bit, ``key = 0xFFFF - bits`` otherwise; finite values have
-keys in ``[0x0400, 0xFBFF]``). Per slot (top-1 scores, top-2 scores, ...) the keys span
-``[base_j, top_j]``; a value is stored as ``q = (key - base_j) // step_j`` in ``bits_j`` bits and decoded
+keys in ``[0x0400, 0xFBFF]``). Per slot (top-1 scores, top-2 scores, ...) the keys of the record
+span ``[base_j, top_j]`` (their min and max); a value is stored as ``q = (key - base_j) // step_j`` in ``bits_j`` bits and decoded
 as ``key = min(base_j + q * step_j + (step_j - 1) // 2, top_j)``.
 
 * Lossless mode: ``step_j = 1``, so every value is reproduced bit for bit. Scores of one slot vary
