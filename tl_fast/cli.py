@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as err:
-            if err.name != name:  # a real missing dependency inside the module: surface it
+            # Skip a command whose own module is absent; surface a missing dependency inside it.
+            if err.name is None or not (name == err.name or name.startswith(err.name + ".")):
                 raise
             continue
         module.register(sub)
