@@ -33,6 +33,7 @@ class LoaderConfig:
     missing_labels: str = "error"  # or "one_hot": counted fall-back for images without a record
     bad_images: str = "skip"  # or "error": unreadable/truncated files found while indexing
     timeout_s: float = 300.0  # a backend that delivers nothing for this long raises
+    token_labels: bool = True  # False: deliver no maps even when labels are available (plain labels)
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:

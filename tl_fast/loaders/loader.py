@@ -128,7 +128,7 @@ class TokenLabelLoader:
                     raise ValueError(f"{images} packs labels with (K, k, map) = {self._map_geometry} but the store "
                                      f"{labels} has {(store.num_classes, store.topk, store.map_size)}: repack with this store")
             self._packed_labels = self._map_geometry is not None
-            self._backend = FFCVBackend(images, self.config, self.device, with_records=self._packed_labels and train)
+            self._backend = FFCVBackend(images, self.config, self.device, with_records=self._packed_labels and train and self.config.token_labels)
         else:
             if not os.path.isdir(images):
                 raise ValueError(f"backend {backend!r} reads an ImageFolder directory; {images} is not one")
@@ -186,7 +186,7 @@ class TokenLabelLoader:
 
     @property
     def has_token_labels(self) -> bool:
-        return self.config.train and self._map_geometry is not None
+        return self.config.train and self.config.token_labels and self._map_geometry is not None
 
     def __len__(self) -> int:
         return self._num_batches()
