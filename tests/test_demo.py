@@ -17,8 +17,10 @@ from tl_fast.cli import build_parser
 from tl_fast.demo import DemoConfig, default_root, prepare
 from tl_fast.demo.annotator import DemoCNN, TrainConfig
 from tl_fast.demo.generate import generate_images
+from tl_fast.demo.measure import measure
 from tl_fast.demo.scenes import SceneConfig, class_specs, render_scene
 from tl_fast.store import LabelStore
+from tl_fast.store.commands import public_pt_bytes
 
 SMALL_SCENE = SceneConfig(min_side=48, max_side=80)
 TINY = DemoConfig(num_classes=3, train_per_class=5, val_per_class=2, scene=SMALL_SCENE,
@@ -128,6 +130,14 @@ def test_prepare_end_to_end_and_idempotent(tmp_path):
     with pytest.raises(RuntimeError, match="other settings"):
         prepare(tmp_path / "demo", progress=False, config=DemoConfig(num_classes=3, train_per_class=6,
                                                                       val_per_class=2, scene=SMALL_SCENE))
+
+    # The size figures: public files really written, one per image.
+    figures = measure(tmp_path / "demo", progress=False, config=TINY)
+    # torch.save names its zip archive after the file, so real files are a little larger than in memory.
+    assert 15 * public_pt_bytes(2, (4, 4)) <= figures["pt_bytes"] <= 15 * (public_pt_bytes(2, (4, 4)) + 256)
+    assert figures["store_bytes"] == paths.labels.stat().st_size
+    assert 0 < figures["lossy_store_bytes"] <= figures["store_bytes"]
+    assert not [p for p in paths.root.iterdir() if p.name.startswith("tmp")]
 
 
 def test_prepare_resumes_after_losing_the_store(tmp_path):
