@@ -377,18 +377,36 @@ class _Partial:
             os.replace(tmp, meta)
         self.chunks = sorted(folder.glob("part-*.npz"))
 
-    def load(self) -> dict[str, np.ndarray]:
-        parts: dict[str, list[np.ndarray]] = {}
+    def _open(self, path: Path):
+        try:
+            return np.load(path, allow_pickle=False)
+        except Exception as err:
+            raise RuntimeError(f"partial result {path} is unreadable ({err}); pass --restart") from err
+
+    def index(self) -> dict[str, Any]:
+        """Keys, image-level predictions and skip flags of every finished image (maps stay on disk:
+        at ImageNet scale they do not fit in memory)."""
+        parts: dict[str, list[np.ndarray]] = {"keys": [], "pred": [], "skipped": []}
+        map_size = None
         for path in self.chunks:
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    for name in ("keys", "values", "indices", "pred", "skipped"):
-                        parts.setdefault(name, []).append(z[name])
-            except Exception as err:
-                raise RuntimeError(f"partial result {path} is unreadable ({err}); pass --restart") from err
-        if not parts:
-            return {}
-        return {name: np.concatenate(arrs) for name, arrs in parts.items()}
+            with self._open(path) as z:
+                for name in parts:
+                    parts[name].append(z[name])
+                map_size = tuple(int(v) for v in z["values"].shape[-2:])
+        if not self.chunks:
+            return {"keys": [], "map_size": None}
+        out: dict[str, Any] = {name: np.concatenate(arrs) for name, arrs in parts.items()}
+        out["keys"] = [str(k) for k in out["keys"]]
+        out["map_size"] = map_size
+        return out
+
+    def records(self):
+        """``(key, values [k, h, w], indices [k, h, w], skipped)`` of every finished image, in order."""
+        for path in self.chunks:
+            with self._open(path) as z:
+                keys, values, indices, skipped = z["keys"], z["values"], z["indices"], z["skipped"]
+            for i in range(len(keys)):
+                yield str(keys[i]), values[i], indices[i], bool(skipped[i])
 
     def write(self, keys, values, indices, pred, skipped) -> None:
         path = self.folder / f"part-{len(self.chunks):06d}.npz"
@@ -456,9 +474,9 @@ def annotate(
                 "pretrained": pretrained, "data": dcfg, "topk": int(topk), "amp": bool(amp),
                 "root": str(imgs.root.resolve())}
     partial = _Partial(store.with_name(store.name + PARTIAL_SUFFIX), _fingerprint(settings, keys), restart)
-    done = partial.load()
-    n_done = len(done.get("keys", ()))
-    if n_done and list(done["keys"]) != keys[:n_done]:
+    done = partial.index()
+    n_done = len(done["keys"])
+    if n_done and done["keys"] != keys[:n_done]:
         raise RuntimeError(f"{partial.folder} does not match the image list; pass --restart")
 
     mean = torch.tensor(dcfg["mean"], device=dev).view(1, 3, 1, 1) * 255.0
@@ -525,18 +543,17 @@ def annotate(
     flush()
     bar.close()
 
-    res = partial.load()
-    n = len(res["keys"])
-    if list(res["keys"]) != keys:
-        raise RuntimeError(f"partial results in {partial.folder} are incomplete ({n} of {len(keys)}); re-run")
+    res = partial.index()
+    if res["keys"] != keys:
+        raise RuntimeError(f"partial results in {partial.folder} are incomplete ({len(res['keys'])} of "
+                           f"{len(keys)}); re-run")
     skipped = res["skipped"]
     labels = np.asarray(imgs.labels)
     good = ~skipped
     pred = res["pred"]
     top1 = float((pred[good, 0] == labels[good]).mean()) if good.any() else float("nan")
     top5 = float((pred[good] == labels[good, None]).any(1).mean()) if good.any() else float("nan")
-    values, indices = res["values"], res["indices"]
-    map_size = (int(values.shape[-2]), int(values.shape[-1]))
+    map_size = res["map_size"]
     # The store's K is the model's (class-id bounds); a fully resumed run never saw an output.
     k_cls = k_model if k_model is not None else _model_num_classes(dense_net, size, dev)
     if k_cls != len(imgs.classes):
@@ -549,8 +566,9 @@ def annotate(
 
     with StoreWriter(store, num_classes=k_cls, topk=topk, map_size=map_size, lossy=lossy,
                      metadata=metadata) as writer:
-        for i in np.flatnonzero(good):
-            writer.add(keys[i], values[i], indices[i])
+        for key, values, indices, bad in partial.records():
+            if not bad:
+                writer.add(key, values, indices)
     shutil.rmtree(partial.folder, ignore_errors=True)
     return AnnotateResult(store=store, num_images=int(good.sum()), num_classes=k_cls, topk=topk,
                           map_size=map_size, top1=top1, top5=top5,
