@@ -267,6 +267,9 @@ def test_resume_refuses_other_settings_and_restart_discards(tmp_path):
         annotate(root, tmp_path / "s.tls", topk=2, on_batch=interrupt, **kw)
     with pytest.raises(RuntimeError, match="restart"):
         annotate(root, tmp_path / "s.tls", topk=3, **kw)
+    other = DemoCNN(num_classes=3, width=4).eval()  # same settings, other weights: never mixed
+    with pytest.raises(RuntimeError, match="restart"):
+        annotate(root, tmp_path / "s.tls", topk=2, **{**kw, "model": other})
     res = annotate(root, tmp_path / "s.tls", topk=3, restart=True, **kw)
     assert res.resumed == 0 and LabelStore.open(tmp_path / "s.tls").topk == 3
 

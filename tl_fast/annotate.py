@@ -349,11 +349,13 @@ def _fingerprint(settings: dict, keys: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _checkpoint_id(path: str | os.PathLike | None) -> Any:
-    if path is None:
-        return None
-    st = os.stat(path)
-    return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
+def weights_digest(model: nn.Module) -> str:
+    """sha1 of a model's state dict: resuming must never mix maps of two different sets of weights."""
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 class _Partial:
@@ -375,6 +377,8 @@ class _Partial:
             tmp = folder / "meta.json.tmp"
             tmp.write_text(json.dumps({"version": _PARTIAL_VERSION, "fingerprint": fingerprint}))
             os.replace(tmp, meta)
+        for stale in folder.glob("tmp-*.npz"):  # a chunk being written when the run died
+            stale.unlink()
         self.chunks = sorted(folder.glob("part-*.npz"))
 
     def _open(self, path: Path):
@@ -410,7 +414,7 @@ class _Partial:
 
     def write(self, keys, values, indices, pred, skipped) -> None:
         path = self.folder / f"part-{len(self.chunks):06d}.npz"
-        tmp = self.folder / f"part-{len(self.chunks):06d}.tmp.npz"
+        tmp = self.folder / f"tmp-{len(self.chunks):06d}.npz"  # not matched by part-*.npz if we die here
         np.savez(tmp, keys=np.asarray(keys, dtype=str), values=values, indices=indices, pred=pred,
                  skipped=np.asarray(skipped, dtype=bool))
         os.replace(tmp, path)
@@ -470,7 +474,7 @@ def annotate(
     size = dcfg["img_size"]
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dense_net = DenseClassifier(net).to(dev)
-    settings = {"model": model_name, "checkpoint": _checkpoint_id(checkpoint), "num_classes": num_classes,
+    settings = {"model": model_name, "weights": weights_digest(net), "num_classes": num_classes,
                 "pretrained": pretrained, "data": dcfg, "topk": int(topk), "amp": bool(amp),
                 "root": str(imgs.root.resolve())}
     partial = _Partial(store.with_name(store.name + PARTIAL_SUFFIX), _fingerprint(settings, keys), restart)
