@@ -18,7 +18,8 @@ from tl_fast.demo import DemoConfig, default_root, prepare
 from tl_fast.demo.annotator import DemoCNN, TrainConfig
 from tl_fast.demo.generate import generate_images
 from tl_fast.demo.measure import measure
-from tl_fast.demo.scenes import SceneConfig, class_specs, render_scene
+from tl_fast.demo.measure import crop_statistics
+from tl_fast.demo.scenes import SceneConfig, class_specs, render_scene, scene_layout
 from tl_fast.store import LabelStore
 from tl_fast.store.commands import public_pt_bytes
 
@@ -54,6 +55,28 @@ def test_scene_is_a_deterministic_jpeg_within_size_bounds():
             sizes.append(im.size)
             assert all(160 <= s <= 400 for s in im.size) and max(im.size) / min(im.size) <= 1.7
     assert len(set(sizes)) > 1  # sizes and aspect ratios vary
+
+
+def test_layout_main_object_inside_and_drawn_last():
+    for i in range(20):
+        lay = scene_layout(3, "train", i % 5, i, 5)
+        main = lay.objects[-1]
+        assert main.main and main.label == i % 5 and not any(o.main for o in lay.objects[:-1])
+        assert 2 <= len(lay.objects) - 1 <= 4 and all(o.label != main.label for o in lay.objects[:-1])
+        assert main.size / 2 <= main.cx <= lay.width - main.size / 2
+        assert main.size / 2 <= main.cy <= lay.height - main.size / 2
+        assert all(o.size < main.size for o in lay.objects[:-1])
+
+
+def test_random_resized_crops_often_miss_the_main_object():
+    """The point of the demo: image-level labels are often wrong for a crop."""
+    stats = crop_statistics(DemoConfig(num_classes=8, train_per_class=10), epochs=2)
+    assert 0.15 < stats["main_under_half"] < 0.7
+    assert 0.0 < stats["main_missed"] < stats["main_under_half"]
+    assert stats["distractor_caught"] > 0.3 and stats["distractor_dominates"] > 0.05
+    full = crop_statistics(DemoConfig(num_classes=8, train_per_class=10), epochs=2, scale=(1.0, 1.0))
+    assert full["main_missed"] == 0.0  # whole-image crops always hold the whole main object
+    assert full["main_under_half"] == 0.0
 
 
 def test_scene_contains_the_main_objects_colour():
@@ -148,6 +171,19 @@ def test_prepare_resumes_after_losing_the_store(tmp_path):
     again = prepare(tmp_path / "demo", progress=False, config=TINY)
     assert again.labels.read_bytes() == first  # re-annotated, same bytes
     assert paths.annotator.stat().st_mtime_ns == ckpt_mtime  # the annotator was not retrained
+
+
+def test_prepare_rebuilds_data_of_an_older_generator(tmp_path):
+    paths = prepare(tmp_path / "demo", progress=False, config=TINY)
+    for name in ("images.json", "demo.json"):
+        meta = json.loads((paths.root / name).read_text())
+        meta["generator"] = 1
+        (paths.root / name).write_text(json.dumps(meta))
+    jpg = next(paths.train.rglob("*.jpg"))
+    jpg.write_bytes(b"stale")
+    again = prepare(tmp_path / "demo", progress=False, config=TINY)
+    assert jpg.read_bytes()[:2] == b"\xff\xd8"  # regenerated
+    assert again.manifest["generator"] == json.loads((paths.root / "images.json").read_text())["generator"] > 1
 
 
 def test_cli_registers_demo_prepare():

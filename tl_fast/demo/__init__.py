@@ -15,13 +15,16 @@ atomically), so an interrupted ``prepare`` resumes at the step it was in.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .annotator import TrainConfig
-from .scenes import SceneConfig
+from .generate import IMAGES_MARKER
+from .scenes import GENERATOR_VERSION, SceneConfig
 
 MANIFEST = "demo.json"
 _MANIFEST_VERSION = 1
@@ -76,54 +79,85 @@ def prepare(root: str | os.PathLike | None = None, *, progress: bool = True,
         config: dataset / annotator settings (default :class:`DemoConfig`); a directory made with
             other settings is an error, never silently mixed.
     """
+    config = config or DemoConfig()
+    root = Path(root).expanduser() if root is not None else default_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".prepare.lock"):  # two processes preparing the same folder: one waits
+        return _prepare(root, config, progress)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock
+        yield
+        return
+    with open(path, "a") as f:  # "a": never truncates, so the lock file's mtime stays put
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare(root: Path, config: DemoConfig, progress: bool) -> DemoPaths:
     import torch
 
     from ..annotate import annotate, load_checkpoint
     from .annotator import DemoCNN, train_annotator
     from .generate import generate_images
 
-    config = config or DemoConfig()
-    root = Path(root).expanduser() if root is not None else default_root()
     settings = json.loads(json.dumps(asdict(config)))  # tuples -> lists, as read back from JSON
     manifest_path = root / MANIFEST
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("config") != settings or manifest.get("version") != _MANIFEST_VERSION:
+        if manifest.get("config") == settings and manifest.get("generator") != GENERATOR_VERSION:
+            manifest = {}  # made by an older generator: rebuilt below, step by step
+        elif manifest.get("config") != settings or manifest.get("version") != _MANIFEST_VERSION:
             raise RuntimeError(f"{root} holds demo data made with other settings ({manifest_path}); pass another "
                                "directory (--data / TL_FAST_DATA) or delete this one")
-        paths = _paths(root, config, manifest["classes"], manifest)
-        missing = [p for p in (paths.train, paths.val, paths.labels, paths.annotator) if not p.exists()]
-        if not missing:
-            return paths
-        manifest_path.unlink()  # something was deleted: rebuild what is missing
+        if manifest:
+            paths = _paths(root, config, manifest["classes"], manifest)
+            if all(p.exists() for p in (paths.train, paths.val, paths.labels, paths.annotator)):
+                return paths
+        manifest_path.unlink()  # stale, or something was deleted: rebuild what is needed
 
     classes = generate_images(root, num_classes=config.num_classes, train_per_class=config.train_per_class,
                               val_per_class=config.val_per_class, seed=config.seed, scene=config.scene,
                               progress=progress)
     paths = _paths(root, config, classes, {})
+    # Identifies the exact images (settings + generator version): the annotator and the store
+    # are reused only when made from these.
+    data_id = hashlib.sha1((root / IMAGES_MARKER).read_bytes()).hexdigest()[:16]
 
     ann_cfg = config.annotator
     info = None
     if paths.annotator.is_file():
         saved = torch.load(paths.annotator, map_location="cpu", weights_only=True)
-        if saved.get("config") == asdict(ann_cfg) and saved.get("classes") == list(classes):
+        if (saved.get("config") == asdict(ann_cfg) and saved.get("classes") == list(classes)
+                and saved.get("data_id") == data_id):
             info = {k: v for k, v in saved.items() if k != "model"}
     if info is None:
-        info = train_annotator(paths.train, paths.val, classes, paths.annotator, ann_cfg, progress=progress)
+        info = train_annotator(paths.train, paths.val, classes, paths.annotator, ann_cfg, progress=progress,
+                               extra={"data_id": data_id})
 
     # The label store, through the annotate code path (same as `tl-fast annotate ... --model
     # tl_fast.demo.annotator:demo_cnn --checkpoint annotator.pt --img-size 96` for the default width).
-    labels = _existing_labels(paths.labels, config, info)
+    labels = _existing_labels(paths.labels, config, info, data_id)
     if labels is None:
         net = DemoCNN(num_classes=len(classes), width=ann_cfg.width)
         load_checkpoint(net, paths.annotator)
         result = annotate(paths.train, paths.labels, model=net, img_size=ann_cfg.img_size, topk=config.topk,
                           batch_size=128, num_workers=0, device="cpu", progress=progress,
-                          metadata={"demo": {"val_top1": info["val_acc"], "seed": config.seed}})
+                          metadata={"demo": {"val_top1": info["val_acc"], "seed": config.seed,
+                                              "data_id": data_id}})
         labels = {"map_size": list(result.map_size), "topk": result.topk, "num_classes": result.num_classes,
                   "annotate_train_top1": result.top1, "annotate_train_top5": result.top5}
     manifest = {
         "version": _MANIFEST_VERSION,
+        "generator": GENERATOR_VERSION,
+        "data_id": data_id,
         "config": settings,
         "classes": list(classes),
         "num_train": config.num_classes * config.train_per_class,
@@ -141,7 +175,7 @@ def prepare(root: str | os.PathLike | None = None, *, progress: bool = True,
     return _paths(root, config, classes, manifest)
 
 
-def _existing_labels(path: Path, config: DemoConfig, info: dict) -> dict | None:
+def _existing_labels(path: Path, config: DemoConfig, info: dict, data_id: str) -> dict | None:
     """The finished label store of an interrupted ``prepare`` (made by this annotator), or None."""
     from ..store import LabelStore, StoreError
 
@@ -151,6 +185,7 @@ def _existing_labels(path: Path, config: DemoConfig, info: dict) -> dict | None:
         with LabelStore.open(path) as store:
             meta = store.metadata.get("annotator", {})
             if (len(store) != config.num_classes * config.train_per_class or store.topk != config.topk
+                    or store.metadata.get("demo", {}).get("data_id") != data_id
                     or store.metadata.get("demo", {}).get("val_top1") != info["val_acc"]):
                 return None
             return {"map_size": list(store.map_size), "topk": store.topk, "num_classes": store.num_classes,

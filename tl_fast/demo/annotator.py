@@ -143,8 +143,10 @@ def train_annotator(
     cfg: TrainConfig = TrainConfig(),
     *,
     progress: bool = True,
+    extra: dict | None = None,
 ) -> dict:
-    """Train the demo CNN and save ``{"model", "config", "classes", "val_acc", "train_acc"}`` atomically.
+    """Train the demo CNN and save ``{"model", "config", "classes", "val_acc", "train_acc", **extra}``
+    atomically.
 
     Deterministic for a given seed and thread count on the CPU. Returns the saved dict (minus weights).
     """
@@ -192,6 +194,7 @@ def train_annotator(
         "val_acc": evaluate(model, x_val, y_val),
         "train_acc": evaluate(model, x_train, y_train),
         "train_seconds": round(seconds, 1),
+        **(extra or {}),
     }
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     tmp = checkpoint.with_name(checkpoint.name + ".tmp")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .scenes import SceneConfig, class_specs, render_scene
+from .scenes import GENERATOR_VERSION, SceneConfig, class_specs, render_scene
 
 IMAGES_MARKER = "images.json"
 
@@ -24,7 +24,8 @@ def generate_images(
     scene: SceneConfig = SceneConfig(),
     progress: bool = True,
 ) -> list[str]:
-    """Generate the images under ``root`` unless a matching ``images.json`` marker says they exist.
+    """Generate the images under ``root`` unless a matching ``images.json`` marker says they exist
+    (images of an older generator version with the same settings are replaced).
 
     Files are written to ``root/train.tmp`` / ``root/val.tmp`` and renamed into place only when
     complete, so an interrupted run leaves nothing that looks finished. Returns the class names.
@@ -34,6 +35,7 @@ def generate_images(
     specs = class_specs(num_classes)
     names = [s.name for s in specs]
     settings: dict = {
+        "generator": GENERATOR_VERSION,
         "seed": seed,
         "num_classes": num_classes,
         "train_per_class": train_per_class,
@@ -45,12 +47,14 @@ def generate_images(
     marker = root / IMAGES_MARKER
     if marker.is_file():
         found = json.loads(marker.read_text())
-        if found != settings:
+        if found == settings:
+            return names
+        if {**found, "generator": GENERATOR_VERSION} != settings:
             raise RuntimeError(
                 f"{root} holds demo images made with other settings ({marker}); "
                 "pass another --data directory or delete this one"
             )
-        return names
+        marker.unlink()  # same settings, older generator: rebuild
 
     root.mkdir(parents=True, exist_ok=True)
     jobs = [(split, label, i) for split, n in (("train", train_per_class), ("val", val_per_class))

@@ -23,6 +23,48 @@ def _disk_usage(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
+def crop_statistics(config=None, *, epochs: int = 4, scale: tuple[float, float] = (0.08, 1.0)) -> dict:
+    """How often the training recipe's random resized crop (the plan's, timm's default scale) misses
+    the labelled object or is dominated by a distractor, from the scenes' known layouts.
+
+    Object regions are their square boxes (centre +- side / 2). Returns fractions over
+    ``epochs`` x train images: ``main_under_half`` (the crop holds < 50% of the main object's box),
+    ``main_missed`` (0%), ``distractor_caught`` (some distractor box >= 50% inside the crop) and
+    ``distractor_dominates`` (more distractor than main-object area inside the crop).
+    """
+    from ..plan import random_resized_crop
+    from . import DemoConfig
+    from .scenes import scene_layout
+
+    config = config or DemoConfig()
+    layouts = [scene_layout(config.seed, "train", c, i, config.num_classes, config.scene)
+               for c in range(config.num_classes) for i in range(config.train_per_class)]
+    sizes = np.array([(lay.height, lay.width) for lay in layouts])
+    counts = dict.fromkeys(("main_under_half", "main_missed", "distractor_caught", "distractor_dominates"), 0)
+    for epoch in range(epochs):
+        crops = random_resized_crop(config.seed, epoch, np.arange(len(layouts)), sizes, scale=scale)
+        for lay, (top, left, ch, cw) in zip(layouts, crops):
+            main_in = main_area = distractor_in = 0.0
+            caught = False
+            for o in lay.objects:
+                half = o.size / 2
+                ix = max(0.0, min(o.cx + half, left + cw) - max(o.cx - half, left))
+                iy = max(0.0, min(o.cy + half, top + ch) - max(o.cy - half, top))
+                inside = ix * iy
+                if o.main:
+                    main_in = inside / (o.size * o.size)
+                    main_area = inside
+                else:
+                    distractor_in += inside
+                    caught |= inside >= 0.5 * o.size * o.size
+            counts["main_under_half"] += int(main_in < 0.5)
+            counts["main_missed"] += int(main_in == 0.0)
+            counts["distractor_caught"] += int(caught)
+            counts["distractor_dominates"] += int(distractor_in > main_area)
+    n = epochs * len(layouts)
+    return {k: v / n for k, v in counts.items()}
+
+
 def measure(data: str | os.PathLike | None = None, *, progress: bool = True, config=None) -> dict:
     """Prepare (or find) the demo data (``config``: a :class:`~tl_fast.demo.DemoConfig`) and return
     its figures."""
@@ -58,6 +100,7 @@ def measure(data: str | os.PathLike | None = None, *, progress: bool = True, con
         lossy_vals = LabelStore.open(lossy).read(np.arange(n)).values.float()
         out["lossy_max_abs_err"] = float((lossy_vals - maps.values.float()).abs().max())
     out.update(pt_bytes=pt_bytes, pt_disk_bytes=pt_disk)
+    out["crops"] = crop_statistics(config)
     return out
 
 
@@ -80,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             (f"tl_fast store, lossy (max abs error {r['lossy_max_abs_err']:.3g})", r["lossy_store_bytes"])]
     for name, b in rows:
         print(f"| {name} | {b:,} | {b / n:,.0f} | {100 * b / r['pt_bytes']:.1f}% |")
+    c = r["crops"]
+    print(f"random resized crops (scale 0.08-1, 4 epochs): {100 * c['main_under_half']:.1f}% hold under half of "
+          f"the main object ({100 * c['main_missed']:.1f}% none of it), {100 * c['distractor_caught']:.1f}% hold "
+          f"at least half of a distractor, {100 * c['distractor_dominates']:.1f}% show more distractor than "
+          "main object")
     return 0
 
 

@@ -25,6 +25,8 @@ COLOURS = (("red", 0.0), ("yellow", 52.0), ("green", 125.0), ("blue", 220.0),
            ("purple", 285.0), ("orange", 25.0), ("cyan", 180.0), ("pink", 325.0))
 TEXTURES = ("solid", "stripes", "dots", "checker")
 SPLITS = {"train": 1, "val": 2}
+# Bumped whenever the rendering changes, so cached demo data from an older generator is rebuilt.
+GENERATOR_VERSION = 2
 
 _SUPERSAMPLE = 2  # shape masks are drawn at 2x and downsampled: soft, anti-aliased edges
 
@@ -200,33 +202,64 @@ class SceneConfig:
     jpeg_quality: int = 90
 
 
+@dataclass(frozen=True)
+class SceneObject:
+    """One object of a scene: class, centre and side in pixels; ``main`` for the labelled one."""
+
+    label: int
+    cx: float
+    cy: float
+    size: int
+    main: bool
+
+
+@dataclass(frozen=True)
+class SceneLayout:
+    """Image size and objects in drawing order (distractors first, the main object last)."""
+
+    width: int
+    height: int
+    objects: tuple[SceneObject, ...]
+
+
+def scene_layout(seed: int, split: str, label: int, index: int, num_classes: int,
+                 cfg: SceneConfig = SceneConfig()) -> SceneLayout:
+    """Where the objects of a scene go. Its own random stream, so it is known without rendering."""
+    rng = np.random.default_rng([seed, SPLITS[split], label, index, 0])
+    while True:  # image size: each side in [min_side, max_side], aspect bounded
+        w, h = (int(v) for v in rng.integers(cfg.min_side, cfg.max_side + 1, size=2))
+        if max(w, h) / min(w, h) <= cfg.max_aspect:
+            break
+    short = min(w, h)
+    main_size = int(short * rng.uniform(*cfg.main_scale))
+    # Main object anywhere, fully inside the frame.
+    mcx = float(rng.uniform(main_size / 2, w - main_size / 2))
+    mcy = float(rng.uniform(main_size / 2, h - main_size / 2))
+    others = [c for c in range(num_classes) if c != label]
+    objects = []
+    for _ in range(int(rng.integers(cfg.distractors[0], cfg.distractors[1] + 1))):
+        other = others[int(rng.integers(len(others)))]
+        size = max(12, int(short * rng.uniform(*cfg.distractor_scale)))
+        for _try in range(8):  # keep distractor centres off the main object (they may overlap its edge)
+            cx, cy = float(rng.uniform(0, w)), float(rng.uniform(0, h))
+            if max(abs(cx - mcx), abs(cy - mcy)) > 0.5 * (main_size + size) * 0.8:
+                break
+        objects.append(SceneObject(other, cx, cy, size, False))
+    objects.append(SceneObject(label, mcx, mcy, main_size, True))  # drawn last: never hidden
+    return SceneLayout(w, h, tuple(objects))
+
+
 def render_scene(seed: int, split: str, label: int, index: int, specs: list[ClassSpec],
                  cfg: SceneConfig = SceneConfig()) -> bytes:
     """JPEG bytes of one scene whose main object is class ``label``.
 
     Deterministic in ``(seed, split, label, index)`` and the class list.
     """
-    rng = np.random.default_rng([seed, SPLITS[split], label, index])
-    while True:  # image size: each side in [min_side, max_side], aspect bounded
-        w, h = (int(v) for v in rng.integers(cfg.min_side, cfg.max_side + 1, size=2))
-        if max(w, h) / min(w, h) <= cfg.max_aspect:
-            break
-    img = _background(h, w, rng)
-    short = min(w, h)
-    main_size = int(short * rng.uniform(*cfg.main_scale))
-    # Main object anywhere, fully inside the frame.
-    mcx = rng.uniform(main_size / 2, w - main_size / 2)
-    mcy = rng.uniform(main_size / 2, h - main_size / 2)
-    others = [s for s in specs if s.index != label]
-    for _ in range(int(rng.integers(cfg.distractors[0], cfg.distractors[1] + 1))):
-        spec = others[int(rng.integers(len(others)))]
-        size = max(12, int(short * rng.uniform(*cfg.distractor_scale)))
-        for _try in range(8):  # keep distractor centres off the main object (they may overlap its edge)
-            cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-            if max(abs(cx - mcx), abs(cy - mcy)) > 0.5 * (main_size + size) * 0.8:
-                break
-        _paste(img, spec, cx, cy, size, rng)
-    _paste(img, specs[label], mcx, mcy, main_size, rng)  # drawn last: the main object is never hidden
+    layout = scene_layout(seed, split, label, index, len(specs), cfg)
+    rng = np.random.default_rng([seed, SPLITS[split], label, index, 1])  # appearance stream
+    img = _background(layout.height, layout.width, rng)
+    for obj in layout.objects:
+        _paste(img, specs[obj.label], obj.cx, obj.cy, obj.size, rng)
     out = Image.fromarray((np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
     buf = io.BytesIO()
     out.save(buf, format="JPEG", quality=cfg.jpeg_quality)
