@@ -351,19 +351,22 @@ def _token_rows_kernel(
     lse_ptr,       # MODE 1 writes, MODE 2 reads: [B, 1 + T] logsumexp of each logits row
     gout_ptr,      # MODE 2: [] upstream gradient
     scratch_ptr,   # [n_prog, 2, K] float32 (uninitialized; zeroed per use)
+    counter_ptr,   # [1] int32, zero: the next row to take
     B, K, H, W, GH, GW, n_rows, n_prog,
     Hf, Wf, GHf, GWf, Kf, smoothing, cls_w, tok_w,
     KTOP: tl.constexpr, MODE: tl.constexpr, MIX: tl.constexpr,
     NT0: tl.constexpr, NT1: tl.constexpr, NT2: tl.constexpr,
     BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, PB: tl.constexpr, EPS: tl.constexpr, MAX_S: tl.constexpr,
 ):
-    """Persistent over rows: rows [0, B) are class tokens, then tokens of sample 0, 1, ... ."""
+    """Persistent over rows: rows [0, B) are class tokens, then tokens of sample 0, 1, ... . Rows
+    are taken from an atomic counter, so programs that drew a (long) class row take fewer tokens."""
     pid = tl.program_id(0)
     T = GH * GW
     one = Hf * 0.0 + 1.0  # runtime 1.0 / 0 (literals would become constexpr inside the helpers)
     zero = pid * 0
     scr = scratch_ptr + pid.to(tl.int64) * (2 * K)
-    for row in range(pid, n_rows, n_prog):
+    row = tl.atomic_add(counter_ptr, 1)
+    while row < n_rows:
         is_cls = row < B
         rr = tl.maximum(row - B, 0)
         b = tl.where(is_cls, row, rr // T)
@@ -424,6 +427,7 @@ def _token_rows_kernel(
                              GHf, GWf, Kf, smoothing, scr, out_ptr + orow * K, tok_ptr + trow,
                              gtok_ptr + trow, loss_ptr + orow, lse_ptr + orow, tok_w, gout_ptr,
                              KTOP, EPS, MAX_S, MODE, False, BLOCK_K, CHUNK)
+        row = tl.atomic_add(counter_ptr, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -533,7 +537,7 @@ def launch_rows(
         cls_logits if cls_logits is not None else dummy, token_logits if token_logits is not None else dummy,
         grad_cls if grad_cls is not None else dummy, grad_tok if grad_tok is not None else dummy,
         row_loss if row_loss is not None else dummy, lse if lse is not None else dummy,
-        grad_out if grad_out is not None else dummy, scratch,
+        grad_out if grad_out is not None else dummy, scratch, torch.zeros(1, dtype=torch.int32, device=device),
         bsz, num_classes, h, w, gh, gw, n_rows, n_prog,
         float(h), float(w), float(gh), float(gw), float(num_classes), float(smoothing), float(cls_w), float(tok_w),
         KTOP=topk, MODE=mode, MIX=mix.mode, NT0=nt0, NT1=nt1, NT2=nt2, BLOCK_K=block_k, CHUNK=CHUNK, PB=PAIR_BLOCK,
