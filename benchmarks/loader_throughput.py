@@ -146,7 +146,8 @@ def main(argv=None) -> None:
 
     from timm.data import create_transform
 
-    transform = create_transform(args.image_size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
+    # mmax9: Pillow >= 10 rejects timm's posterize to 0 bits (magnitude 10); capping at 9 avoids it.
+    transform = create_transform(args.image_size, is_training=True, auto_augment="rand-m9-mstd0.5-mmax9-inc1",
                                  interpolation="bilinear", re_prob=0.25, re_mode="pixel", re_count=1)
     public = PublicDataset(index, public_dir, transform)
 
