@@ -58,6 +58,11 @@ for name, value, target in rows:
 ok = r["targets_max_abs_err"]["triton_f32"] <= 1e-5 and r["loss_rel_err"] <= 1e-4
 sys.exit(0 if ok else 1)
 EOF
+if [ "${GPU_CHECK_SWEEP:-0}" = 1 ]; then  # optional tuning run: every launch shape, about 3 minutes more
+    echo "== Launch-shape sweep"
+    timeout 400 "$PY" benchmarks/kernel_throughput.py --sweep --json "$OUT_DIR/kernel_sweep.json" 2>&1 \
+        | tee "$OUT_DIR/sweep.log" | grep -E "sweep:|Triton float32"
+fi
 # (trainer: append the train-overhead line below)
 echo "== Training-step overhead of token labeling (LV-ViT-S, B=128, bf16; target fused <= 1.03x cls-only)"
 timeout 300 "$PY" benchmarks/train_overhead.py --device cuda --rounds 20 --json "$OUT_DIR/train_overhead.json" 2>&1 \

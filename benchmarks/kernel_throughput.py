@@ -17,6 +17,7 @@ Times are ``triton.testing.do_bench`` medians (20th / 80th percentiles alongside
 targets: targets >= 50x the public path and <= 2x the floor; fused loss <= 1.3x cross-entropy.
 
     python benchmarks/kernel_throughput.py                     # CUDA
+    python benchmarks/kernel_throughput.py --sweep             # + every launch shape (tuning)
     python benchmarks/kernel_throughput.py --device cpu --small  # interpreter smoke run of the same code
     python benchmarks/label_throughput.py --device cuda        # the same, via the label benchmark
 """
@@ -155,8 +156,31 @@ def run(args) -> dict:
         "targets_vs_floor": res["floor_ratio_f32"] <= FLOOR_RATIO_TARGET,
         "loss_vs_ce": res["loss_ratio_vs_ce"] <= LOSS_RATIO_TARGET,
     }
+    if getattr(args, "sweep", False):
+        res["sweep"] = sweep_launch_shapes(bench, triton_f32, fused, floor_f32, times["loss_plain_ce"]["median"])
     _print(res, args)
     return res
+
+
+def sweep_launch_shapes(bench, targets_fn, loss_fn, floor: float, ce: float) -> list[dict]:
+    """Time the Triton targets and fused loss for each launch shape (warps x programs per SM); the
+    results do not depend on it. Prints one line per shape; restores the defaults afterwards."""
+    from tl_fast.kernels import token_targets as tt
+
+    default = (tt.NUM_WARPS, tt.PROGRAMS_PER_SM)
+    out = []
+    try:
+        for warps in (1, 2, 4, 8):
+            for per_sm in (2, 4, 8, 16):
+                tt.NUM_WARPS, tt.PROGRAMS_PER_SM = warps, per_sm
+                t = bench(targets_fn)["median"]
+                loss = bench(loss_fn)["median"]
+                out.append({"warps": warps, "programs_per_sm": per_sm, "targets_s": t, "loss_s": loss})
+                print(f"  sweep: warps {warps} programs/SM {per_sm:>2}: targets {t * 1e3:.3f} ms "
+                      f"({t / floor:.2f}x floor), fused loss {loss * 1e3:.3f} ms ({loss / ce:.2f}x CE)")
+    finally:
+        tt.NUM_WARPS, tt.PROGRAMS_PER_SM = default
+    return out
 
 
 def _print(res: dict, args) -> None:
@@ -204,6 +228,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--smoothing", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time every launch shape (TL_FAST_KERNEL_WARPS x TL_FAST_PROGRAMS_PER_SM)")
     args = parser.parse_args(argv)
     if args.small:
         args.batch_size, args.num_classes, args.map_size, args.grid, args.repeats = 4, 50, 7, 3, 2

@@ -40,6 +40,7 @@ float64 exactly as ``tl_fast.ops.reference``; scores accumulate in float32. Clas
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -54,10 +55,12 @@ EXTENT_EPS = 1e-4
 # augmentation); it keeps lane indices inside int32.
 MAX_SAMPLES_PER_AXIS = 1024
 
-# Launch shape, from compiling for sm_90 (ptxas -v): about 160 registers per thread at 4 warps,
-# i.e. 3 resident programs per SM; the persistent grid keeps a few more queued for the tail.
-NUM_WARPS = 4
-PROGRAMS_PER_SM = 4
+# Launch shape, from compiling for sm_90 without a GPU at hand (ptxas -v): 128-168 registers per
+# thread at 4 warps, i.e. 3-4 resident programs per SM; rows come from an atomic counter, so extra
+# programs only wait. Both can be overridden (TL_FAST_KERNEL_WARPS, TL_FAST_PROGRAMS_PER_SM) or
+# swept on a GPU with ``benchmarks/kernel_throughput.py --sweep``; they never change the results.
+NUM_WARPS = int(os.environ.get("TL_FAST_KERNEL_WARPS", "4"))
+PROGRAMS_PER_SM = int(os.environ.get("TL_FAST_PROGRAMS_PER_SM", "4"))
 CHUNK = 512  # general-path lanes per step (the class row has Sy * Sx * 4 * k lanes, ~3k at 224 px)
 PAIR_BLOCK = 16  # fast path: other-lane chunk of the all-pairs comparison
 
