@@ -147,7 +147,7 @@ def solarize(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 
 def solarize_add(x: torch.Tensor, add: torch.Tensor, threshold: float = 128.0) -> torch.Tensor:
     a = add.view(-1, 1, 1, 1).to(x.dtype)
-    return torch.where(x < threshold, (x + a).clamp(max=255), x)
+    return (x + a * (x < threshold)).clamp_(max=255)
 
 
 def color(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -164,13 +164,11 @@ def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """PIL ``ImageEnhance.Sharpness``: blend with the SMOOTH filter (3x3, centre 5, total 13, rounded);
-    border pixels of the filtered image are the original's, as in PIL."""
-    n, c, h, w = x.shape
-    kernel = torch.ones(3, 3, dtype=x.dtype, device=x.device)
-    kernel[1, 1] = 5.0
-    kernel = (kernel / 13.0).expand(c, 1, 3, 3)
-    smooth = torch.floor(F.conv2d(x, kernel, groups=c) + 0.5).clamp_(0, 255)
+    """PIL ``ImageEnhance.Sharpness``: blend with the SMOOTH filter (3x3 ones, centre 5, total 13,
+    rounded); border pixels of the filtered image are the original's, as in PIL. The 3x3 sum is an
+    average pool (much faster than a depthwise convolution on CPU)."""
+    box9 = F.avg_pool2d(x, 3, stride=1) * 9.0
+    smooth = torch.floor((box9 + 4.0 * x[:, :, 1:-1, 1:-1]) / 13.0 + 0.5).clamp_(0, 255)
     degenerate = x.clone()
     degenerate[:, :, 1:-1, 1:-1] = smooth
     return _blend(degenerate, x, factor)
@@ -246,22 +244,27 @@ def erase_boxes(seed: int, epoch: int, indices: np.ndarray, size: tuple[int, int
 
 
 def random_erase(x: torch.Tensor, boxes: np.ndarray, noise_seed: int) -> torch.Tensor:
-    """Replace each box of ``x [B, C, H, W]`` (normalized) by standard normal noise, per pixel."""
+    """Replace each box of ``x [B, C, H, W]`` (normalized) by standard normal noise, per pixel.
+
+    Only the erased pixels' noise is drawn (the count is known on the host: no device sync)."""
     sel = np.flatnonzero(boxes[:, 2] > 0)
     if len(sel) == 0:
         return x
     dev = x.device
     idx = torch.from_numpy(sel).to(dev)
     b = torch.from_numpy(boxes[sel]).to(dev)
-    n, (c, h, w) = len(sel), x.shape[1:]
+    c, h, w = x.shape[1:]
     ys = torch.arange(h, device=dev).view(1, h, 1)
     xs = torch.arange(w, device=dev).view(1, 1, w)
     inside = ((ys >= b[:, 0, None, None]) & (ys < (b[:, 0] + b[:, 2])[:, None, None])
               & (xs >= b[:, 1, None, None]) & (xs < (b[:, 1] + b[:, 3])[:, None, None])).unsqueeze(1)
+    count = int((boxes[sel, 2] * boxes[sel, 3]).sum()) * c
     gen = torch.Generator(device=dev)
     gen.manual_seed(int(noise_seed) & 0x7FFFFFFFFFFFFFFF)
-    noise = torch.randn((n, c, h, w), generator=gen, device=dev, dtype=x.dtype)
-    x.index_copy_(0, idx, torch.where(inside, noise, x.index_select(0, idx)))
+    noise = torch.randn(count, generator=gen, device=dev, dtype=x.dtype)
+    sub = x.index_select(0, idx)
+    sub.masked_scatter_(inside.expand_as(sub), noise)
+    x.index_copy_(0, idx, sub)
     return x
 
 

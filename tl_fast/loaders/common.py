@@ -40,8 +40,3 @@ class Backend(Protocol):
         """Yield the batches ``batches`` (lists of sample indices) in order, cropped by ``plan``."""
         ...
 
-
-def pin_if_cuda(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda" and not t.is_cuda:
-        return t.pin_memory()
-    return t

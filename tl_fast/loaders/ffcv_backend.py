@@ -205,6 +205,16 @@ class PlanRGBImageField(RGBImageField):
         storage[:] = data
 
 
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """FFCV's ctypes helpers compiled once per process (not once per epoch's code generation)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = Compiler.compile(fn)
+    return _COMPILED[fn]
+
+
 class PlanCropDecoder(ResizedCropRGBImageDecoder):
     """FFCV's resized-crop decoder with the crop (and flip) taken from the geometry plan."""
 
@@ -220,8 +230,8 @@ class PlanCropDecoder(ResizedCropRGBImageDecoder):
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
+        imdecode_c = _compiled(imdecode)
+        resize_crop_c = _compiled(resize_crop)
         crop_c = _crop_function(self.maker)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
