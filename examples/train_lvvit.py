@@ -30,8 +30,8 @@ from tl_fast.models import MODEL_NAMES, create_lvvit
 from tl_fast.plan import AugmentConfig, RandAugmentConfig
 from tl_fast.train import (
     JsonlLogger, ModelEma, ThroughputMeter, all_gather_object, barrier, broadcast_buffers, cleanup_distributed,
-    cosine_schedule, evaluate, format_seconds, load_checkpoint, param_groups, rng_state, save_checkpoint,
-    scaled_lr, set_rng_state, setup_distributed, step_seed,
+    cosine_schedule, evaluate, format_seconds, load_checkpoint, mixed_label_loss, param_groups, rng_state,
+    save_checkpoint, scaled_lr, set_rng_state, setup_distributed, step_seed,
 )
 
 # Defaults that depend on the data: the demo preset is sized for two CPU cores and a few minutes.
@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MixToken (needs --token-label)")
     t.add_argument("--mixtoken-per-sample", action="store_true", help="one MixToken box per sample")
     t.add_argument("--dense-weight", type=float, default=1.0, help="weight of the token loss (paper: 0.5)")
+    t.add_argument("--gt-weight", type=float, default=0.0,
+                   help="share of the ground-truth label in the class-token target (MixToken-mixed); the rest is "
+                   "the annotator's pooled crop target. 0: pure token labeling (SPEC); helps a weak annotator")
     t.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     t.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="compute the token loss from the compressed maps without materializing targets")
@@ -123,15 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill unset options from the preset; locate (or build) the data."""
+def resolve(args: argparse.Namespace, dist) -> argparse.Namespace:
+    """Fill unset options from the preset; locate (or build, on rank 0 first) the data."""
     args.preset = args.preset or ("imagenet" if args.data else "demo")
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.data is None:
         from tl_fast.demo import prepare
-        demo = prepare(progress=not args.no_progress)
+        if not dist.is_main:
+            barrier()  # rank 0 builds the demo data once; the others then find it ready
+        demo = prepare(progress=dist.is_main and not args.no_progress)
+        if dist.is_main:
+            barrier()
         args.train_dir, args.val_dir, args.labels = demo.train, demo.val, args.labels or demo.labels
     else:
         args.train_dir, args.val_dir = Path(args.data) / "train", Path(args.data) / "val"
@@ -226,7 +233,12 @@ def make_step(args, model, train_model, opt, sched, ema, dist, state):
         with amp:
             cls, tokens = train_model(batch.images, batch.mix_box if args.mixtoken else None)
         if args.token_label:
-            loss = batch.loss(cls, tokens, dense_weight=args.dense_weight, fused=args.fused_loss)
+            # The class-token target is linear in its parts: (1 - w) * annotator + w * ground truth.
+            loss = batch.loss(cls, tokens, cls_weight=1.0 - args.gt_weight, dense_weight=args.dense_weight,
+                              fused=args.fused_loss)
+            if args.gt_weight > 0:
+                loss = loss + args.gt_weight * mixed_label_loss(cls, batch.labels, batch.mix_box, batch.grid,
+                                                                args.smoothing)
         else:
             loss = F.cross_entropy(cls.float(), batch.labels, label_smoothing=args.smoothing)
         opt.zero_grad(set_to_none=True)
@@ -243,8 +255,9 @@ def make_step(args, model, train_model, opt, sched, ema, dist, state):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = resolve(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
     dist = setup_distributed(args.device)
+    args = resolve(args, dist)
     args.amp = args.amp or ("bf16" if dist.device.type == "cuda" else "none")
     if dist.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -125,3 +125,20 @@ def test_logger_and_meter(tmp_path):
         meter.update(8)
     assert meter.images_per_s > 0 and meter.eta_s() >= 0 and meter.done == 4
     assert format_seconds(3725) == "1:02:05" and format_seconds(65) == "1:05" and format_seconds(float("nan")) == "?"
+
+
+def test_mixed_label_loss_follows_the_box():
+    from tl_fast.train import mix_lam, mixed_label_loss
+    torch.manual_seed(5)
+    logits, labels, k = torch.randn(4, 6), torch.tensor([0, 3, 5, 1]), 6
+    box = torch.tensor([1, 0, 3, 2], dtype=torch.int32)  # 4 of 16 tokens: lam = 0.75
+    assert torch.allclose(mix_lam(box, 4, (4, 4)), torch.full((4,), 0.75))
+    # Same value as the soft-target loss against smoothed, mixed one-hot targets.
+    onehot = torch.nn.functional.one_hot(labels, k).float() * 0.9 + 0.1 / k
+    target = 0.75 * onehot + 0.25 * onehot.flip(0)
+    expected = -(target * logits.log_softmax(-1)).sum(-1).mean()
+    torch.testing.assert_close(mixed_label_loss(logits, labels, box, (4, 4), 0.1), expected)
+    per_sample = torch.tensor([[0, 0, 0, 0], [0, 0, 4, 4], [0, 0, 2, 2], [0, 0, 1, 1]])
+    assert mix_lam(per_sample, 4, (4, 4)).tolist() == [1.0, 0.0, 0.75, 0.9375]
+    torch.testing.assert_close(mixed_label_loss(logits, labels, None, (4, 4)),
+                               torch.nn.functional.cross_entropy(logits, labels))

@@ -1,0 +1,29 @@
+"""Class-token losses on ground-truth labels that follow a MixToken box."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def mix_lam(mix_box: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
+    """``lam = 1 - box_area / (Gh * Gw)`` per sample (``[B]`` float32) for a ``[4]`` or ``[B, 4]`` box."""
+    box = torch.as_tensor(mix_box).long()
+    if box.dim() == 1:
+        box = box.view(1, 4).expand(batch, 4)
+    rows = (box[:, 2].clamp(max=grid[0]) - box[:, 0].clamp(min=0)).clamp(min=0)
+    cols = (box[:, 3].clamp(max=grid[1]) - box[:, 1].clamp(min=0)).clamp(min=0)
+    return 1.0 - (rows * cols).float() / float(grid[0] * grid[1])
+
+
+def mixed_label_loss(cls_logits: torch.Tensor, labels: torch.Tensor, mix_box: torch.Tensor | None,
+                     grid: tuple[int, int], smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of the class logits against the ground-truth labels, label-smoothed and mixed
+    like MixToken's class target: ``lam * y[b] + (1 - lam) * y[B - 1 - b]`` (cross-entropy is
+    linear in the target, so this is the mix of two hard-label losses)."""
+    logits = cls_logits.float()
+    own = F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction="none")
+    if mix_box is None:
+        return own.mean()
+    partner = F.cross_entropy(logits, labels.flip(0), label_smoothing=smoothing, reduction="none")
+    lam = mix_lam(mix_box.to(logits.device), logits.shape[0], grid)
+    return (lam * own + (1.0 - lam) * partner).mean()
