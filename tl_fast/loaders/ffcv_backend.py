@@ -8,10 +8,11 @@ label records), read with a decoder whose crop comes from the geometry plan.
   size)`` inside the compiled code — a numba port of :func:`tl_fast.plan.random_resized_crop` and of
   the counter RNG (tests check it equals the numpy plan) — maps the box proportionally into the
   stored image, decodes, crops, resizes and flips.
-* The epoch is a compile-time constant of that code, so each epoch builds (and compiles) its own FFCV
-  loader over this rank's sample order: ``indices`` = the shard, in order, with sequential traversal.
-  The loader does its own sharding (the same for every backend) instead of FFCV's
-  ``distributed=True``, which would pad the shard with repeated samples.
+* One FFCV loader (compiled once) serves every epoch: the epoch reaches the compiled code at run
+  time through an ``epoch`` column of the image metadata (set before each epoch), and each epoch's
+  order is this rank's shard, in order, with sequential traversal. The loader does its own sharding
+  (the same for every backend) instead of FFCV's ``distributed=True``, which would pad the shard
+  with repeated samples.
 * A failing pipeline thread would leave FFCV's iterator waiting forever; ``_GuardedEpochIterator``
   forwards the exception to the main process, and a watchdog raises ``TimeoutError`` when no batch
   arrives within ``timeout_s``.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, replace
 from queue import Empty
 from typing import Iterator, Sequence
@@ -37,7 +39,7 @@ from .common import PlanMaker
 
 META_SUFFIX = ".json"
 FORMAT = "tl_fast-ffcv"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Field order in the file (the combined metadata names them f0, f1, ... in this order).
 FIELDS = ("image", "label", "index", "record")
 
@@ -143,21 +145,21 @@ def plan_crops_numba(maker: PlanMaker, indices: np.ndarray) -> tuple[np.ndarray,
     flips = np.zeros(len(indices), bool)
     for b, i in enumerate(indices):
         h, w = maker.sizes[i]
-        t, l, ch, cw, f = fn(np.uint64(i), np.int64(h), np.int64(w))
+        t, l, ch, cw, f = fn(np.uint64(i), np.int64(h), np.int64(w), np.uint64(maker.epoch & _MASK64))
         crops[b] = (t, l, ch, cw)
         flips[b] = f
     return crops, flips
 
 
 def _crop_function(maker: PlanMaker):
-    """A compiled ``(key, height, width) -> (top, left, h, w, flip)`` for the maker's epoch."""
+    """A compiled ``(key, height, width, epoch) -> (top, left, h, w, flip)`` for the maker's seed
+    and augmentation (the epoch is a run-time argument)."""
     seed = np.uint64(maker.seed & _MASK64)
-    epoch = np.uint64(maker.epoch & _MASK64)
     if maker.augment is None:
         crop_pct = float(maker.crop_pct)
 
         @numba.njit(cache=False, fastmath=False)
-        def crop(key, height, width):
+        def crop(key, height, width, epoch):
             t, l, h, w = nb_center_crop(height, width, crop_pct)
             return t, l, h, w, False
         return crop
@@ -168,7 +170,7 @@ def _crop_function(maker: PlanMaker):
     hflip = float(aug.hflip)
 
     @numba.njit(cache=False, fastmath=False)
-    def crop(key, height, width):
+    def crop(key, height, width, epoch):
         t, l, h, w = nb_random_resized_crop(seed, epoch, key, height, width, s0, s1, lr0, lr1, rmin, rmax)
         return t, l, h, w, nb_flip(seed, epoch, key, hflip)
     return crop
@@ -189,7 +191,7 @@ class PlanRGBImageField(RGBImageField):
     @property
     def metadata_type(self) -> np.dtype:
         return np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8"),
-                         ("orig_height", "<u4"), ("orig_width", "<u4")])
+                         ("orig_height", "<u4"), ("orig_width", "<u4"), ("epoch", "<u8")])
 
     @staticmethod
     def from_binary(binary) -> "PlanRGBImageField":
@@ -201,18 +203,9 @@ class PlanRGBImageField(RGBImageField):
         destination["mode"] = IMAGE_MODES["jpg"]
         destination["height"], destination["width"] = height, width
         destination["orig_height"], destination["orig_width"] = orig_height, orig_width
+        destination["epoch"] = 0  # set in memory by the loader before each epoch
         destination["data_ptr"], storage = malloc(data.nbytes)
         storage[:] = data
-
-
-_COMPILED: dict = {}
-
-
-def _compiled(fn):
-    """FFCV's ctypes helpers compiled once per process (not once per epoch's code generation)."""
-    if fn not in _COMPILED:
-        _COMPILED[fn] = Compiler.compile(fn)
-    return _COMPILED[fn]
 
 
 class PlanCropDecoder(ResizedCropRGBImageDecoder):
@@ -230,8 +223,8 @@ class PlanCropDecoder(ResizedCropRGBImageDecoder):
         jpg = IMAGE_MODES["jpg"]
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        imdecode_c = _compiled(imdecode)
-        resize_crop_c = _compiled(resize_crop)
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
         crop_c = _crop_function(self.maker)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
@@ -250,7 +243,7 @@ class PlanCropDecoder(ResizedCropRGBImageDecoder):
                     temp_buffer = image_data.reshape(height, width, 3)
                 oh = np.int64(field["orig_height"])
                 ow = np.int64(field["orig_width"])
-                top, left, ch, cw, flip = crop_c(np.uint64(source_ix), oh, ow)
+                top, left, ch, cw, flip = crop_c(np.uint64(source_ix), oh, ow, np.uint64(field["epoch"]))
                 if oh != height or ow != width:  # stored downscaled: map the box proportionally
                     sy = np.float64(height) / np.float64(oh)
                     sx = np.float64(width) / np.float64(ow)
@@ -313,6 +306,18 @@ class _GuardedEpochIterator(EpochIterator):
         if torch.cuda.is_available():
             self.current_stream.wait_stream(self.cuda_streams[slot])
         return result
+
+
+    def shutdown(self, timeout: float) -> None:
+        """Stop the pipeline thread and wait for it (draining the queue it may be blocked on)."""
+        self.close()
+        deadline = time.monotonic() + timeout
+        while self.is_alive() and time.monotonic() < deadline:
+            try:
+                self.output_queue.get_nowait()
+            except Empty:
+                pass
+            self.join(0.05)
 
 
 class _GuardedLoader(Loader):
@@ -394,24 +399,46 @@ class FFCVBackend:
         self.config = config
         self.device = device
         self.with_records = with_records
+        self._loader: _GuardedLoader | None = None
+        self._compiled_for: tuple | None = None
+
+    def _ffcv_loader(self, maker: PlanMaker, order: np.ndarray) -> _GuardedLoader:
+        """The FFCV loader, built (and compiled) on first use, then re-pointed at each epoch's order."""
+        from ffcv.traversal_order.sequential import Sequential
+
+        key = (maker.seed, maker.augment, maker.crop_pct)
+        if self._loader is None:
+            cfg = self.config
+            pipelines = {
+                "image": [PlanCropDecoder(maker, cfg.image_size)],
+                "label": None,
+                "index": [IntDecoder()],
+                "record": [BytesDecoder()] if self.with_records else None,
+            }
+            self._loader = _GuardedLoader(
+                self.path, batch_size=cfg.batch_size, num_workers=max(1, int(cfg.num_workers)),
+                order=OrderOption.SEQUENTIAL, indices=order, pipelines=pipelines, drop_last=False,
+                custom_fields={"image": PlanRGBImageField}, batches_ahead=2, os_cache=True)
+            self._loader.timeout_s = cfg.timeout_s
+            self._compiled_for = key
+        elif key != self._compiled_for:
+            raise ValueError("the FFCV decoder was compiled for another seed / augmentation")
+        loader = self._loader
+        loader.indices = order
+        loader.traversal_order = Sequential(loader)
+        loader.first_traversal_order = order
+        return loader
 
     def iterate(self, batches: Sequence[np.ndarray], plan: PlanMaker) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
         if not batches:
             return
-        cfg = self.config
         # The decoder's plan needs the original sizes; they are the packed ones by construction.
         maker = replace(plan, sizes=self.info.sizes)
         order = np.concatenate([np.asarray(b, dtype=np.uint64) for b in batches])
-        pipelines = {
-            "image": [PlanCropDecoder(maker, cfg.image_size)],
-            "label": None,
-            "index": [IntDecoder()],
-            "record": [BytesDecoder()] if self.with_records else None,
-        }
-        loader = _GuardedLoader(self.path, batch_size=cfg.batch_size, num_workers=max(1, int(cfg.num_workers)),
-                                order=OrderOption.SEQUENTIAL, indices=order, pipelines=pipelines, drop_last=False,
-                                custom_fields={"image": PlanRGBImageField}, batches_ahead=2, os_cache=True)
-        loader.timeout_s = cfg.timeout_s
+        loader = self._ffcv_loader(maker, order)
+        metadata = loader.reader.metadata
+        metadata.setflags(write=True)
+        metadata[f"f{FIELDS.index('image')}"]["epoch"] = np.uint64(maker.epoch & _MASK64)
         it = iter(loader)
         try:
             for out in it:
@@ -425,4 +452,5 @@ class FFCVBackend:
                     images = images.pin_memory()
                 yield images, idx, extras
         finally:
-            it.close()
+            # The pipeline thread must be gone before the next epoch rewrites the epoch column.
+            it.shutdown(self.config.timeout_s)

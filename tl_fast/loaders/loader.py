@@ -12,6 +12,7 @@ epoch and step, so the batches after a resume are the ones an uninterrupted run 
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from typing import Iterator
 
@@ -111,6 +112,9 @@ class TokenLabelLoader:
         self._packed_labels = False
         self.num_missing_labels = 0
         self.skipped: list = []
+        # Host seconds spent on the label side (record read/decode, copy, MixToken box) and batches
+        # delivered: what token labels add to a batch (benchmarks/loader_throughput.py reports it).
+        self.stats = {"label_s": 0.0, "batches": 0}
 
         if backend == "ffcv":
             from .ffcv_backend import FFCVBackend, read_packed
@@ -293,7 +297,9 @@ class TokenLabelLoader:
         labels = torch.from_numpy(self._targets[idx]).to(dev, non_blocking=True)
         affine = torch.from_numpy(plan.affine).to(dev, torch.float32, non_blocking=True)
         maps = mix = None
+        self.stats["batches"] += 1
         if self.has_token_labels:
+            t0 = time.perf_counter()
             maps = self._read_maps(idx, extras)
             if dev.type == "cuda":
                 maps = maps.pin_memory()
@@ -303,6 +309,7 @@ class TokenLabelLoader:
                     mix = draw_mix_box(cfg.seed, epoch, idx, self.grid).tensor(dev)
                 else:
                     mix = draw_mix_box(cfg.seed, epoch, [step], self.grid).tensor(dev)[0]
+            self.stats["label_s"] += time.perf_counter() - t0
         return Batch(images=x, labels=labels, maps=maps, affine=affine, mix_box=mix, grid=self.grid,
                      num_classes=self.num_classes, smoothing=cfg.smoothing if cfg.train else 0.0,
                      indices=idx, epoch=epoch, step=step)
