@@ -73,7 +73,15 @@ def warp(images: torch.Tensor, affine: torch.Tensor, fill=FILL) -> torch.Tensor:
     """Warp float images ``[B, C, H, W]`` (uint8 levels) by output -> input ``affine [B, 2, 3]``,
     bilinear, outside filled with ``fill``; returns whole levels (rounded, clamped) like PIL."""
     theta = grid_sample_theta(affine.to(device=images.device, dtype=torch.float32))
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    # affine_grid's output, built by broadcasting (several times faster than its batched matmul on CPU):
+    # pixel centres at g = (2i + 1) / n - 1 (align_corners=False).
+    _, _, h, w = images.shape
+    gu = (torch.arange(w, device=images.device, dtype=torch.float32) * 2 + 1) / w - 1
+    gv = (torch.arange(h, device=images.device, dtype=torch.float32) * 2 + 1) / h - 1
+    t = theta[:, :, :, None, None]
+    gx = t[:, 0, 0] * gu.view(1, 1, w) + (t[:, 0, 1] * gv.view(1, h, 1) + t[:, 0, 2])
+    gy = t[:, 1, 0] * gu.view(1, 1, w) + (t[:, 1, 1] * gv.view(1, h, 1) + t[:, 1, 2])
+    grid = torch.stack([gx, gy], -1).to(images.dtype)
     fill_t = torch.tensor(fill, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     # Sampling (image - fill) with zero padding then adding fill back blends edges toward the fill.
     out = F.grid_sample(images - fill_t, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill_t

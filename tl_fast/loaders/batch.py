@@ -1,7 +1,6 @@
 """The batch type every backend yields, and the loader's configuration."""
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,7 +107,7 @@ class Batch:
             return F.cross_entropy(cls_logits.float(), self.labels, label_smoothing=self.smoothing)
         if token_logits is None:
             raise ValueError("token labeling needs token_logits [B, T, K] (model.forward_train)")
-        if fused and "maps" in inspect.signature(ops.token_label_loss).parameters:
+        if fused:
             return ops.token_label_loss(cls_logits, token_logits, maps=self.maps, affine=self.affine,
                                         mix_box=self.mix_box, num_classes=self.num_classes, grid=self.grid,
                                         smoothing=self.smoothing, cls_weight=cls_weight, dense_weight=dense_weight)
