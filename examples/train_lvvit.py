@@ -36,7 +36,7 @@ from tl_fast.train import (
 
 # Defaults that depend on the data: the demo preset is sized for two CPU cores and a few minutes.
 PRESETS = {
-    "demo": dict(model="lvvit_demo", img_size=64, epochs=5, batch_size=64, lr=0.02, warmup_epochs=1.0,
+    "demo": dict(model="lvvit_demo", img_size=64, epochs=10, batch_size=64, lr=0.02, warmup_epochs=1.0,
                  drop_path=0.0, aa="none", crop_scale=0.25, reprob=0.0, workers=2),
     "imagenet": dict(model="lvvit_s", img_size=224, epochs=300, batch_size=128, lr=1.6e-3, warmup_epochs=5.0,
                      drop_path=0.1, aa="rand-m9-mstd0.5-inc1", crop_scale=0.08, reprob=0.25, workers=8),
