@@ -382,3 +382,36 @@ def test_torch_worker_decode_error_names_the_file(tmp_path):
     with pytest.raises(RuntimeError, match="002.jpg"):
         for _ in loader:
             pass
+
+
+def test_ffcv_leaves_numba_shared_types_intact_and_compiles_before_returning(data):
+    """FFCV 1.0.2 marked its state read-only by mutating numba's interned ``uint8[::1]`` type, which
+    changed the hash of keys in numba's dispatcher tables (KeyError in a pipeline thread compiling its
+    decoder, and in dispatcher finalizers). Each loader must also finish compiling on its pipeline
+    thread (the first batch) before ``iter`` returns, so compilation never overlaps the caller."""
+    import numba
+
+    from tl_fast.loaders.ffcv_backend import _GuardedEpochIterator
+
+    u8 = numba.types.Array(numba.types.uint8, 1, "C")
+    key, h = u8.key, hash(u8)
+    started = []
+    original_init = _GuardedEpochIterator.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        started.append(self)
+
+    _GuardedEpochIterator.__init__ = init
+    try:
+        for seed in (0, 1):
+            loader = _loader(data, "ffcv", seed=seed, augment=NO_RA)
+            it = iter(loader)
+            next(it)
+            assert started[-1].first_batch_done.is_set()
+            it.close()
+            assert not started[-1].is_alive()
+    finally:
+        _GuardedEpochIterator.__init__ = original_init
+    assert u8.mutable and u8.key == key and hash(u8) == h
+    assert numba.types.Array(numba.types.uint8, 1, "C") is u8

@@ -18,12 +18,23 @@ label records), read with a decoder whose crop comes from the geometry plan.
   arrives within ``timeout_s``.
 * Label records are packed as a bytes field (uint8; numba has no float16) and decoded in the main
   process with :func:`tl_fast.store.decode_records`.
+* Thread safety. FFCV 1.0.2's OS-cache memory manager marks its state read-only by setting
+  ``mutable = False`` on numba's *interned* array types (``numba.uint8[::1]`` is one object shared
+  by the whole process). That changes the hash of a type that is already a key in numba's tables
+  (every dispatcher's ``overloads``), so later look-ups raise ``KeyError`` (in a pipeline thread
+  compiling its decoder, and in dispatcher finalizers); :func:`_fix_ffcv_state_types` replaces its
+  state type and reader with ones that build the same read-only types without mutating shared ones. And the
+  pipeline thread compiles its code on the first batch: ``__iter__`` waits for that batch, so numba
+  compilation (which parses source with ``ast``) never overlaps work in the calling thread — on
+  CPython 3.11 two threads using ``ast`` at once can fail with ``SystemError: AST constructor
+  recursion depth mismatch``.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, replace
 from queue import Empty
@@ -60,7 +71,44 @@ from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder  # noq
 from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 from ffcv.loader.epoch_iterator import EpochIterator  # noqa: E402
+from ffcv.memory_managers import OSCacheManager  # noqa: E402
 from ffcv.pipeline.compiler import Compiler  # noqa: E402
+
+_RO_BYTES = numba.types.Array(numba.types.uint8, 1, "C", readonly=True)
+_U64_ARRAY = numba.types.Array(numba.types.uint64, 1, "C")
+
+
+def _os_cache_state_type(self) -> numba.types.Tuple:
+    """(file bytes (read-only memmap), sample pointers, sample sizes): the types FFCV's OS-cache
+    manager ends up with, built without mutating numba's shared ones."""
+    return numba.types.Tuple([_RO_BYTES, _U64_ARRAY, _U64_ARRAY])
+
+
+def _os_cache_reader(self):
+    """The compiled ``(address, state) -> bytes`` read of the OS-cache manager (a read-only view of
+    the memory-mapped file: the sample at ``address``, its size looked up in the pointer table)."""
+    def read(address, mem_state):
+        data, ptrs, sizes = mem_state
+        size = sizes[np.searchsorted(ptrs, address)]
+        return data[address:address + size]
+
+    return Compiler.compile(read, _RO_BYTES(numba.types.uint64, self.state_type))
+
+
+def _fix_ffcv_state_types() -> None:
+    """Stop FFCV's OS-cache memory manager from mutating numba's shared (interned) array types.
+
+    FFCV 1.0.2 writes ``t = numba.uint8[::1]; t.mutable = False``: ``t`` is the process-wide
+    ``Array(uint8, 1, 'C')`` object, so its hash changes while it is a key in numba's dictionaries
+    (the ``overloads`` of every dispatcher compiled with such an argument), which then raise
+    ``KeyError`` when iterated: intermittently while a pipeline thread type-infers its decoder,
+    always in those dispatchers' finalizers. Only the OS-cache manager is replaced (the backend
+    always uses it). Idempotent."""
+    OSCacheManager.state_type = property(_os_cache_state_type)
+    OSCacheManager.compile_reader = _os_cache_reader
+
+
+_fix_ffcv_state_types()
 
 # --------------------------------------------------------------------------------------------
 # The plan, compiled: tl_fast.rng and tl_fast.plan.random_resized_crop for one sample
@@ -278,6 +326,17 @@ class _PipelineFailure:
 
 
 class _GuardedEpochIterator(EpochIterator):
+    def __init__(self, loader: "_GuardedLoader", order: Sequence[int]) -> None:
+        # Set once the first batch is decoded (the pipeline is compiled then) or the thread ends.
+        self.first_batch_done = threading.Event()
+        super().__init__(loader, order)  # starts the thread
+
+    def run_pipeline(self, *args, **kwargs):
+        try:
+            return super().run_pipeline(*args, **kwargs)
+        finally:
+            self.first_batch_done.set()
+
     def run(self) -> None:
         try:
             super().run()
@@ -288,6 +347,16 @@ class _GuardedEpochIterator(EpochIterator):
                     return
                 except Exception:
                     continue
+        finally:
+            self.first_batch_done.set()
+
+    def wait_first_batch(self, timeout: float) -> None:
+        """Block until the pipeline thread has compiled its code and decoded the first batch, so the
+        compilation does not run alongside the caller's Python work (see the module docstring)."""
+        if not self.first_batch_done.wait(timeout):
+            self.shutdown(1.0)
+            raise TimeoutError(f"FFCV pipeline did not decode its first batch within {timeout:.0f} s "
+                               "(stalled decoder thread?)")
 
     def __next__(self):
         timeout = getattr(self.loader, "timeout_s", 300.0)
@@ -330,7 +399,9 @@ class _GuardedLoader(Loader):
         self.next_epoch += 1
         if self.code is None or self.recompile:
             self.generate_code()
-        return _GuardedEpochIterator(self, selected)
+        it = _GuardedEpochIterator(self, selected)
+        it.wait_first_batch(self.timeout_s)
+        return it
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,6 +472,7 @@ class FFCVBackend:
         self.with_records = with_records
         self._loader: _GuardedLoader | None = None
         self._compiled_for: tuple | None = None
+        self._active: _GuardedEpochIterator | None = None
 
     def _ffcv_loader(self, maker: PlanMaker, order: np.ndarray) -> _GuardedLoader:
         """The FFCV loader, built (and compiled) on first use, then re-pointed at each epoch's order."""
@@ -435,11 +507,15 @@ class FFCVBackend:
         # The decoder's plan needs the original sizes; they are the packed ones by construction.
         maker = replace(plan, sizes=self.info.sizes)
         order = np.concatenate([np.asarray(b, dtype=np.uint64) for b in batches])
+        if self._active is not None:  # an earlier epoch abandoned mid-way: its thread must be gone first
+            self._active.shutdown(self.config.timeout_s)
+            self._active = None
         loader = self._ffcv_loader(maker, order)
         metadata = loader.reader.metadata
         metadata.setflags(write=True)
         metadata[f"f{FIELDS.index('image')}"]["epoch"] = np.uint64(maker.epoch & _MASK64)
         it = iter(loader)
+        self._active = it
         try:
             for out in it:
                 images = torch.from_numpy(out[0]).permute(0, 3, 1, 2).contiguous()  # copy out of FFCV's buffer
@@ -454,3 +530,5 @@ class FFCVBackend:
         finally:
             # The pipeline thread must be gone before the next epoch rewrites the epoch column.
             it.shutdown(self.config.timeout_s)
+            if self._active is it:
+                self._active = None
