@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.reference import mix_box_mask
+
 __all__ = [
     "LVViT", "ConvPatchEmbed", "Block", "Attention", "Mlp", "default_cfgs", "checkpoint_filter_fn",
     "resize_pos_embed", "load_checkpoint", "create_lvvit", "lvvit_t", "lvvit_s", "lvvit_m", "lvvit_l",
@@ -163,21 +165,6 @@ class Block(nn.Module):
 # --------------------------------------------------------------------------------------------
 # MixToken
 # --------------------------------------------------------------------------------------------
-
-def mix_box_mask(mix_box: torch.Tensor | Any, batch: int, grid: tuple[int, int], device) -> torch.Tensor:
-    """Boolean ``[B, Gh, Gw]`` mask of the MixToken box(es): rows ``[r1, r2)``, columns ``[c1, c2)``.
-
-    ``mix_box`` is ``(r1, c1, r2, c2)`` for the whole batch or ``[B, 4]`` per sample."""
-    box = torch.as_tensor(mix_box, device=device).long()
-    if box.dim() == 1:
-        box = box.view(1, 4).expand(batch, 4)
-    if box.shape != (batch, 4):
-        raise ValueError(f"mix_box must be (r1, c1, r2, c2) or [B, 4]; got shape {tuple(box.shape)} for B={batch}")
-    r = torch.arange(grid[0], device=device).view(1, -1, 1)
-    c = torch.arange(grid[1], device=device).view(1, 1, -1)
-    r1, c1, r2, c2 = (box[:, i].view(-1, 1, 1) for i in range(4))
-    return (r >= r1) & (r < r2) & (c >= c1) & (c < c2)
-
 
 def mix_tokens(x: torch.Tensor, mix_box) -> torch.Tensor:
     """MixToken on a patch-embedding map ``[B, D, Gh, Gw]``: inside the box, sample ``b`` takes the

@@ -130,14 +130,19 @@ def token_scores(
     return torch.cat(parts, 1).to(torch.float32)
 
 
-def _mix_boxes(mix_box, bsz: int, device) -> torch.Tensor:
-    """Normalize ``mix_box`` to ``[B, 4]`` int64 ``(r1, c1, r2, c2)``."""
+def mix_box_mask(mix_box, batch: int, grid: tuple[int, int], device=None) -> torch.Tensor:
+    """Boolean ``[B, Gh, Gw]``: True inside each sample's MixToken box (rows ``[r1, r2)``, columns
+    ``[c1, c2)``). ``mix_box`` is ``(r1, c1, r2, c2)`` for the whole batch or ``[B, 4]`` per sample.
+    The model mixes its tokens and the ops mix their targets with this one mask."""
     box = torch.as_tensor(mix_box, device=device).long()
     if box.dim() == 1:
-        box = box.view(1, 4).expand(bsz, 4)
-    if box.shape != (bsz, 4):
-        raise ValueError(f"mix_box must be (r1, c1, r2, c2) or [B, 4]; got shape {tuple(box.shape)} for B={bsz}")
-    return box
+        box = box.view(1, 4).expand(batch, 4)
+    if box.shape != (batch, 4):
+        raise ValueError(f"mix_box must be (r1, c1, r2, c2) or [B, 4]; got shape {tuple(box.shape)} for B={batch}")
+    r = torch.arange(grid[0], device=box.device).view(1, -1, 1)
+    c = torch.arange(grid[1], device=box.device).view(1, 1, -1)
+    r1, c1, r2, c2 = (box[:, i].view(-1, 1, 1) for i in range(4))
+    return (r >= r1) & (r < r2) & (c >= c1) & (c < c2)
 
 
 def apply_mixtoken(targets: torch.Tensor, mix_box, grid: tuple[int, int]) -> torch.Tensor:
@@ -145,8 +150,7 @@ def apply_mixtoken(targets: torch.Tensor, mix_box, grid: tuple[int, int]) -> tor
     class target becomes ``lam * own + (1 - lam) * partner`` with ``lam = 1 - area / T``."""
     bsz = targets.shape[0]
     gh, gw = grid
-    box = _mix_boxes(mix_box, bsz, targets.device)
-    inside = _box_mask(box, grid)
+    inside = mix_box_mask(mix_box, bsz, grid, targets.device)
     inside = inside.reshape(bsz, gh * gw, 1)
     partner = targets.flip(0)
     tokens = torch.where(inside, partner[:, 1:], targets[:, 1:])
@@ -175,7 +179,7 @@ def token_targets(
     ids, scores = region_contributions(values, indices, affine, grid)  # [B, T, N] sparse token rows
     inside = None
     if mix_box is not None:  # MixToken: tokens inside the box take the partner's (sparse) rows
-        inside = _box_mask(_mix_boxes(mix_box, bsz, values.device), grid).view(bsz, tokens, 1)
+        inside = mix_box_mask(mix_box, bsz, grid, values.device).view(bsz, tokens, 1)
         lam = (1.0 - inside.sum((1, 2)).to(cls.dtype) / tokens).unsqueeze(1)
         cls = lam * cls + (1.0 - lam) * cls.flip(0)
 
@@ -200,6 +204,49 @@ def token_targets(
         if t is not block:
             block.copy_(t)
     return out
+
+
+_CHUNK_ROWS = 256  # rows of K floats per scratch block (about 1 MB for K = 1000)
+_HUGE_PAGE_MIN_BYTES = 8 << 20
+_MADV_HUGEPAGE = 14
+
+
+@functools.cache
+def _libc_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialized output tensor; on Linux CPUs, backed by transparent huge pages if allowed.
+
+    A fresh 100 MB target tensor costs ~25k page faults on first write, which took longer than
+    computing the targets. ``madvise(MADV_HUGEPAGE)`` (what PyTorch's ``THP_MEM_ALLOC_ENABLE`` does
+    for all allocations) makes that ~50 faults. A no-op where THP is off or the call fails."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    nbytes = out.numel() * out.element_size()
+    madvise = _libc_madvise() if out.device.type == "cpu" and nbytes >= _HUGE_PAGE_MIN_BYTES else None
+    if madvise is not None:
+        page = 4096
+        start = (out.data_ptr() + page - 1) & ~(page - 1)
+        end = (out.data_ptr() + nbytes) & ~(page - 1)
+        madvise(start, end - start, _MADV_HUGEPAGE)
+    return out
+
+
+def _class_token_scores(values, indices, affine, num_classes: int) -> torch.Tensor:
+    """Dense ``[B, K]`` class-token scores (one bin over the whole output), float64."""
+    ids, vals = region_contributions(values, indices, affine, (1, 1))
+    dense = torch.zeros(values.shape[0], num_classes, dtype=torch.float64, device=values.device)
+    return dense.scatter_add_(1, ids[:, 0], vals[:, 0].double())
 
 
 _CHUNK_ROWS = 256  # rows of K floats per scratch block (about 1 MB for K = 1000)
