@@ -6,8 +6,10 @@ written once per module; the model is a 2-block LV-ViT at 32 px, so each run tak
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +124,14 @@ def test_torchrun_two_processes_gloo(dataset, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
            *_args(dataset, tmp_path, "torch", "--epochs", "1", "--batch-size", "3")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # Seen once in several full-suite runs on 2 CPUs: one rank died in a C++ std::terminate (no
+        # Python traceback) and the other was then killed. Not reproduced in isolation; retry once so
+        # a rare native abort does not hide the assertions below, and say so in the output.
+        warnings.warn("torchrun rank aborted in std::terminate; retrying once:\n" + proc.stderr[-2000:])
+        for leftover in tmp_path.iterdir():  # a clean output folder for the second run
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     end = next(r for r in _log(tmp_path) if r["event"] == "end")
     assert len(end["rank_digests"]) == 2 and end["ranks_agree"], end
