@@ -249,58 +249,6 @@ def _class_token_scores(values, indices, affine, num_classes: int) -> torch.Tens
     return dense.scatter_add_(1, ids[:, 0], vals[:, 0].double())
 
 
-_CHUNK_ROWS = 256  # rows of K floats per scratch block (about 1 MB for K = 1000)
-_HUGE_PAGE_MIN_BYTES = 8 << 20
-_MADV_HUGEPAGE = 14
-
-
-@functools.cache
-def _libc_madvise():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialized output tensor; on Linux CPUs, backed by transparent huge pages if allowed.
-
-    A fresh 100 MB target tensor costs ~25k page faults on first write, which took longer than
-    computing the targets. ``madvise(MADV_HUGEPAGE)`` (what PyTorch's ``THP_MEM_ALLOC_ENABLE`` does
-    for all allocations) makes that ~50 faults. A no-op where THP is off or the call fails."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    nbytes = out.numel() * out.element_size()
-    madvise = _libc_madvise() if out.device.type == "cpu" and nbytes >= _HUGE_PAGE_MIN_BYTES else None
-    if madvise is not None:
-        page = 4096
-        start = (out.data_ptr() + page - 1) & ~(page - 1)
-        end = (out.data_ptr() + nbytes) & ~(page - 1)
-        madvise(start, end - start, _MADV_HUGEPAGE)
-    return out
-
-
-def _class_token_scores(values, indices, affine, num_classes: int) -> torch.Tensor:
-    """Dense ``[B, K]`` class-token scores (one bin over the whole output), float64."""
-    ids, vals = region_contributions(values, indices, affine, (1, 1))
-    dense = torch.zeros(values.shape[0], num_classes, dtype=torch.float64, device=values.device)
-    return dense.scatter_add_(1, ids[:, 0], vals[:, 0].double())
-
-
-def _box_mask(box: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """``[B, Gh, Gw]`` True inside each sample's box."""
-    gh, gw = grid
-    r = torch.arange(gh, device=box.device).view(1, gh, 1)
-    c = torch.arange(gw, device=box.device).view(1, 1, gw)
-    return ((r >= box[:, 0, None, None]) & (r < box[:, 2, None, None])
-            & (c >= box[:, 1, None, None]) & (c < box[:, 3, None, None]))
-
-
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``-sum_c t_c log softmax(z)_c`` per row, in float32."""
     return -(target.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1)
