@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a bare GPU machine (torch + Triton + torchvision; no DALI/FFCV, nothing to install):
-# the CUDA-marked kernel tests, then the GPU label benchmark, then a short summary table.
-# Run from anywhere:  bash benchmarks/gpu_check.sh      (about 2-4 minutes on an H100, mostly compiling)
+# the CUDA-marked kernel tests, the GPU label benchmark, the training-step overhead, the loader
+# benchmark (when numba is importable and GPU_CHECK_DATA holds images + a store), then a summary table.
+# Run from anywhere:  bash benchmarks/gpu_check.sh      (about 4-6 minutes on an H100)
 # Figures and logs land in ${GPU_CHECK_OUT:-$OUT or /tmp/tl_fast_gpu_check}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,12 @@ status=0
 import torch, triton
 assert torch.cuda.is_available(), "gpu_check.sh needs a CUDA GPU"
 print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
+for mod in ("numba", "timm", "pytest", "nvidia.dali", "ffcv"):
+    try:
+        m = __import__(mod, fromlist=["__version__"])
+        print(f"  {mod} {getattr(m, '__version__', '?')}")
+    except Exception as err:
+        print(f"  {mod}: not importable ({type(err).__name__})")
 EOF
 [ $? -eq 0 ] || exit 1
 
@@ -63,9 +70,45 @@ if [ "${GPU_CHECK_SWEEP:-0}" = 1 ]; then  # optional tuning run: every launch sh
     timeout 400 "$PY" benchmarks/kernel_throughput.py --sweep --json "$OUT_DIR/kernel_sweep.json" 2>&1 \
         | tee "$OUT_DIR/sweep.log" | grep -E "sweep:|Triton float32"
 fi
-# (trainer: append the train-overhead line below)
 echo "== Training-step overhead of token labeling (LV-ViT-S, B=128, bf16; target fused <= 1.03x cls-only)"
-timeout 300 "$PY" benchmarks/train_overhead.py --device cuda --rounds 20 --json "$OUT_DIR/train_overhead.json" 2>&1 \
+timeout 180 "$PY" benchmarks/train_overhead.py --device cuda --rounds 30 --json "$OUT_DIR/train_overhead.json" 2>&1 \
     | tee "$OUT_DIR/train_overhead.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+# Loader: the torch backend (workers decode and crop by the plan, augmentation on the GPU) vs the public
+# PIL + torch.load loader, same workers. Needs numba (the store decoder) and data; DALI and FFCV are not
+# on the lent machine. GPU_CHECK_DATA: a folder with imgs/ (ImageFolder layout) and labels.tls.
+DATA=${GPU_CHECK_DATA:-.gpu_data}
+if "$PY" -c "import numba, timm" 2>/dev/null && [ -d "$DATA/imgs" ] && [ -f "$DATA/labels.tls" ]; then
+    echo "== Loader throughput (torch backend on the GPU vs the public loader)"
+    timeout 240 "$PY" benchmarks/loader_throughput.py --images "$DATA/imgs" --labels "$DATA/labels.tls" \
+        --backends torch --batch-size 32 --image-size 224 --workers "$(nproc)" --rounds 3 --warmup 16 \
+        --batches 20 --device cuda --workdir "$OUT_DIR/loader_work" --json "$OUT_DIR/loader.json" 2>&1 \
+        | grep -v "it/s]" | tee "$OUT_DIR/loader.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    rm -rf "$OUT_DIR/loader_work"
+else
+    echo "== Loader throughput: skipped (needs numba and timm importable, $DATA/imgs and $DATA/labels.tls)"
+fi
+
+echo "== Summary (training step and loader)"
+"$PY" - "$OUT_DIR" <<'EOF'
+import json, os, sys
+d = sys.argv[1]
+def load(name):
+    path = os.path.join(d, name)
+    return json.load(open(path)) if os.path.exists(path) else None
+t = load("train_overhead.json")
+if t:
+    r = t["results"]
+    print(f"{'train step cls-only / fused / targets ms':<40}{r['cls-only']['median_ms']:>9.2f} / "
+          f"{r['token-fused']['median_ms']:.2f} / {r.get('token-targets', {}).get('median_ms', float('nan')):.2f}")
+    print(f"{'train step fused vs cls-only':<40}{t['ratio_fused']:>28.3f}x  <= 1.03x")
+l = load("loader.json")
+if l:
+    b = l["backends"]["torch"]
+    print(f"{'loader torch on / off / public img/s':<40}{b['on'][0]:>9.0f} / {b['off'][0]:.0f} / {l['public'][0]:.0f}")
+    print(f"{'loader labels on/off':<40}{b['on'][0] / b['off'][0]:>28.3f}   >= 0.97")
+    print(f"{'loader fastest vs public':<40}{l['fastest_vs_public']:>27.2f}x  >= 2x")
+EOF
 exit $status
