@@ -171,7 +171,9 @@ def sweep_launch_shapes(bench, targets_fn, loss_fn, floor: float, ce: float) -> 
     out = []
     try:
         for warps in (1, 2, 4, 8):
-            for per_sm in (2, 4, 8, 16):
+            for per_sm in (2, 4, 8, 16, 32):
+                if warps * per_sm > 64:  # an SM holds at most 64 warps
+                    continue
                 tt.NUM_WARPS, tt.PROGRAMS_PER_SM = warps, per_sm
                 t = bench(targets_fn)["median"]
                 loss = bench(loss_fn)["median"]

@@ -55,11 +55,12 @@ EXTENT_EPS = 1e-4
 # augmentation); it keeps lane indices inside int32.
 MAX_SAMPLES_PER_AXIS = 1024
 
-# Launch shape, from compiling for sm_90 without a GPU at hand (ptxas -v): 128-168 registers per
-# thread at 4 warps, i.e. 3-4 resident programs per SM; rows come from an atomic counter, so extra
-# programs only wait. Both can be overridden (TL_FAST_KERNEL_WARPS, TL_FAST_PROGRAMS_PER_SM) or
-# swept on a GPU with ``benchmarks/kernel_throughput.py --sweep``; they never change the results.
-NUM_WARPS = int(os.environ.get("TL_FAST_KERNEL_WARPS", "4"))
+# Launch shape, from the sweep on an H100 (``benchmarks/kernel_throughput.py --sweep``, BENCHMARKS.md):
+# 2 warps beat 1, 4 and 8 (0.36 vs 0.47, 0.44, 1.09 ms for B=128, K=1000), and more than 4 programs
+# per SM change nothing (ptxas: 168 registers per thread at 2 warps, so about 6 programs are resident;
+# rows come from an atomic counter, so extra programs only wait). Both can be overridden
+# (TL_FAST_KERNEL_WARPS, TL_FAST_PROGRAMS_PER_SM); they never change the results.
+NUM_WARPS = int(os.environ.get("TL_FAST_KERNEL_WARPS", "2"))
 PROGRAMS_PER_SM = int(os.environ.get("TL_FAST_PROGRAMS_PER_SM", "4"))
 CHUNK = 512  # general-path lanes per step (the class row has Sy * Sx * 4 * k lanes, ~3k at 224 px)
 PAIR_BLOCK = 16  # fast path: other-lane chunk of the all-pairs comparison
@@ -74,7 +75,8 @@ MIX_NONE, MIX_SCALAR, MIX_TENSOR = 0, 1, 2
 
 @triton.jit
 def _geometry(affine_ptr, s, Hf, Wf, GHf, GWf, EPS: tl.constexpr, MAX_S: tl.constexpr):
-    """Sample ``s``'s widened affine (float64) and its adaptive sample counts for a GH x GW grid.
+    """Sample ``s``'s widened affine (float64), its adaptive sample counts for a GH x GW grid, and
+    the reciprocals of the counts and of the grid.
 
     affine_ptr: [B, 2, 3]. RoI-Align's ``aligned=False`` rule widens an output axis whose image is
     under one map pixel to exactly one pixel (start edge kept); counts are ceil(extent - EPS) >= 1.
@@ -104,19 +106,26 @@ def _geometry(affine_ptr, s, Hf, Wf, GHf, GWf, EPS: tl.constexpr, MAX_S: tl.cons
     sy = ext_v.to(tl.int32)
     sx = tl.maximum(tl.where(sx.to(tl.float64) < ext_u, sx + 1, sx), 1)
     sy = tl.maximum(tl.where(sy.to(tl.float64) < ext_v, sy + 1, sy), 1)
-    return a00, a01, a02, a10, a11, a12, sy, sx
+    # Reciprocals for the per-lane sample positions (per-lane float64 divisions would dominate; they
+    # differ from the reference's divisions by an ulp of float64, far below the float32 output).
+    inv_sy = 1.0 / sy.to(tl.float64)
+    inv_sx = 1.0 / sx.to(tl.float64)
+    inv_gh = 1.0 / tl.cast(GHf, tl.float64)
+    inv_gw = 1.0 / tl.cast(GWf, tl.float64)
+    return a00, a01, a02, a10, a11, a12, sy, sx, inv_sy, inv_sx, inv_gh, inv_gw
 
 
 @triton.jit
-def _lanes(values_ptr, indices_ptr, affine_ptr, s, g, r, c, H, W, K, Hf, Wf, GHf, GWf,
-           KTOP: tl.constexpr, EPS: tl.constexpr, MAX_S: tl.constexpr):
-    """Entries ``g`` (a 1-D block of lane ids) of bin ``(r, c)``'s sparse row of sample ``s``.
+def _lanes(values_ptr, indices_ptr, s, g, r, c, H, W, K, Hf, Wf, GHf, GWf,
+           a00, a01, a02, a10, a11, a12, sy, sx, inv_sy, inv_sx, inv_gh, inv_gw, KTOP: tl.constexpr):
+    """Entries ``g`` (a 1-D block of lane ids) of bin ``(r, c)``'s sparse row of sample ``s``, whose
+    geometry (:func:`_geometry`) the caller computed once for the row: the float64 square roots and
+    divisions there cost more than the lanes themselves when repeated per chunk.
 
     values_ptr, indices_ptr: [B, KTOP, H, W]. Lane g is (sample q, corner, j) with
     g = ((q * 4) + corner) * KTOP + j, q = iy * Sx + ix. Returns (class, score, ok, bad): ok marks
     live lanes with a valid class, bad live lanes whose class is outside [0, K).
     """
-    a00, a01, a02, a10, a11, a12, sy, sx = _geometry(affine_ptr, s, Hf, Wf, GHf, GWf, EPS, MAX_S)
     live = g < sy * sx * (4 * KTOP)
     g = tl.where(live, g, 0)
     j = g % KTOP
@@ -125,12 +134,6 @@ def _lanes(values_ptr, indices_ptr, affine_ptr, s, g, r, c, H, W, K, Hf, Wf, GHf
     corner = p % 4
     iy = q // sx
     ix = q % sx
-    # Per-row reciprocals: per-lane float64 divisions would dominate the fast path (they differ from
-    # the reference's divisions by an ulp of float64, far below the float32 output).
-    inv_sy = 1.0 / sy.to(tl.float64)
-    inv_sx = 1.0 / sx.to(tl.float64)
-    inv_gh = 1.0 / tl.cast(GHf, tl.float64)
-    inv_gw = 1.0 / tl.cast(GWf, tl.float64)
     h = tl.cast(Hf, tl.float64)
     w = tl.cast(Wf, tl.float64)
     v = (tl.cast(r, tl.float64) + (iy.to(tl.float64) + 0.5) * inv_sy) * inv_gh
@@ -188,24 +191,24 @@ def _logsumexp(z_row, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _fast_row(values_ptr, indices_ptr, affine_ptr, s, r, c, H, W, K, Hf, Wf, GHf, GWf, Kf, smoothing,
+def _fast_row(values_ptr, indices_ptr, s, r, c, H, W, K, Hf, Wf, GHf, GWf, Kf, smoothing,
+              a00, a01, a02, a10, a11, a12, sy, sx, inv_sy, inv_sx, inv_gh, inv_gw,
               out_row, z_row, g_row, loss_slot, lse_slot, row_w, gout_ptr,
-              KTOP: tl.constexpr, EPS: tl.constexpr, MAX_S: tl.constexpr, MODE: tl.constexpr,
+              KTOP: tl.constexpr, MODE: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CB: tl.constexpr):
     """One row whose sparse list fits BLOCK_N lanes: class totals by all-pairs comparison."""
     lane = tl.arange(0, BLOCK_N)
-    cls, score, ok, bad = _lanes(values_ptr, indices_ptr, affine_ptr, s, lane, r, c, H, W, K,
-                                 Hf, Wf, GHf, GWf, KTOP, EPS, MAX_S)
+    cls, score, ok, bad = _lanes(values_ptr, indices_ptr, s, lane, r, c, H, W, K, Hf, Wf, GHf, GWf,
+                                 a00, a01, a02, a10, a11, a12, sy, sx, inv_sy, inv_sx, inv_gh, inv_gw, KTOP)
     # All pairs, against OTHER lanes in chunks of CB (recomputed: cheaper than holding a
     # [BLOCK_N, BLOCK_N] tile in registers), only as far as the live lanes go.
-    g00, g01, g02, g10, g11, g12, sy, sx = _geometry(affine_ptr, s, Hf, Wf, GHf, GWf, EPS, MAX_S)
     n_live = sy * sx * (4 * KTOP)
     total = tl.zeros([BLOCK_N], tl.float32)
     seen = tl.zeros([BLOCK_N], tl.int32)
     for o0 in range(0, n_live, CB):
         other = o0 + tl.arange(0, CB)
-        cls_o, score_o, ok_o, bad_o = _lanes(values_ptr, indices_ptr, affine_ptr, s, other, r, c, H, W, K,
-                                         Hf, Wf, GHf, GWf, KTOP, EPS, MAX_S)
+        cls_o, score_o, ok_o, bad_o = _lanes(values_ptr, indices_ptr, s, other, r, c, H, W, K, Hf, Wf, GHf, GWf,
+                                             a00, a01, a02, a10, a11, a12, sy, sx, inv_sy, inv_sx, inv_gh, inv_gw, KTOP)
         same = (cls[:, None] == cls_o[None, :]) & ok_o[None, :]
         total += tl.sum(tl.where(same, score_o[None, :], 0.0), axis=1)  # A_c of each entry's class
         seen += tl.sum((same & (other[None, :] < lane[:, None])).to(tl.int32), axis=1)
@@ -254,13 +257,14 @@ def _fast_row(values_ptr, indices_ptr, affine_ptr, s, r, c, H, W, K, Hf, Wf, GHf
 def _accumulate(scr, values_ptr, indices_ptr, affine_ptr, s, r, c, H, W, K, Hf, Wf, GHf, GWf,
                 KTOP: tl.constexpr, EPS: tl.constexpr, MAX_S: tl.constexpr, CHUNK: tl.constexpr):
     """Atomically add bin (r, c)'s sparse row of sample s into the float32 row scr[0:K]."""
-    g00, g01, g02, g10, g11, g12, sy, sx = _geometry(affine_ptr, s, Hf, Wf, GHf, GWf, EPS, MAX_S)
+    a00, a01, a02, a10, a11, a12, sy, sx, inv_sy, inv_sx, inv_gh, inv_gw = _geometry(
+        affine_ptr, s, Hf, Wf, GHf, GWf, EPS, MAX_S)
     n_lanes = sy * sx * (4 * KTOP)
     n_bad = 0
     for g0 in range(0, n_lanes, CHUNK):
         g = g0 + tl.arange(0, CHUNK)
-        cls, score, ok, bad = _lanes(values_ptr, indices_ptr, affine_ptr, s, g, r, c, H, W, K,
-                                     Hf, Wf, GHf, GWf, KTOP, EPS, MAX_S)
+        cls, score, ok, bad = _lanes(values_ptr, indices_ptr, s, g, r, c, H, W, K, Hf, Wf, GHf, GWf,
+                                     a00, a01, a02, a10, a11, a12, sy, sx, inv_sy, inv_sx, inv_gh, inv_gw, KTOP)
         tl.atomic_add(scr + cls, score, mask=ok, sem="relaxed")
         n_bad += tl.sum(bad.to(tl.int32), axis=0)
     return n_bad
@@ -370,6 +374,8 @@ def _token_rows_kernel(
     scr = scratch_ptr + pid.to(tl.int64) * (2 * K)
     row = tl.atomic_add(counter_ptr, 1)
     while row < n_rows:
+        # Claim the next row now: the atomic's round trip overlaps this row's work.
+        next_row = tl.atomic_add(counter_ptr, 1)
         is_cls = row < B
         rr = tl.maximum(row - B, 0)
         b = tl.where(is_cls, row, rr // T)
@@ -405,32 +411,33 @@ def _token_rows_kernel(
         else:
             src = tl.where(inside, partner, b)  # MixToken: the partner's clean target
             trow = (b.to(tl.int64) * T + tok) * K
-            g00, g01, g02, g10, g11, g12, sy, sx = _geometry(affine_ptr, src, Hf, Wf, GHf, GWf, EPS, MAX_S)
+            g00, g01, g02, g10, g11, g12, sy, sx, isy, isx, igh, igw = _geometry(
+                affine_ptr, src, Hf, Wf, GHf, GWf, EPS, MAX_S)
             n_lanes = sy * sx * (4 * KTOP)
             if NT0 > 0:
                 if n_lanes <= NT0:
-                    _fast_row(values_ptr, indices_ptr, affine_ptr, src, rt, ct, H, W, K, Hf, Wf, GHf, GWf,
-                              Kf, smoothing, out_ptr + orow * K, tok_ptr + trow, gtok_ptr + trow,
-                              loss_ptr + orow, lse_ptr + orow, tok_w, gout_ptr,
-                              KTOP, EPS, MAX_S, MODE, NT0, BLOCK_K, PB)
+                    _fast_row(values_ptr, indices_ptr, src, rt, ct, H, W, K, Hf, Wf, GHf, GWf, Kf, smoothing,
+                              g00, g01, g02, g10, g11, g12, sy, sx, isy, isx, igh, igw, out_ptr + orow * K,
+                              tok_ptr + trow, gtok_ptr + trow, loss_ptr + orow, lse_ptr + orow, tok_w, gout_ptr,
+                              KTOP, MODE, NT0, BLOCK_K, PB)
             if NT1 > 0:
                 if (n_lanes > NT0) & (n_lanes <= NT1):
-                    _fast_row(values_ptr, indices_ptr, affine_ptr, src, rt, ct, H, W, K, Hf, Wf, GHf, GWf,
-                              Kf, smoothing, out_ptr + orow * K, tok_ptr + trow, gtok_ptr + trow,
-                              loss_ptr + orow, lse_ptr + orow, tok_w, gout_ptr,
-                              KTOP, EPS, MAX_S, MODE, NT1, BLOCK_K, PB)
+                    _fast_row(values_ptr, indices_ptr, src, rt, ct, H, W, K, Hf, Wf, GHf, GWf, Kf, smoothing,
+                              g00, g01, g02, g10, g11, g12, sy, sx, isy, isx, igh, igw, out_ptr + orow * K,
+                              tok_ptr + trow, gtok_ptr + trow, loss_ptr + orow, lse_ptr + orow, tok_w, gout_ptr,
+                              KTOP, MODE, NT1, BLOCK_K, PB)
             if NT2 > 0:
                 if (n_lanes > NT1) & (n_lanes <= NT2):
-                    _fast_row(values_ptr, indices_ptr, affine_ptr, src, rt, ct, H, W, K, Hf, Wf, GHf, GWf,
-                              Kf, smoothing, out_ptr + orow * K, tok_ptr + trow, gtok_ptr + trow,
-                              loss_ptr + orow, lse_ptr + orow, tok_w, gout_ptr,
-                              KTOP, EPS, MAX_S, MODE, NT2, BLOCK_K, PB)
+                    _fast_row(values_ptr, indices_ptr, src, rt, ct, H, W, K, Hf, Wf, GHf, GWf, Kf, smoothing,
+                              g00, g01, g02, g10, g11, g12, sy, sx, isy, isx, igh, igw, out_ptr + orow * K,
+                              tok_ptr + trow, gtok_ptr + trow, loss_ptr + orow, lse_ptr + orow, tok_w, gout_ptr,
+                              KTOP, MODE, NT2, BLOCK_K, PB)
             if n_lanes > NT2:
                 _general_row(values_ptr, indices_ptr, affine_ptr, src, src, lam, rt, ct, H, W, K, Hf, Wf,
                              GHf, GWf, Kf, smoothing, scr, out_ptr + orow * K, tok_ptr + trow,
                              gtok_ptr + trow, loss_ptr + orow, lse_ptr + orow, tok_w, gout_ptr,
                              KTOP, EPS, MAX_S, MODE, False, BLOCK_K, CHUNK)
-        row = tl.atomic_add(counter_ptr, 1)
+        row = next_row
 
 
 # ----------------------------------------------------------------------------------------------
