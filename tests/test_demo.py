@@ -1,6 +1,8 @@
 """The built-in demo dataset: deterministic scenes, ImageNet layout, prepare() end to end."""
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import io
 import json
@@ -153,6 +155,19 @@ def test_prepare_end_to_end_and_idempotent(tmp_path):
     with pytest.raises(RuntimeError, match="other settings"):
         prepare(tmp_path / "demo", progress=False, config=DemoConfig(num_classes=3, train_per_class=6,
                                                                       val_per_class=2, scene=SMALL_SCENE))
+
+    # Another annotator recipe on the same images: the annotator and the labels are rebuilt, the
+    # images kept.
+    sharper = dataclasses.replace(TINY, annotator=dataclasses.replace(TINY.annotator, epochs=2, label_smoothing=0.0))
+    image_mtimes = {p: p.stat().st_mtime_ns for p in paths.root.rglob("*.jpg")}
+    rebuilt = prepare(tmp_path / "demo", progress=False, config=sharper)
+    assert {p: p.stat().st_mtime_ns for p in paths.root.rglob("*.jpg")} == image_mtimes
+    assert rebuilt.manifest["config"]["annotator"]["epochs"] == 2
+    saved = torch.load(rebuilt.annotator, map_location="cpu", weights_only=True)
+    assert saved["config"] == dataclasses.asdict(sharper.annotator)
+    assert LabelStore.open(rebuilt.labels).metadata["demo"]["annotator"] == dataclasses.asdict(sharper.annotator)
+    assert prepare(tmp_path / "demo", progress=False, config=sharper) == rebuilt  # and then it is reused
+    prepare(tmp_path / "demo", progress=False, config=TINY)  # back to the original recipe: rebuilt again
 
     # The size figures: public files really written, one per image.
     figures = measure(tmp_path / "demo", progress=False, config=TINY)

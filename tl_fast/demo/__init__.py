@@ -28,6 +28,8 @@ from .scenes import GENERATOR_VERSION, SceneConfig
 
 MANIFEST = "demo.json"
 _MANIFEST_VERSION = 1
+# The settings that determine the images; the others (annotator, top-k) only what is derived from them.
+_IMAGE_SETTINGS = ("seed", "num_classes", "train_per_class", "val_per_class", "scene")
 
 
 @dataclass(frozen=True)
@@ -112,11 +114,18 @@ def _prepare(root: Path, config: DemoConfig, progress: bool) -> DemoPaths:
     manifest_path = root / MANIFEST
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("config") == settings and manifest.get("generator") != GENERATOR_VERSION:
-            manifest = {}  # made by an older generator: rebuilt below, step by step
-        elif manifest.get("config") != settings or manifest.get("version") != _MANIFEST_VERSION:
+        old = manifest.get("config") or {}
+        same_images = all(old.get(k) == settings[k] for k in _IMAGE_SETTINGS)
+        if manifest.get("version") != _MANIFEST_VERSION or not same_images:
             raise RuntimeError(f"{root} holds demo data made with other settings ({manifest_path}); pass another "
                                "directory (--data / TL_FAST_DATA) or delete this one")
+        if old != settings or manifest.get("generator") != GENERATOR_VERSION:
+            # Another generator version, annotator recipe or top-k: rebuilt below, step by step; each
+            # step (images, annotator, labels) keeps what still matches.
+            if progress and old != settings:
+                print(f"{root}: the demo annotator settings changed; retraining it and re-annotating "
+                      "(the images are kept)", flush=True)
+            manifest = {}
         if manifest:
             paths = _paths(root, config, manifest["classes"], manifest)
             if all(p.exists() for p in (paths.train, paths.val, paths.labels, paths.annotator)):
@@ -150,8 +159,8 @@ def _prepare(root: Path, config: DemoConfig, progress: bool) -> DemoPaths:
         load_checkpoint(net, paths.annotator)
         result = annotate(paths.train, paths.labels, model=net, img_size=ann_cfg.img_size, topk=config.topk,
                           batch_size=128, num_workers=0, device="cpu", progress=progress,
-                          metadata={"demo": {"val_top1": info["val_acc"], "seed": config.seed,
-                                              "data_id": data_id}})
+                          metadata={"demo": {"val_top1": info["val_acc"], "annotator": asdict(ann_cfg),
+                                             "seed": config.seed, "data_id": data_id}})
         labels = {"map_size": list(result.map_size), "topk": result.topk, "num_classes": result.num_classes,
                   "annotate_train_top1": result.top1, "annotate_train_top5": result.top5}
     manifest = {
@@ -186,7 +195,8 @@ def _existing_labels(path: Path, config: DemoConfig, info: dict, data_id: str) -
             meta = store.metadata.get("annotator", {})
             if (len(store) != config.num_classes * config.train_per_class or store.topk != config.topk
                     or store.metadata.get("demo", {}).get("data_id") != data_id
-                    or store.metadata.get("demo", {}).get("val_top1") != info["val_acc"]):
+                    or store.metadata.get("demo", {}).get("val_top1") != info["val_acc"]
+                    or store.metadata.get("demo", {}).get("annotator") != asdict(config.annotator)):
                 return None
             return {"map_size": list(store.map_size), "topk": store.topk, "num_classes": store.num_classes,
                     "annotate_train_top1": meta.get("image_top1"), "annotate_train_top5": meta.get("image_top5")}

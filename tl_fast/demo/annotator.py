@@ -81,14 +81,20 @@ def demo_cnn(num_classes: int = 32, width: int = 16) -> DemoCNN:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training recipe of the demo annotator (about a minute on a laptop CPU at the defaults)."""
+    """Training recipe of the demo annotator (about a minute on two CPU cores at the defaults).
+
+    No label smoothing and 40 epochs: token labeling wants a confident annotator. The earlier recipe
+    (18 epochs, smoothing 0.1) reached 83% val top-1 and gave soft maps (top class 0.49 of a token
+    target on average, class-token target right on 75% of training crops); this one reaches 97% with
+    0.63 and 93%."""
 
     img_size: int = 96
     width: int = 16
-    epochs: int = 18
+    epochs: int = 40
     batch_size: int = 64
     lr: float = 0.2  # peak SGD learning rate, cosine decay after one warm-up epoch
     weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
     seed: int = 0
 
 
@@ -177,7 +183,7 @@ def train_annotator(
         for i in range(0, len(perm), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
             x = _normalize(_augment(x_train[idx], gen))
-            loss = F.cross_entropy(model(x), y_train[idx], label_smoothing=0.1)
+            loss = F.cross_entropy(model(x), y_train[idx], label_smoothing=cfg.label_smoothing)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             opt.zero_grad(set_to_none=True)
