@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tl_fast.models import MODEL_NAMES, create_lvvit
@@ -104,8 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ema-decay", type=float, default=0.9998, help="EMA decay (warmed up as (1+n)/(10+n))")
     t.add_argument("--token-label", action=argparse.BooleanOptionalAction, default=True,
                    help="dense loss on every token from the label store; off: class-token CE on hard labels")
-    t.add_argument("--mixtoken", action=argparse.BooleanOptionalAction, default=True,
-                   help="MixToken (needs --token-label)")
+    t.add_argument("--mixtoken", action=argparse.BooleanOptionalAction,
+                   help="MixToken: tokens inside the batch's box come from the partner sample B-1-b (default: on "
+                   "with token labels, off without; --no-token-label --mixtoken mixes the hard labels by area, "
+                   "a token-level CutMix baseline)")
     t.add_argument("--mixtoken-per-sample", action="store_true", help="one MixToken box per sample")
     t.add_argument("--dense-weight", type=float, default=1.0, help="weight of the token loss (paper: 0.5)")
     t.add_argument("--gt-weight", type=float, default=0.0,
@@ -143,8 +144,8 @@ def resolve(args: argparse.Namespace, dist) -> argparse.Namespace:
     else:
         args.train_dir, args.val_dir = Path(args.data) / "train", Path(args.data) / "val"
         args.labels = args.labels or str(Path(args.data) / "labels.tlstore")
-    if args.mixtoken and not args.token_label:
-        args.mixtoken = False  # MixToken's targets follow the box: it needs token labels
+    if args.mixtoken is None:
+        args.mixtoken = args.token_label
     return args
 
 
@@ -239,8 +240,9 @@ def make_step(args, model, train_model, opt, sched, ema, dist, state):
             if args.gt_weight > 0:
                 loss = loss + args.gt_weight * mixed_label_loss(cls, batch.labels, batch.mix_box, batch.grid,
                                                                 args.smoothing)
-        else:
-            loss = F.cross_entropy(cls.float(), batch.labels, label_smoothing=args.smoothing)
+        else:  # hard labels, mixed by area when the tokens were mixed
+            loss = mixed_label_loss(cls, batch.labels, batch.mix_box if args.mixtoken else None, batch.grid,
+                                    args.smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.clip_grad > 0:
