@@ -166,18 +166,18 @@ def make_loaders(args, dist):
 
 
 def _images(args, folder, dist):
-    """FFCV reads a .beton: pack one beside the image folder on first use (rank 0; the others wait)."""
+    """FFCV reads a .beton: pack one beside the image folder on first use (rank 0; the others wait).
+    The train split is packed with its label store; the val split without labels (eval reads no maps)."""
     if args.loader != "ffcv":
         return folder
     from tl_fast.loaders.ffcv_pack import pack_ffcv
     folder = Path(folder)
     train = folder == Path(args.train_dir)
-    out = folder.parent / f"{folder.name}-{Path(args.labels).stem}.beton"
+    store = str(args.labels) if train else None
+    out = folder.parent / (f"{folder.name}-{Path(args.labels).stem}.beton" if train else f"{folder.name}.beton")
     if dist.is_main and not out.exists():
         print(f"packing {folder} into {out} (first use of --loader ffcv)", flush=True)
-        # pack-ffcv always packs records; the val split gets one-hot ones (never read: eval loads no maps).
-        pack_ffcv(str(folder), str(args.labels), str(out), num_workers=max(args.workers, 1),
-                  missing_labels="error" if train else "one_hot", progress=not args.no_progress)
+        pack_ffcv(str(folder), store, str(out), num_workers=max(args.workers, 1), progress=not args.no_progress)
     barrier()
     return str(out)
 

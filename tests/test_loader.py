@@ -342,6 +342,59 @@ def test_pack_ffcv_cli_with_downscale(data, tmp_path):
     assert info.stored_sizes.max() <= 48 and np.array_equal(info.sizes, ImageFolderIndex(data["images"]).sizes)
 
 
+@pytest.fixture(scope="module")
+def unlabelled(data):
+    """``data`` plus a .beton of the same images packed with ``pack-ffcv IMAGES OUT --no-labels``."""
+    from tl_fast.cli import main
+
+    out = str(data["root"] / "nolabels.beton")
+    assert main(["pack-ffcv", data["images"], out, "--no-labels", "--workers", "1"]) == 0
+    return {**data, "beton": out}
+
+
+def test_pack_ffcv_without_labels_reads_like_the_labelled_pack(data, unlabelled):
+    import json
+
+    from tl_fast.loaders.ffcv_backend import read_packed
+
+    with open(unlabelled["beton"] + ".json") as f:
+        meta = json.load(f)
+    assert meta["has_records"] is False and meta["store"] is None and meta["topk"] is None
+    info, ref_info = read_packed(unlabelled["beton"]), read_packed(data["beton"])
+    assert not info.has_records and info.record_lengths is None and info.map_size is None
+    assert np.array_equal(info.sizes, ref_info.sizes) and np.array_equal(info.targets, ref_info.targets)
+    assert info.classes == ref_info.classes and info.num_classes == ref_info.num_classes
+    # Same images, class ids, indices and plans as the labelled file read with token labels off.
+    for kw in (dict(train=False), dict(augment=NO_RA, erase=None, token_labels=False, seed=5)):
+        a = _loader(unlabelled, "ffcv", **kw)
+        b = _loader(data, "ffcv", **kw)
+        assert not a.has_token_labels and a.num_classes == b.num_classes and len(a) == len(b)
+        ea, eb = _epoch(a), _epoch(b)
+        assert len(ea) == len(eb) == 3
+        for x, y in zip(ea, eb):
+            assert np.array_equal(x[0], y[0]) and torch.equal(x[1], y[1]) and torch.equal(x[2], y[2])
+            assert torch.equal(x[3], y[3]) and x[4] is None and y[4] is None and x[5] is None
+
+
+def test_token_labels_from_unlabelled_pack_are_a_clear_error(data, unlabelled, tmp_path):
+    from tl_fast.cli import main
+
+    with pytest.raises(ValueError, match=r"packed without label records.*pack-ffcv IMAGES STORE OUT\.beton"):
+        _loader(unlabelled, "ffcv", labels=data["store"], train=True)
+    # Token labels off: the store is not needed, the file loads.
+    assert not _loader(unlabelled, "ffcv", labels=data["store"], train=False).has_token_labels
+    # No labels asked for: plain class labels for training.
+    (batch, *_) = list(_loader(unlabelled, "ffcv", augment=NO_RA, erase=None))
+    assert batch.maps is None and batch.mix_box is None and batch.labels.shape == (4,)
+    # The CLI asks for STORE or --no-labels, not both.
+    out = str(tmp_path / "x.beton")
+    with pytest.raises(SystemExit):
+        main(["pack-ffcv", data["images"], out])
+    with pytest.raises(SystemExit):
+        main(["pack-ffcv", data["images"], data["store"], out, "--no-labels"])
+    assert not os.path.exists(out)
+
+
 def test_ffcv_pipeline_error_surfaces_instead_of_hanging(data):
     from dataclasses import replace as dc_replace
 

@@ -1,5 +1,6 @@
 """FFCV backend: a ``.beton`` written by ``tl-fast pack-ffcv`` (images + class ids + sample ids +
-label records), read with a decoder whose crop comes from the geometry plan.
+label records, or no records with ``--no-labels``), read with a decoder whose crop comes from the
+geometry plan.
 
 * ``PlanImageField`` is FFCV's RGB image field with two more metadata columns, the original image
   size: the plan is a function of the original size, while the stored image may be downscaled.
@@ -17,7 +18,8 @@ label records), read with a decoder whose crop comes from the geometry plan.
   forwards the exception to the main process, and a watchdog raises ``TimeoutError`` when no batch
   arrives within ``timeout_s``.
 * Label records are packed as a bytes field (uint8; numba has no float16) and decoded in the main
-  process with :func:`tl_fast.store.decode_records`.
+  process with :func:`tl_fast.store.decode_records`. A file packed without labels has no such field
+  (``has_records`` false in its JSON); it serves loaders without token labels only.
 * Thread safety. FFCV 1.0.2's OS-cache memory manager marks its state read-only by setting
   ``mutable = False`` on numba's *interned* array types (``numba.uint8[::1]`` is one object shared
   by the whole process). That changes the hash of a type that is already a key in numba's tables
@@ -51,7 +53,8 @@ from .common import PlanMaker
 META_SUFFIX = ".json"
 FORMAT = "tl_fast-ffcv"
 FORMAT_VERSION = 2
-# Field order in the file (the combined metadata names them f0, f1, ... in this order).
+# Field order in the file (the combined metadata names them f0, f1, ... in this order); a file packed
+# without labels has the first three only.
 FIELDS = ("image", "label", "index", "record")
 
 
@@ -413,14 +416,14 @@ class PackedInfo:
     path: str
     classes: list[str]
     num_classes: int
-    topk: int
-    map_size: tuple[int, int]
+    topk: int | None  # None (and map_size None) when packed without labels
+    map_size: tuple[int, int] | None
     has_records: bool
     sizes: np.ndarray  # [N, 2] original (height, width)
     stored_sizes: np.ndarray  # [N, 2] as stored
     targets: np.ndarray  # [N] int64
     valid_ids: np.ndarray  # samples that decoded at pack time
-    record_lengths: np.ndarray  # [N]
+    record_lengths: np.ndarray | None  # [N]; None without records
     num_invalid: int
     num_one_hot: int
 
@@ -431,8 +434,8 @@ def read_packed(path: str | os.PathLike) -> PackedInfo:
 
     path = str(path)
     if os.path.isdir(path) or not os.path.isfile(path):
-        raise ValueError(f"backend='ffcv' reads a .beton written by `tl-fast pack-ffcv IMAGES STORE OUT.beton`; "
-                         f"{path} is not such a file")
+        raise ValueError(f"backend='ffcv' reads a .beton written by `tl-fast pack-ffcv IMAGES STORE OUT.beton` "
+                         f"(or `IMAGES OUT.beton --no-labels`); {path} is not such a file")
     meta_path = path + META_SUFFIX
     try:
         with open(meta_path) as f:
@@ -446,17 +449,24 @@ def read_packed(path: str | os.PathLike) -> PackedInfo:
     md = reader.metadata
     if len(md) != meta["num_samples"]:
         raise ValueError(f"{path} holds {len(md)} samples but {meta_path} says {meta['num_samples']}: files mismatch")
-    img, label, rec = md[f"f{FIELDS.index('image')}"], md[f"f{FIELDS.index('label')}"], md[f"f{FIELDS.index('record')}"]
+    has_records = bool(meta["has_records"])
+    n_fields = len(FIELDS) if has_records else len(FIELDS) - 1
+    if len(md.dtype.names) != n_fields:
+        raise ValueError(f"{path} has {len(md.dtype.names)} fields but {meta_path} describes {n_fields}: "
+                         "files mismatch")
+    img, label = md[f"f{FIELDS.index('image')}"], md[f"f{FIELDS.index('label')}"]
+    record_lengths = np.asarray(md[f"f{FIELDS.index('record')}"]["size"], dtype=np.int64) if has_records else None
     sizes = np.stack([img["orig_height"], img["orig_width"]], 1).astype(np.int64)
     valid = np.asarray(meta.get("invalid", []), dtype=np.int64)
     valid_mask = np.ones(len(md), bool)
     valid_mask[valid] = False
     return PackedInfo(
-        path=path, classes=list(meta["classes"]), num_classes=int(meta["num_classes"]), topk=int(meta["topk"]),
-        map_size=tuple(meta["map_size"]), has_records=bool(meta["has_records"]), sizes=sizes,
+        path=path, classes=list(meta["classes"]), num_classes=int(meta["num_classes"]),
+        topk=int(meta["topk"]) if has_records else None, map_size=tuple(meta["map_size"]) if has_records else None,
+        has_records=has_records, sizes=sizes,
         stored_sizes=np.stack([img["height"], img["width"]], 1).astype(np.int64),
         targets=np.asarray(label, dtype=np.int64).reshape(-1), valid_ids=np.flatnonzero(valid_mask).astype(np.int64),
-        record_lengths=np.asarray(rec["size"], dtype=np.int64), num_invalid=int((~valid_mask).sum()),
+        record_lengths=record_lengths, num_invalid=int((~valid_mask).sum()),
         num_one_hot=int(meta.get("num_one_hot", 0)))
 
 
@@ -467,6 +477,8 @@ class FFCVBackend:
     def __init__(self, path: str | os.PathLike, config: LoaderConfig, device: torch.device, *, with_records: bool) -> None:
         self.path = str(path)
         self.info = read_packed(self.path)
+        if with_records and not self.info.has_records:
+            raise ValueError(f"{self.path} was packed without label records: repack it with a label store")
         self.config = config
         self.device = device
         self.with_records = with_records

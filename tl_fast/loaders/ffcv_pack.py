@@ -1,6 +1,10 @@
 """``tl-fast pack-ffcv IMAGES STORE OUT.beton``: images, class ids, sample ids and label records in one
 FFCV file (plus ``OUT.beton.json``: classes and the store's geometry).
 
+``tl-fast pack-ffcv IMAGES OUT.beton --no-labels`` (``pack_ffcv(images, None, out)``) packs images,
+class ids and sample ids only, with no label-record field (``"has_records": false`` in the JSON): for
+evaluation splits and class-label training, which never read token-label maps.
+
 Images are stored as JPEG. A JPEG no larger than ``--max-side`` is stored byte for byte (no second
 lossy encoding, so FFCV decodes exactly what the other backends decode); larger or non-JPEG images
 are resized (longer side = ``--max-side``, bilinear with antialiasing) and encoded at
@@ -37,7 +41,8 @@ def _placeholder_jpeg() -> np.ndarray:
 
 
 class _PackSource:
-    """Indexed dataset for FFCV's writer: ``(image, label, index, record)`` per sample."""
+    """Indexed dataset for FFCV's writer: ``(image, label, index, record)`` per sample, or
+    ``(image, label, index)`` when ``records`` is None."""
 
     def __init__(self, paths, sizes, targets, records, max_side: int | None, quality: int) -> None:
         self.paths, self.sizes, self.targets, self.records = paths, sizes, targets, records
@@ -75,6 +80,8 @@ class _PackSource:
         except Exception as err:  # counted skip: recorded by the placeholder's zero original size
             warnings.warn(f"pack-ffcv: skipping {self.paths[i]}: {err}")
             image = (_placeholder_jpeg(), 1, 1, 0, 0)
+        if self.records is None:
+            return image, int(self.targets[i]), i
         return image, int(self.targets[i]), i, self.records[i]
 
 
@@ -88,9 +95,12 @@ def _one_hot_record(cls: int, topk: int, map_size) -> np.ndarray:
     return encode_record(values, indices)[0]
 
 
-def pack_ffcv(images: str, store_path: str, out: str, *, max_side: int | None = None, jpeg_quality: int = 90,
+def pack_ffcv(images: str, store_path: str | None, out: str, *, max_side: int | None = None, jpeg_quality: int = 90,
               num_workers: int = 4, missing_labels: str = "error", progress: bool = True) -> dict:
-    """Write ``out`` (+ ``out.json``); returns the description written to the JSON."""
+    """Write ``out`` (+ ``out.json``); returns the description written to the JSON.
+
+    ``store_path=None`` packs no label records (``missing_labels`` is then unused): the file serves
+    loaders without token labels (``train=False``, ``token_labels=False`` or plain class labels)."""
     from ffcv.fields import BytesField, IntField
     from ffcv.writer import DatasetWriter
 
@@ -98,10 +108,15 @@ def pack_ffcv(images: str, store_path: str, out: str, *, max_side: int | None = 
     from .ffcv_backend import FORMAT, FORMAT_VERSION, META_SUFFIX, PlanRGBImageField
 
     index = ImageFolderIndex(images, progress=progress)
-    store = LabelStore.open(store_path)
-    join = join_labels(index, store, missing_labels=missing_labels)
-    records = [store.record_bytes(int(r)) if r >= 0 else _one_hot_record(int(index.targets[i]), store.topk, store.map_size)
-               for i, r in enumerate(join.record)]
+    store = records = None
+    num_one_hot = 0
+    if store_path is not None:
+        store = LabelStore.open(store_path)
+        join = join_labels(index, store, missing_labels=missing_labels)
+        records = [store.record_bytes(int(r)) if r >= 0
+                   else _one_hot_record(int(index.targets[i]), store.topk, store.map_size)
+                   for i, r in enumerate(join.record)]
+        num_one_hot = join.num_missing
     paths = [index.abspath(i) for i in range(len(index))]
     source = _PackSource(paths, index.sizes, index.targets, records, max_side, jpeg_quality)
     out = os.path.abspath(out)
@@ -109,7 +124,9 @@ def pack_ffcv(images: str, store_path: str, out: str, *, max_side: int | None = 
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(out), prefix=".pack-ffcv.", suffix=".beton")
     os.close(fd)
     try:
-        fields = {"image": PlanRGBImageField(), "label": IntField(), "index": IntField(), "record": BytesField()}
+        fields = {"image": PlanRGBImageField(), "label": IntField(), "index": IntField()}
+        if records is not None:
+            fields["record"] = BytesField()
         writer = DatasetWriter(tmp, fields, num_workers=max(1, num_workers))
         writer.from_indexed_dataset(source, chunksize=64)
         from ffcv.reader import Reader
@@ -118,10 +135,11 @@ def pack_ffcv(images: str, store_path: str, out: str, *, max_side: int | None = 
         invalid = np.flatnonzero(md["orig_height"] == 0).tolist()
         meta = {
             "format": FORMAT, "version": FORMAT_VERSION, "source": os.path.abspath(images),
-            "store": os.path.abspath(store_path), "num_samples": len(index), "classes": index.classes,
-            "num_classes": store.num_classes, "topk": store.topk, "map_size": list(store.map_size),
-            "has_records": True, "max_side": max_side, "jpeg_quality": jpeg_quality, "invalid": invalid,
-            "invalid_paths": [index.paths[i] for i in invalid], "num_one_hot": join.num_missing,
+            "store": None if store is None else os.path.abspath(store_path), "num_samples": len(index),
+            "classes": index.classes, "num_classes": index.num_classes if store is None else store.num_classes,
+            "topk": None if store is None else store.topk, "map_size": None if store is None else list(store.map_size),
+            "has_records": store is not None, "max_side": max_side, "jpeg_quality": jpeg_quality, "invalid": invalid,
+            "invalid_paths": [index.paths[i] for i in invalid], "num_one_hot": num_one_hot,
             "skipped_at_index": [s.path for s in index.skipped],
         }
         meta_tmp = tmp + ".json"
@@ -140,24 +158,36 @@ def pack_ffcv(images: str, store_path: str, out: str, *, max_side: int | None = 
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.no_labels and args.store is not None:
+        args.parser.error(f"--no-labels packs no label store; got one ({args.store}): drop it or drop --no-labels")
+    if not args.no_labels and args.store is None:
+        args.parser.error("missing STORE: pack-ffcv IMAGES STORE OUT.beton, or IMAGES OUT.beton --no-labels "
+                          "for a file without token labels")
     meta = pack_ffcv(args.images, args.store, args.out, max_side=args.max_side, jpeg_quality=args.jpeg_quality,
                      num_workers=args.workers, missing_labels=args.missing_labels)
     n_bad = len(meta["invalid"]) + len(meta["skipped_at_index"])
+    labels = f"{meta['num_one_hot']} one-hot fall-backs" if meta["has_records"] else "no label records"
     print(f"wrote {args.out}: {meta['num_samples'] - len(meta['invalid'])} samples, {len(meta['classes'])} classes, "
-          f"{n_bad} skipped, {meta['num_one_hot']} one-hot fall-backs")
+          f"{n_bad} skipped, {labels}")
     return 0
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "pack-ffcv", help="pack an image folder and its label store into one FFCV .beton",
-        description="Pack IMAGES (ImageFolder layout) and the label STORE into OUT.beton for backend='ffcv'.")
-    p.add_argument("images", help="ImageFolder-layout directory (root/<class>/<image>)")
-    p.add_argument("store", help="label store of those images (tl-fast annotate / convert-pt)")
-    p.add_argument("out", help="output .beton (a .beton.json description is written beside it)")
+        "pack-ffcv", help="pack an image folder and its label store (or no labels) into one FFCV .beton",
+        usage="%(prog)s IMAGES STORE OUT.beton [options]\n       %(prog)s IMAGES OUT.beton --no-labels [options]",
+        description="Pack IMAGES (ImageFolder layout) and the label STORE into OUT.beton for backend='ffcv'. "
+        "With --no-labels (and no STORE) it packs images and class ids only, no token-label records: for "
+        "validation splits or class-label training (loading token labels from such a file is an error).")
+    p.add_argument("images", metavar="IMAGES", help="ImageFolder-layout directory (root/<class>/<image>)")
+    p.add_argument("store", metavar="STORE", nargs="?",
+                   help="label store of those images (tl-fast annotate / convert-pt); omitted with --no-labels")
+    p.add_argument("out", metavar="OUT.beton", help="output .beton (a .beton.json description is written beside it)")
+    p.add_argument("--no-labels", action="store_true",
+                   help="pack no label records (no STORE): the file cannot serve token labels")
     p.add_argument("--max-side", type=int, default=None, help="downscale images whose longer side exceeds N")
     p.add_argument("--jpeg-quality", type=int, default=90, help="quality of re-encoded images (default 90)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="writer processes")
     p.add_argument("--missing-labels", choices=("error", "one_hot"), default="error",
                    help="images without a record: error (default) or a one-hot map of their class")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, parser=p)

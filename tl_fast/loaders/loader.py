@@ -69,7 +69,8 @@ class TokenLabelLoader:
 
     Args:
         images: ImageFolder-layout directory (``root/<class>/<image>``); for ``backend="ffcv"`` the
-            ``.beton`` written by ``tl-fast pack-ffcv`` (labels packed inside).
+            ``.beton`` written by ``tl-fast pack-ffcv`` (labels packed inside, or none with
+            ``--no-labels``: then only without token labels).
         labels: a label store path or an open ``LabelStore``; None for plain labels / evaluation.
         backend: ``"dali"``, ``"ffcv"`` or ``"torch"``.
         batch_size, image_size, patch_size: batch and network input geometry (grid = S / patch).
@@ -126,7 +127,13 @@ class TokenLabelLoader:
             self._map_geometry = (packed.num_classes, packed.topk, packed.map_size) if packed.has_records else None
             self.num_classes = packed.num_classes
             self.num_missing_labels = packed.num_one_hot
-            if labels is not None:
+            if not packed.has_records:
+                if labels is not None and train and self.config.token_labels:
+                    raise ValueError(
+                        f"{images} was packed without label records (pack-ffcv --no-labels), so it cannot give token "
+                        f"labels: repack it with the store (tl-fast pack-ffcv IMAGES STORE OUT.beton), or load it "
+                        "without token labels (labels=None, token_labels=False or train=False)")
+            elif labels is not None:
                 store = self._open_store(labels)
                 if (store.num_classes, store.topk, store.map_size) != self._map_geometry:
                     raise ValueError(f"{images} packs labels with (K, k, map) = {self._map_geometry} but the store "
