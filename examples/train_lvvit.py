@@ -159,7 +159,8 @@ def make_loaders(args, dist):
     train = TokenLabelLoader(_images(args, args.train_dir, dist), args.labels if args.token_label else None,
                              augment=AugmentConfig(scale=(args.crop_scale, 1.0), randaugment=aa), train=True,
                              erase=EraseConfig(prob=args.reprob) if args.reprob > 0 else None,
-                             mixtoken=args.mixtoken, mixtoken_per_sample=args.mixtoken_per_sample, **common)
+                             mixtoken=args.mixtoken, mixtoken_per_sample=args.mixtoken_per_sample,
+                             token_labels=args.token_label, **common)
     val = TokenLabelLoader(_images(args, args.val_dir, dist), None, train=False, mixtoken=False, **common) \
         if Path(args.val_dir).is_dir() else None
     return train, val
