@@ -137,9 +137,11 @@ class TokenLabelLoader:
                 store = self._open_store(labels)
                 if (store.num_classes, store.topk, store.map_size) != self._map_geometry:
                     raise ValueError(f"{images} packs labels with (K, k, map) = {self._map_geometry} but the store "
-                                     f"{labels} has {(store.num_classes, store.topk, store.map_size)}: repack with this store")
+                                     f"{labels} has {(store.num_classes, store.topk, store.map_size)}: "
+                                     "repack with this store")
             self._packed_labels = self._map_geometry is not None
-            self._backend = FFCVBackend(images, self.config, self.device, with_records=self._packed_labels and train and self.config.token_labels)
+            reads_records = self._packed_labels and train and self.config.token_labels
+            self._backend = FFCVBackend(images, self.config, self.device, with_records=reads_records)
         else:
             if not os.path.isdir(images):
                 raise ValueError(f"backend {backend!r} reads an ImageFolder directory; {images} is not one")
