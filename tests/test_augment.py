@@ -146,6 +146,20 @@ def test_random_erase_fills_box_with_noise_only():
     assert torch.equal(out, augment.random_erase(x.clone(), boxes, noise_seed=5))
 
 
+def test_random_erase_cpu_and_gpu_strategies_agree():
+    """The per-box copies (CPU) and the batched masks (GPU) fill the same pixels with the same noise."""
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.normal(size=(6, 3, 24, 20)).astype(np.float32))
+    boxes = augment.erase_boxes(0, 0, np.arange(6), (24, 20))
+    boxes[1] = (0, 0, 24, 20)  # a whole image
+    boxes[2] = 0  # none
+    sel = np.flatnonzero(boxes[:, 2] > 0)
+    noise = torch.randn(int((boxes[sel, 2] * boxes[sel, 3]).sum()) * 3)
+    by_copies = augment._erase_by_copies(x.clone(), boxes, sel, noise)
+    by_mask = augment._erase_by_mask(x.clone(), boxes, sel, noise)
+    assert torch.equal(by_copies, by_mask) and not torch.equal(by_copies, x)
+
+
 def test_augment_batch_deterministic_and_normalized():
     imgs = torch.from_numpy(_images(n=8, h=32, w=32)).permute(0, 3, 1, 2).contiguous()
     plan = plan_batch(0, 2, np.arange(8), np.full((8, 2), 32), AugmentConfig())

@@ -121,11 +121,10 @@ def equalize(x: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor
     """PIL ``ImageOps.equalize`` per channel: ``lut[i] = (step // 2 + sum(h[:i])) // step`` with
     ``step = (pixels - count of the last non-empty level) // 255``; identity when ``step == 0``."""
     n, c, h, w = x.shape
-    lv = x.long().clamp_(0, 255).reshape(n * c, h * w)
-    base = torch.arange(n * c, device=x.device).view(-1, 1) * 256
-    hist = torch.zeros(n * c * 256, dtype=torch.long, device=x.device)
-    hist.index_add_(0, (lv + base).view(-1), torch.ones_like(lv).view(-1))
-    hist = hist.view(n * c, 256)
+    # Flat (sample, channel, level) ids: one bincount gives every histogram (several times faster
+    # than index_add_ on CPU) and the same ids look the output up in the stacked tables.
+    ids = x.long().clamp_(0, 255).reshape(n * c, h * w) + torch.arange(n * c, device=x.device).view(-1, 1) * 256
+    hist = torch.bincount(ids.view(-1), minlength=n * c * 256).view(n * c, 256)
     nonzero = hist > 0
     last = 255 - nonzero.flip(-1).long().argmax(-1)  # last non-empty level
     last_count = hist.gather(1, last.view(-1, 1)).squeeze(1)
@@ -133,7 +132,7 @@ def equalize(x: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor
     safe = step.clamp(min=1).view(-1, 1)
     cum = torch.cumsum(hist, -1) - hist  # exclusive prefix sums
     lut = ((safe // 2 + cum) // safe).clamp_(max=255)
-    out = lut.gather(1, lv).to(x.dtype).view(n, c, h, w)
+    out = lut.view(-1).take(ids).to(x.dtype).view(n, c, h, w)
     keep = ((step == 0) | (nonzero.sum(-1) <= 1)).view(n, c, 1, 1)
     return torch.where(keep, x, out)
 
@@ -173,9 +172,11 @@ def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 def sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """PIL ``ImageEnhance.Sharpness``: blend with the SMOOTH filter (3x3 ones, centre 5, total 13,
-    rounded); border pixels of the filtered image are the original's, as in PIL. The 3x3 sum is an
-    average pool (much faster than a depthwise convolution on CPU)."""
-    box9 = F.avg_pool2d(x, 3, stride=1) * 9.0
+    rounded); border pixels of the filtered image are the original's, as in PIL. The 3x3 sum is two
+    passes of shifted-slice additions: exact on integer levels, and faster on CPU than a depthwise
+    convolution or an average pool."""
+    rows = x[:, :, :-2] + x[:, :, 1:-1] + x[:, :, 2:]
+    box9 = rows[:, :, :, :-2] + rows[:, :, :, 1:-1] + rows[:, :, :, 2:]
     smooth = torch.floor((box9 + 4.0 * x[:, :, 1:-1, 1:-1]) / 13.0 + 0.5).clamp_(0, 255)
     degenerate = x.clone()
     degenerate[:, :, 1:-1, 1:-1] = smooth
@@ -254,22 +255,40 @@ def erase_boxes(seed: int, epoch: int, indices: np.ndarray, size: tuple[int, int
 def random_erase(x: torch.Tensor, boxes: np.ndarray, noise_seed: int) -> torch.Tensor:
     """Replace each box of ``x [B, C, H, W]`` (normalized) by standard normal noise, per pixel.
 
-    Only the erased pixels' noise is drawn (the count is known on the host: no device sync)."""
+    Only the erased pixels' noise is drawn (the count is known on the host: no device sync), and
+    it fills the boxes in (sample, channel, row, column) order."""
     sel = np.flatnonzero(boxes[:, 2] > 0)
     if len(sel) == 0:
         return x
+    count = int((boxes[sel, 2] * boxes[sel, 3]).sum()) * x.shape[1]
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(int(noise_seed) & 0x7FFFFFFFFFFFFFFF)
+    noise = torch.randn(count, generator=gen, device=x.device, dtype=x.dtype)
+    # CPU: a copy per box is cheaper than building masks; GPU: a few batched kernels instead of
+    # one small launch per box. Both give the same tensor (tests/test_augment.py).
+    fill = _erase_by_copies if x.device.type == "cpu" else _erase_by_mask
+    return fill(x, boxes, sel, noise)
+
+
+def _erase_by_copies(x: torch.Tensor, boxes: np.ndarray, sel: np.ndarray, noise: torch.Tensor) -> torch.Tensor:
+    c = x.shape[1]
+    start = 0
+    for i in sel:
+        top, left, bh, bw = (int(v) for v in boxes[i])
+        x[i, :, top:top + bh, left:left + bw] = noise[start:start + c * bh * bw].view(c, bh, bw)
+        start += c * bh * bw
+    return x
+
+
+def _erase_by_mask(x: torch.Tensor, boxes: np.ndarray, sel: np.ndarray, noise: torch.Tensor) -> torch.Tensor:
     dev = x.device
+    h, w = x.shape[2:]
     idx = torch.from_numpy(sel).to(dev)
     b = torch.from_numpy(boxes[sel]).to(dev)
-    c, h, w = x.shape[1:]
     ys = torch.arange(h, device=dev).view(1, h, 1)
     xs = torch.arange(w, device=dev).view(1, 1, w)
     inside = ((ys >= b[:, 0, None, None]) & (ys < (b[:, 0] + b[:, 2])[:, None, None])
               & (xs >= b[:, 1, None, None]) & (xs < (b[:, 1] + b[:, 3])[:, None, None])).unsqueeze(1)
-    count = int((boxes[sel, 2] * boxes[sel, 3]).sum()) * c
-    gen = torch.Generator(device=dev)
-    gen.manual_seed(int(noise_seed) & 0x7FFFFFFFFFFFFFFF)
-    noise = torch.randn(count, generator=gen, device=dev, dtype=x.dtype)
     sub = x.index_select(0, idx)
     sub.masked_scatter_(inside.expand_as(sub), noise)
     x.index_copy_(0, idx, sub)
