@@ -313,12 +313,12 @@ class TokenLabelLoader:
             if dev.type == "cuda":
                 maps = maps.pin_memory()
             maps = maps.to(dev, non_blocking=True)
-            if cfg.mixtoken and cfg.augmenting:
-                if cfg.mixtoken_per_sample:
-                    mix = draw_mix_box(cfg.seed, epoch, idx, self.grid).tensor(dev)
-                else:
-                    mix = draw_mix_box(cfg.seed, epoch, [step], self.grid).tensor(dev)[0]
             self.stats["label_s"] += time.perf_counter() - t0
+        if cfg.mixtoken and cfg.augmenting:  # also without token labels: a mixed-label baseline uses it
+            if cfg.mixtoken_per_sample:
+                mix = draw_mix_box(cfg.seed, epoch, idx, self.grid).tensor(dev)
+            else:
+                mix = draw_mix_box(cfg.seed, epoch, [step], self.grid).tensor(dev)[0]
         return Batch(images=x, labels=labels, maps=maps, affine=affine, mix_box=mix, grid=self.grid,
                      num_classes=self.num_classes, smoothing=cfg.smoothing if cfg.train else 0.0,
                      indices=idx, epoch=epoch, step=step)
