@@ -21,7 +21,8 @@ from tl_fast.demo.annotator import DemoCNN, TrainConfig
 from tl_fast.demo.generate import generate_images
 from tl_fast.demo.measure import measure
 from tl_fast.demo.measure import crop_statistics
-from tl_fast.demo.scenes import SceneConfig, class_specs, render_scene, scene_layout
+from tl_fast.demo.scenes import (SceneConfig, SceneLayout, SceneObject, class_specs, layout_class_map,
+                                  render_scene, scene_layout)
 from tl_fast.store import LabelStore
 from tl_fast.store.commands import public_pt_bytes
 
@@ -68,6 +69,24 @@ def test_layout_main_object_inside_and_drawn_last():
         assert main.size / 2 <= main.cx <= lay.width - main.size / 2
         assert main.size / 2 <= main.cy <= lay.height - main.size / 2
         assert all(o.size < main.size for o in lay.objects[:-1])
+
+
+def test_layout_class_map_names_the_object_on_top_and_the_label_elsewhere():
+    # 80 x 40 image on a 4 x 4 grid: cell centres at x = 10, 30, 50, 70 and y = 5, 15, 25, 35.
+    # Object 1 covers x 35-65, y 0-30; object 2, drawn after it, x 46-54, y 11-19; the main object
+    # (label 0) x 66-74, y 31-39. Background cells take the label, 0.
+    lay = SceneLayout(80, 40, (SceneObject(1, 50.0, 15.0, 30, False), SceneObject(2, 50.0, 15.0, 8, False),
+                               SceneObject(0, 70.0, 35.0, 8, True)))
+    want = np.array([[0, 0, 1, 0],
+                     [0, 0, 2, 0],
+                     [0, 0, 1, 0],
+                     [0, 0, 0, 0]])
+    assert np.array_equal(layout_class_map(lay, 4), want)
+    real = scene_layout(0, "train", 3, 7, 8)
+    m = layout_class_map(real, 12)
+    assert m.shape == (12, 12) and set(np.unique(m)) <= {o.label for o in real.objects}
+    main = real.objects[-1]
+    assert m[int(main.cy / real.height * 12), int(main.cx / real.width * 12)] == 3
 
 
 def test_random_resized_crops_often_miss_the_main_object():

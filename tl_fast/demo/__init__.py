@@ -148,8 +148,9 @@ def _prepare(root: Path, config: DemoConfig, progress: bool) -> DemoPaths:
                 and saved.get("data_id") == data_id):
             info = {k: v for k, v in saved.items() if k != "model"}
     if info is None:
+        dense = _layout_maps(paths.train, classes, config) if ann_cfg.dense else None
         info = train_annotator(paths.train, paths.val, classes, paths.annotator, ann_cfg, progress=progress,
-                               extra={"data_id": data_id})
+                               extra={"data_id": data_id}, dense_maps=dense)
 
     # The label store, through the annotate code path (same as `tl-fast annotate ... --model
     # tl_fast.demo.annotator:demo_cnn --checkpoint annotator.pt --img-size 96` for the default width).
@@ -182,6 +183,24 @@ def _prepare(root: Path, config: DemoConfig, progress: bool) -> DemoPaths:
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, manifest_path)
     return _paths(root, config, classes, manifest)
+
+
+def _layout_maps(folder: Path, classes, config: DemoConfig):
+    """Per-cell classes of every train image (``scenes.layout_class_map`` on its known layout), in
+    ``annotator.load_split`` order: the dense supervision of the demo annotator."""
+    import torch
+
+    from .annotator import STRIDE
+    from .scenes import layout_class_map, scene_layout
+
+    grid = config.annotator.img_size // STRIDE
+    maps = []
+    for label, name in enumerate(classes):
+        for file in sorted(os.listdir(folder / name)):  # <class>_<index>.jpg
+            index = int(Path(file).stem.rsplit("_", 1)[1])
+            layout = scene_layout(config.seed, "train", label, index, config.num_classes, config.scene)
+            maps.append(torch.from_numpy(layout_class_map(layout, grid)))
+    return torch.stack(maps)
 
 
 def _existing_labels(path: Path, config: DemoConfig, info: dict, data_id: str) -> dict | None:

@@ -95,6 +95,10 @@ class TrainConfig:
     lr: float = 0.2  # peak SGD learning rate, cosine decay after one warm-up epoch
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
+    # Also supervise every output cell with the scene layout (``scenes.layout_class_map``): the
+    # annotator stands in for a much stronger model (the student never sees layouts), whose maps
+    # name the object under each cell and the image's class on background.
+    dense: bool = True
     seed: int = 0
 
 
@@ -119,15 +123,24 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return (x.float() - mean) / std
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Batch augmentation on uint8 images: random flips and a random translation of up to 1/8."""
+def _augment(x: torch.Tensor, gen: torch.Generator, maps: torch.Tensor | None = None):
+    """Batch augmentation on uint8 images: random flips and a random translation of up to 1/8.
+
+    ``maps`` (``[B, g, g]`` cell classes at stride ``STRIDE``) follow the flip and the translation
+    rounded to whole cells; returns ``(images, maps)``."""
     b, _, s, _ = x.shape
     flip = torch.rand(b, generator=gen) < 0.5
     x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
     pad = s // 8
     xp = F.pad(x, (pad, pad, pad, pad), mode="replicate")
     dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=gen))
-    return xp[:, :, dy:dy + s, dx:dx + s]
+    if maps is not None:
+        maps = torch.where(flip.view(b, 1, 1), maps.flip(2), maps)
+        g = maps.shape[-1]
+        rows = (torch.arange(g) + round((dy - pad) / STRIDE)).clamp(0, g - 1)
+        cols = (torch.arange(g) + round((dx - pad) / STRIDE)).clamp(0, g - 1)
+        maps = maps[:, rows][:, :, cols]
+    return xp[:, :, dy:dy + s, dx:dx + s], maps
 
 
 @torch.no_grad()
@@ -150,9 +163,11 @@ def train_annotator(
     *,
     progress: bool = True,
     extra: dict | None = None,
+    dense_maps: torch.Tensor | None = None,
 ) -> dict:
     """Train the demo CNN and save ``{"model", "config", "classes", "val_acc", "train_acc", **extra}``
-    atomically.
+    atomically. With ``cfg.dense``, ``dense_maps`` (``[N, S / STRIDE, S / STRIDE]`` class per output
+    cell, in the train split's load order) adds a per-cell cross-entropy to the image-level one.
 
     Deterministic for a given seed and thread count on the CPU. Returns the saved dict (minus weights).
     """
@@ -160,6 +175,9 @@ def train_annotator(
     gen = torch.Generator().manual_seed(cfg.seed)
     x_train, y_train = load_split(train_dir, cfg.img_size, classes, progress, "load train")
     x_val, y_val = load_split(val_dir, cfg.img_size, classes, progress, "load val")
+    if cfg.dense and (dense_maps is None or dense_maps.shape != (len(x_train),) + (cfg.img_size // STRIDE,) * 2):
+        raise ValueError(f"cfg.dense needs dense_maps of shape [{len(x_train)}, {cfg.img_size // STRIDE}, "
+                         f"{cfg.img_size // STRIDE}] (scenes.layout_class_map per train image)")
     model = DemoCNN(num_classes=len(classes), width=cfg.width)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
@@ -182,8 +200,13 @@ def train_annotator(
         perm = torch.randperm(len(x_train), generator=gen)
         for i in range(0, len(perm), cfg.batch_size):
             idx = perm[i:i + cfg.batch_size]
-            x = _normalize(_augment(x_train[idx], gen))
-            loss = F.cross_entropy(model(x), y_train[idx], label_smoothing=cfg.label_smoothing)
+            x, maps = _augment(x_train[idx], gen, dense_maps[idx] if cfg.dense else None)
+            features = model.forward_features(_normalize(x))
+            loss = F.cross_entropy(model.forward_head(features), y_train[idx], label_smoothing=cfg.label_smoothing)
+            if cfg.dense:
+                fc = model.get_classifier()
+                cells = F.conv2d(features, fc.weight[:, :, None, None], fc.bias)
+                loss = loss + F.cross_entropy(cells, maps, label_smoothing=cfg.label_smoothing)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             opt.zero_grad(set_to_none=True)

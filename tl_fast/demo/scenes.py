@@ -249,6 +249,20 @@ def scene_layout(seed: int, split: str, label: int, index: int, num_classes: int
     return SceneLayout(w, h, tuple(objects))
 
 
+def layout_class_map(layout: SceneLayout, grid: int) -> np.ndarray:
+    """``[grid, grid]`` class ids of a scene squashed to a square ``grid``: each cell takes the class of
+    the topmost object whose square box holds the cell centre, else the scene's label (background
+    carries the image's class, as context does for an ImageNet annotator)."""
+    main = next(o.label for o in layout.objects if o.main)
+    out = np.full((grid, grid), main, dtype=np.int64)
+    centres = (np.arange(grid) + 0.5) / grid
+    ys, xs = centres[:, None] * layout.height, centres[None, :] * layout.width
+    for o in layout.objects:  # drawing order: later objects are on top
+        half = o.size / 2
+        out[(np.abs(ys - o.cy) <= half) & (np.abs(xs - o.cx) <= half)] = o.label
+    return out
+
+
 def render_scene(seed: int, split: str, label: int, index: int, specs: list[ClassSpec],
                  cfg: SceneConfig = SceneConfig()) -> bytes:
     """JPEG bytes of one scene whose main object is class ``label``.
