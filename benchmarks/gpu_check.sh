@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a bare GPU machine (torch + Triton + torchvision; no DALI/FFCV, nothing to install):
 # the CUDA-marked kernel tests, the GPU label benchmark, the training-step overhead, the loader
-# benchmark (when numba is importable and GPU_CHECK_DATA holds images + a store), then a summary table.
+# benchmark (when numba is importable; data generated on the spot), then a summary table.
 # Run from anywhere:  bash benchmarks/gpu_check.sh      (about 4-6 minutes on an H100)
 # Figures and logs land in ${GPU_CHECK_OUT:-$OUT or /tmp/tl_fast_gpu_check}.
 set -uo pipefail
@@ -76,19 +76,22 @@ timeout 180 "$PY" benchmarks/train_overhead.py --device cuda --rounds 30 --json 
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 # Loader: the torch backend (workers decode and crop by the plan, augmentation on the GPU) vs the public
-# PIL + torch.load loader, same workers. Needs numba (the store decoder) and data; DALI and FFCV are not
-# on the lent machine. GPU_CHECK_DATA: a folder with imgs/ (ImageFolder layout) and labels.tls.
-DATA=${GPU_CHECK_DATA:-.gpu_data}
-if "$PY" -c "import numba, timm" 2>/dev/null && [ -d "$DATA/imgs" ] && [ -f "$DATA/labels.tls" ]; then
+# PIL + torch.load loader, same workers. Needs numba (the store decoder); DALI and FFCV are not on the
+# lent machine. Data: GPU_CHECK_DATA (imgs/ in ImageFolder layout + labels.tls), else 4,096
+# ImageNet-sized JPEGs and a store generated here by benchmarks/make_loader_data.py (a few seconds).
+DATA=${GPU_CHECK_DATA:-/tmp/tl_fast_loader_data}  # outside $OUT: nothing large travels back
+if "$PY" -c "import numba, timm" 2>/dev/null; then
+    if [ ! -f "$DATA/labels.tls" ]; then
+        timeout 120 "$PY" benchmarks/make_loader_data.py "$DATA" --images 4096 2>&1 | grep -v "img/s]" | tail -n 2
+    fi
     echo "== Loader throughput (torch backend on the GPU vs the public loader)"
-    timeout 240 "$PY" benchmarks/loader_throughput.py --images "$DATA/imgs" --labels "$DATA/labels.tls" \
-        --backends torch --batch-size 32 --image-size 224 --workers "$(nproc)" --rounds 3 --warmup 16 \
-        --batches 20 --device cuda --workdir "$OUT_DIR/loader_work" --json "$OUT_DIR/loader.json" 2>&1 \
+    timeout 300 "$PY" benchmarks/loader_throughput.py --images "$DATA/imgs" --labels "$DATA/labels.tls" \
+        --backends torch --batch-size 64 --image-size 224 --workers "$(nproc)" --rounds 3 --warmup 16 \
+        --batches 40 --device cuda --workdir /tmp/tl_fast_loader_work --json "$OUT_DIR/loader.json" 2>&1 \
         | grep -v "it/s]" | tee "$OUT_DIR/loader.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-    rm -rf "$OUT_DIR/loader_work"
 else
-    echo "== Loader throughput: skipped (needs numba and timm importable, $DATA/imgs and $DATA/labels.tls)"
+    echo "== Loader throughput: skipped (needs numba and timm importable)"
 fi
 
 echo "== Summary (training step and loader)"
