@@ -4,15 +4,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..ops.reference import mix_box_mask
+
 
 def mix_lam(mix_box: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
-    """``lam = 1 - box_area / (Gh * Gw)`` per sample (``[B]`` float32) for a ``[4]`` or ``[B, 4]`` box."""
-    box = torch.as_tensor(mix_box).long()
-    if box.dim() == 1:
-        box = box.view(1, 4).expand(batch, 4)
-    rows = (box[:, 2].clamp(max=grid[0]) - box[:, 0].clamp(min=0)).clamp(min=0)
-    cols = (box[:, 3].clamp(max=grid[1]) - box[:, 1].clamp(min=0)).clamp(min=0)
-    return 1.0 - (rows * cols).float() / float(grid[0] * grid[1])
+    """``lam = 1 - box_area / (Gh * Gw)`` per sample (``[B]`` float32) for a ``[4]`` or ``[B, 4]`` box:
+    the share of tokens outside the same mask the model and the targets use."""
+    inside = mix_box_mask(mix_box, batch, grid)
+    return 1.0 - inside.sum((1, 2)).float() / float(grid[0] * grid[1])
 
 
 def mixed_label_loss(cls_logits: torch.Tensor, labels: torch.Tensor, mix_box: torch.Tensor | None,
