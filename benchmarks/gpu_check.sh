@@ -4,6 +4,11 @@
 # benchmark (when numba is importable; data generated on the spot), then a summary table.
 # Run from anywhere:  bash benchmarks/gpu_check.sh      (about 4-6 minutes on an H100)
 # Figures and logs land in ${GPU_CHECK_OUT:-$OUT or /tmp/tl_fast_gpu_check}.
+# Switches (environment): GPU_CHECK_BENCH=0 skips the label benchmark, GPU_CHECK_LOADER=0 the loader
+# benchmark; GPU_CHECK_EVIDENCE_EPOCHS=N adds the token-labeling evidence runs
+# (benchmarks/token_label_evidence.py: class-token only vs token labeling + MixToken, seeds 0 and 1, N
+# epochs, on the demo dataset prepared in the background while the checks run), cut off so that the
+# whole script ends within GPU_CHECK_DEADLINE seconds (default 560).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
@@ -12,6 +17,17 @@ PY=${PYTHON:-$(command -v python || command -v python3)}
 OUT_DIR=${GPU_CHECK_OUT:-${OUT:-/tmp/tl_fast_gpu_check}}
 mkdir -p "$OUT_DIR"
 status=0
+START=$SECONDS
+EVIDENCE_EPOCHS=${GPU_CHECK_EVIDENCE_EPOCHS:-0}
+DEMO_DIR=/tmp/tl_fast_demo
+if [ "$EVIDENCE_EPOCHS" -gt 0 ]; then
+    # CPU-only work (rendering, a small CNN): kept off the first 4 cores, which the timed checks use.
+    PIN=""
+    if command -v taskset >/dev/null && [ "$(nproc)" -gt 8 ]; then PIN="taskset -c 4-$(($(nproc) - 1))"; fi
+    TL_FAST_DATA=$DEMO_DIR $PIN "$PY" -c "from tl_fast.demo import prepare; print(prepare(progress=False).manifest['annotator'])" \
+        > "$OUT_DIR/demo_prepare.log" 2>&1 &
+    PREPARE_PID=$!
+fi
 
 "$PY" - <<'EOF'
 import torch, triton
@@ -38,13 +54,14 @@ else
     echo "$tests_line"
 fi
 
+echo "tests: $tests_line"
+if [ "${GPU_CHECK_BENCH:-1}" = 1 ]; then
 echo "== GPU benchmark"
 timeout 300 "$PY" benchmarks/label_throughput.py --device cuda --json "$OUT_DIR/label_gpu.json" 2>&1 \
     | tee "$OUT_DIR/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== Summary"
-echo "tests: $tests_line"
 "$PY" - "$OUT_DIR/label_gpu.json" <<'EOF' || status=1
 import json, sys
 r = json.load(open(sys.argv[1]))["gpu"]
@@ -65,6 +82,7 @@ for name, value, target in rows:
 ok = r["targets_max_abs_err"]["triton_f32"] <= 1e-5 and r["loss_rel_err"] <= 1e-4
 sys.exit(0 if ok else 1)
 EOF
+fi
 if [ "${GPU_CHECK_SWEEP:-0}" = 1 ]; then  # optional tuning run: every launch shape, about 3 minutes more
     echo "== Launch-shape sweep"
     timeout 400 "$PY" benchmarks/kernel_throughput.py --sweep --json "$OUT_DIR/kernel_sweep.json" 2>&1 \
@@ -80,7 +98,9 @@ timeout 180 "$PY" benchmarks/train_overhead.py --device cuda --rounds 30 --json 
 # lent machine. Data: GPU_CHECK_DATA (imgs/ in ImageFolder layout + labels.tls), else 4,096
 # ImageNet-sized JPEGs and a store generated here by benchmarks/make_loader_data.py (a few seconds).
 DATA=${GPU_CHECK_DATA:-/tmp/tl_fast_loader_data}  # outside $OUT: nothing large travels back
-if "$PY" -c "import numba, timm" 2>/dev/null; then
+if [ "${GPU_CHECK_LOADER:-1}" != 1 ]; then
+    echo "== Loader throughput: skipped (GPU_CHECK_LOADER=0)"
+elif "$PY" -c "import numba, timm" 2>/dev/null; then
     if [ ! -f "$DATA/labels.tls" ]; then
         timeout 120 "$PY" benchmarks/make_loader_data.py "$DATA" --images 4096 2>&1 | grep -v "img/s]" | tail -n 2
     fi
@@ -92,6 +112,18 @@ if "$PY" -c "import numba, timm" 2>/dev/null; then
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 else
     echo "== Loader throughput: skipped (needs numba and timm importable)"
+fi
+
+if [ "$EVIDENCE_EPOCHS" -gt 0 ]; then
+    echo "== Token-labeling evidence ($EVIDENCE_EPOCHS epochs, demo dataset)"
+    wait "$PREPARE_PID" || { status=1; cat "$OUT_DIR/demo_prepare.log"; }
+    tail -n 1 "$OUT_DIR/demo_prepare.log"
+    left=$(( ${GPU_CHECK_DEADLINE:-560} - (SECONDS - START) - 20 ))
+    workers=$(( $(nproc) / 4 - 1 )); [ "$workers" -ge 1 ] || workers=1
+    "$PY" benchmarks/token_label_evidence.py --data "$DEMO_DIR" --epochs "$EVIDENCE_EPOCHS" --seeds 0 1 \
+        --parallel 4 --workers "$workers" --threads 1 --eval-every 10 --time-limit "$left" \
+        --out "$OUT_DIR/evidence" || status=1
+    rm -f "$OUT_DIR"/evidence/*/last.pth  # logs travel back, checkpoints do not
 fi
 
 echo "== Summary (training step and loader)"

@@ -296,6 +296,26 @@ def test_token_targets_and_loss(data):
     assert torch.allclose(b.loss(cls, tok, fused=False), b.loss(cls, tok, fused=True), atol=1e-5)
 
 
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_loss_without_maps_mixes_the_class_labels(data, per_sample):
+    """A label-less batch with a MixToken box: cross-entropy against the area-mixed smoothed one-hots,
+    with lam counted on the token grid, like the token-labeling class target."""
+    from tl_fast.ops.reference import mix_box_mask
+
+    loader = _loader(data, "torch", labels=None, token_labels=False, mixtoken_per_sample=per_sample, seed=3)
+    b = next(iter(loader))
+    assert b.maps is None and b.mix_box is not None
+    k, n = loader.num_classes, len(b)
+    cls = torch.randn(n, k)
+    smooth = torch.nn.functional.one_hot(b.labels, k).float() * (1 - 0.1) + 0.1 / k
+    lam = 1 - mix_box_mask(b.mix_box, n, b.grid).float().mean((1, 2))
+    target = lam[:, None] * smooth + (1 - lam[:, None]) * smooth.flip(0)
+    expected = -(target * cls.log_softmax(-1)).sum(-1).mean()
+    assert torch.allclose(b.loss(cls), expected, atol=1e-6)
+    b.mix_box = None  # unmixed: plain smoothed cross-entropy
+    assert torch.allclose(b.loss(cls), torch.nn.functional.cross_entropy(cls, b.labels, label_smoothing=0.1))
+
+
 def _shard_worker(rank, world, init, backend, images, store, out):
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:

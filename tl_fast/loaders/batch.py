@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..augment import EraseConfig
 from ..plan import AugmentConfig
@@ -100,11 +99,13 @@ class Batch:
 
         ``fused=True`` lets the ops compute it from the compressed maps without materializing the
         targets (the fused kernel on CUDA); ``fused=False`` builds the targets first. A batch without
-        maps falls back to cross-entropy with the class ids (label smoothing as configured)."""
+        maps falls back to cross-entropy with the class ids (label smoothing as configured), mixed by
+        the MixToken box when it has one, as the token-labeling class target is."""
         from .. import ops
+        from ..train.losses import mixed_label_loss
 
         if self.maps is None:
-            return F.cross_entropy(cls_logits.float(), self.labels, label_smoothing=self.smoothing)
+            return mixed_label_loss(cls_logits, self.labels, self.mix_box, self.grid, self.smoothing)
         if token_logits is None:
             raise ValueError("token labeling needs token_logits [B, T, K] (model.forward_train)")
         if fused:
