@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> trainer flags
     "cls-only": ["--no-token-label"],  # (a) hard labels on the class token, no mixing
-    "token-label+mixtoken": [],  # (b) the paper's recipe: token labeling with MixToken
-    "cls+mixtoken": ["--no-token-label", "--mixtoken"],  # (a') same MixToken boxes, hard labels mixed by area
+    "token-label-mixtoken": [],  # (b) the paper's recipe: token labeling with MixToken
+    "cls-mixtoken": ["--no-token-label", "--mixtoken"],  # (a') same MixToken boxes, hard labels mixed by area
     "token-label": ["--no-mixtoken"],  # (c) token labeling without mixing
 }
 
@@ -34,13 +34,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", help="demo-layout folder (train/, val/, train_labels.tlstore); default: prepare the demo")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=["cls-only", "token-label+mixtoken"])
+    p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=["cls-only", "token-label-mixtoken"])
     p.add_argument("--parallel", type=int, default=1, help="runs at once (each with --workers loader workers)")
     p.add_argument("--workers", type=int, default=2, help="loader workers per run")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run (OMP_NUM_THREADS)")
     p.add_argument("--eval-every", type=int, default=10, help="epochs between val evaluations (the last always)")
     p.add_argument("--time-limit", type=float, default=0, help="seconds; stop unfinished runs then (0: none)")
-    p.add_argument("--out", default="runs/token_label_evidence", help="run folders and summary.json")
+    p.add_argument("--out", default="runs/token_label_evidence", help="run folders (checkpoint, log, stdout)")
+    p.add_argument("--summary", help="summary JSON with every run's evaluations (default: <out>/summary.json)")
     p.add_argument("extra", nargs="*", help="more trainer flags, after --")
     return p.parse_args(argv)
 
@@ -122,7 +123,7 @@ def summarize(args, states: dict, out_root: Path) -> dict:
             done = state == "finished" and last is not None and last["epoch"] == args.epochs
             if done:
                 finals.setdefault(variant, []).append((seed, last["top1"], last["ema_top1"]))
-            rows.append({"run": name, "state": state, **(last or {})})
+            rows.append({"run": name, "state": state, **(last or {}), "evals": run["evals"]})
     print(f"\nval top-1 (%) after {args.epochs} epochs on the demo dataset, model (EMA):")
     print(f"{'variant':<24}" + "".join(f"{'seed ' + str(s):>18}" for s in args.seeds) + f"{'mean':>10}")
     base = {seed: top1 for seed, top1, _ in finals.get("cls-only", [])}
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
     states = run_all(args, data, out_root)
     summary = summarize(args, states, out_root)
     summary["wall_s"] = time.monotonic() - t0
-    (out_root / "summary.json").write_text(json.dumps(summary, indent=1))
+    Path(args.summary or out_root / "summary.json").write_text(json.dumps(summary, indent=1))
     return 0 if all(s.get("state") == "finished" for s in states.values()) else 1
 
 

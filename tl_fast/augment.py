@@ -204,14 +204,19 @@ def apply_photometric(x: torch.Tensor, ra_op: np.ndarray, ra_level: np.ndarray) 
     ``x`` float ``[B, 3, H, W]`` uint8 levels (modified in place and returned)."""
     ra_op = np.asarray(ra_op).reshape(len(x), -1)
     ra_level = np.asarray(ra_level, dtype=np.float64).reshape(len(x), -1)
-    for j in range(ra_op.shape[1]):
-        for name in PHOTOMETRIC_OPS:
-            sel = np.flatnonzero(ra_op[:, j] == _OP[name])
-            if len(sel) == 0:
-                continue
-            idx = torch.from_numpy(sel).to(x.device)
-            level = torch.from_numpy(ra_level[sel, j].astype(np.float32)).to(x.device)
-            x.index_copy_(0, idx, PHOTOMETRIC[name](x.index_select(0, idx), level))
+    groups = [(name, j, sel) for j in range(ra_op.shape[1]) for name in PHOTOMETRIC_OPS
+              if len(sel := np.flatnonzero(ra_op[:, j] == _OP[name]))]
+    if not groups:
+        return x
+    # Every group's sample indices and levels in one host-to-device copy each (not two per group).
+    idx_all = torch.from_numpy(np.concatenate([sel for _, _, sel in groups])).to(x.device)
+    level_all = torch.from_numpy(np.concatenate([ra_level[sel, j] for _, j, sel in groups]).astype(np.float32)
+                                 ).to(x.device)
+    start = 0
+    for name, _, sel in groups:
+        idx, level = idx_all[start:start + len(sel)], level_all[start:start + len(sel)]
+        start += len(sel)
+        x.index_copy_(0, idx, PHOTOMETRIC[name](x.index_select(0, idx), level))
     return x
 
 
