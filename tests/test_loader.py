@@ -144,6 +144,21 @@ def test_missing_record_error_or_counted_one_hot(data, tmp_path):
     assert seen
 
 
+def test_torch_workers_read_the_same_maps(data, tmp_path):
+    """With worker processes the torch backend reads the maps in the workers (the store travels by
+    path): the same maps as reading in the main process, the one-hot fall-back included."""
+    store = make_store(data["images"], tmp_path / "partial.tls", drop={"dog/001"})
+    kw = dict(labels=store, missing_labels="one_hot", augment=NO_RA, erase=None, seed=7)
+    with pytest.warns(UserWarning, match="no label record"):
+        in_main, in_workers = _loader(data, "torch", num_workers=0, **kw), _loader(data, "torch", num_workers=2, **kw)
+    pairs = list(zip(in_main, in_workers))
+    assert len(pairs) == len(in_main) == 3
+    for a, b in pairs:
+        assert np.array_equal(a.indices, b.indices)
+        assert torch.equal(a.maps.values, b.maps.values) and torch.equal(a.maps.indices, b.maps.indices)
+        assert torch.equal(a.images, b.images)
+
+
 # -- agreement between backends ------------------------------------------------------------------
 
 def test_ffcv_compiled_plan_equals_numpy_plan():

@@ -21,10 +21,10 @@ import torch
 
 from .. import rng
 from ..augment import augment_batch
-from ..dataset import ONE_HOT_SCORE, ImageFolderIndex, join_labels
+from ..dataset import ImageFolderIndex, join_labels
 from ..plan import AugmentConfig, draw_mix_box
 from .batch import Batch, LoaderConfig
-from .common import PlanMaker
+from .common import PlanMaker, StoreMaps
 
 SHUFFLE_STREAM = 100
 BACKENDS = ("dali", "ffcv", "torch")
@@ -49,19 +49,6 @@ def epoch_order(seed: int, epoch: int, ids: np.ndarray, shuffle: bool) -> np.nda
     if not shuffle:
         return ids
     return ids[np.argsort(rng.hash_keys(seed, epoch, ids, SHUFFLE_STREAM), kind="stable")]
-
-
-def one_hot_maps(classes: np.ndarray, topk: int, map_size: tuple[int, int], index_dtype: torch.dtype):
-    """Maps whose every position scores ``ONE_HOT_SCORE`` for the image's class (the fall-back for
-    images without a record); the other top-k slots repeat the class with score 0."""
-    from ..store import TopKMaps
-
-    b = len(classes)
-    h, w = map_size
-    values = torch.zeros((b, topk, h, w), dtype=torch.float16)
-    values[:, 0] = ONE_HOT_SCORE
-    indices = torch.as_tensor(np.asarray(classes)).to(index_dtype).view(b, 1, 1, 1).expand(b, topk, h, w).contiguous()
-    return TopKMaps(values, indices)
 
 
 class TokenLabelLoader:
@@ -109,7 +96,7 @@ class TokenLabelLoader:
         self._epoch = 0
         self._step = 0
         self._store = None
-        self._record = None
+        self._store_maps: StoreMaps | None = None  # reads a batch's maps from the store (torch/DALI backends)
         self._packed_labels = False
         self.num_missing_labels = 0
         self.skipped: list = []
@@ -157,7 +144,7 @@ class TokenLabelLoader:
             if labels is not None:
                 self._store = self._open_store(labels)
                 join = join_labels(index, self._store, missing_labels=self.config.missing_labels)
-                self._record = join.record
+                self._store_maps = StoreMaps(self._store, join.record, self._targets)
                 self.num_missing_labels = join.num_missing
                 self.num_classes = self._store.num_classes
                 self._map_geometry = (self._store.num_classes, self._store.topk, self._store.map_size)
@@ -166,7 +153,10 @@ class TokenLabelLoader:
             if backend == "torch":
                 from .torch_backend import TorchBackend
 
-                self._backend = TorchBackend(paths, self._sizes, self.config, self.device)
+                # Token labels are read in the DataLoader workers, beside the images: the main process,
+                # which also drives the GPU, only copies them to the device.
+                self._backend = TorchBackend(paths, self._sizes, self.config, self.device,
+                                             labels=self._store_maps if self.has_token_labels else None)
             else:
                 from .dali_backend import DALIBackend
 
@@ -273,25 +263,12 @@ class TokenLabelLoader:
         self._epoch, self._step = epoch + 1, 0
 
     def _read_maps(self, idx: np.ndarray, extras: dict):
-        k_classes, topk, map_size = self._map_geometry
         if self._packed_labels:
             from ..store import decode_records
 
+            k_classes, topk, map_size = self._map_geometry
             return decode_records(extras["records"], k_classes, topk, map_size, lengths=extras["record_lengths"])
-        rec = self._record[idx]
-        missing = rec < 0
-        if not missing.any():
-            return self._store.read(rec)
-        from ..store import TopKMaps
-
-        fallback = one_hot_maps(self._targets[idx], topk, map_size, torch.int16 if k_classes <= 32767 else torch.int32)
-        if missing.all():
-            return fallback
-        read = self._store.read(rec[~missing])
-        keep = torch.from_numpy(np.flatnonzero(~missing))
-        values, indices = fallback.values.clone(), fallback.indices.clone().to(read.indices.dtype)
-        values[keep], indices[keep] = read.values, read.indices
-        return TopKMaps(values, indices)
+        return self._store_maps(idx)
 
     def _finish(self, images: torch.Tensor, idx: np.ndarray, extras: dict, plan_maker: PlanMaker, epoch: int,
                 step: int) -> Batch:
@@ -309,9 +286,11 @@ class TokenLabelLoader:
         self.stats["batches"] += 1
         if self.has_token_labels:
             t0 = time.perf_counter()
-            maps = self._read_maps(idx, extras)
-            if dev.type == "cuda":
-                maps = maps.pin_memory()
+            maps = extras.get("maps")  # read by the backend's workers (pinned by the DataLoader on CUDA)
+            if maps is None:
+                maps = self._read_maps(idx, extras)
+                if dev.type == "cuda":
+                    maps = maps.pin_memory()
             maps = maps.to(dev, non_blocking=True)
             self.stats["label_s"] += time.perf_counter() - t0
         if cfg.mixtoken and cfg.augmenting:  # also without token labels: a mixed-label baseline uses it

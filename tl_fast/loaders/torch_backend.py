@@ -1,5 +1,5 @@
 """PyTorch backend: ``DataLoader`` workers decode with ``torchvision.io``, crop by the plan's pixel
-box, resize to S (antialiased bilinear), flip, and return uint8 batches.
+box, resize to S (antialiased bilinear), flip, and return uint8 batches with their label maps.
 
 A worker builds whole batches (the DataLoader's sampler hands it the plan's list of indices), so the
 plan is computed once per batch, vectorized. A decode failure raises in the main process with the
@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..store import TopKMaps
 from .batch import LoaderConfig
-from .common import PlanMaker
+from .common import PlanMaker, StoreMaps
 
 
 def decode_rgb(path: str) -> torch.Tensor:
@@ -39,13 +40,16 @@ def crop_resize_flip(image: torch.Tensor, crop: Sequence[int], flip: bool, size:
 
 
 class _BatchDataset(Dataset):
-    """Item ``i`` is the whole batch ``batches[i]``: ``(uint8 [B, 3, S, S], indices [B])``."""
+    """Item ``i`` is the whole batch ``batches[i]``: ``(uint8 [B, 3, S, S], indices [B])``, plus the
+    batch's top-k maps ``(values, indices)`` when ``labels`` reads them."""
 
-    def __init__(self, paths: Sequence[str], batches: Sequence[np.ndarray], plan: PlanMaker, size: int) -> None:
+    def __init__(self, paths: Sequence[str], batches: Sequence[np.ndarray], plan: PlanMaker, size: int,
+                 labels: StoreMaps | None = None) -> None:
         self.paths = paths
         self.batches = batches
         self.plan = plan
         self.size = size
+        self.labels = labels
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -62,25 +66,33 @@ class _BatchDataset(Dataset):
                 raise RuntimeError(f"{path} decodes to {tuple(image.shape[1:])} but was indexed as {expected} "
                                    "(height, width): the file changed after indexing; delete the index cache")
             out[b] = crop_resize_flip(image, plan.crop[b], bool(plan.flip[b]), self.size)
-        return out, torch.from_numpy(idx)
+        if self.labels is None:
+            return out, torch.from_numpy(idx)
+        maps = self.labels(idx)
+        return out, torch.from_numpy(idx), maps.values, maps.indices
 
 
 class TorchBackend:
     name = "torch"
     normalizes = False
 
-    def __init__(self, paths: Sequence[str], sizes: np.ndarray, config: LoaderConfig, device: torch.device) -> None:
+    def __init__(self, paths: Sequence[str], sizes: np.ndarray, config: LoaderConfig, device: torch.device,
+                 labels: StoreMaps | None = None) -> None:
         self.paths = list(paths)
         self.config = config
         self.device = device
+        self.labels = labels
+        if labels is not None and (labels.record >= 0).any():
+            # Compile the record decoder here, once, rather than in every worker forked each epoch.
+            labels(np.flatnonzero(labels.record >= 0)[:1])
 
     def iterate(self, batches: Sequence[np.ndarray], plan: PlanMaker) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
         cfg = self.config
         workers = max(0, int(cfg.num_workers))
         loader = DataLoader(
-            _BatchDataset(self.paths, list(batches), plan, cfg.image_size), batch_size=None, shuffle=False,
+            _BatchDataset(self.paths, list(batches), plan, cfg.image_size, self.labels), batch_size=None, shuffle=False,
             num_workers=workers, pin_memory=self.device.type == "cuda",
             timeout=cfg.timeout_s if workers else 0, prefetch_factor=2 if workers else None,
         )
-        for images, idx in loader:
-            yield images, idx.numpy(), {}
+        for images, idx, *maps in loader:
+            yield images, idx.numpy(), {"maps": TopKMaps(*maps)} if maps else {}
