@@ -32,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", help="demo-layout folder (train/, val/, train_labels.tlstore); default: prepare the demo")
+    p.add_argument("--labels", help="label store of the train split (default: <data>/train_labels.tlstore)")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=["cls-only", "token-label-mixtoken"])
@@ -56,7 +57,7 @@ def demo_data(path: str | None) -> Path:
 
 def command(args, data: Path, variant: str, seed: int, out: Path) -> list[str]:
     return [sys.executable, str(ROOT / "examples" / "train_lvvit.py"), "--preset", "demo", "--data", str(data),
-            "--labels", str(data / "train_labels.tlstore"), "--epochs", str(args.epochs), "--seed", str(seed),
+            "--labels", args.labels or str(data / "train_labels.tlstore"), "--epochs", str(args.epochs), "--seed", str(seed),
             "--workers", str(args.workers), "--eval-every", str(args.eval_every), "--output", str(out),
             "--no-progress", *VARIANTS[variant], *args.extra]
 

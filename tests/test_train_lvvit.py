@@ -140,3 +140,26 @@ def test_torchrun_two_processes_gloo(dataset, tmp_path):
     assert len(end["rank_digests"]) == 2 and end["ranks_agree"], end
     start = next(r for r in _log(tmp_path) if r["event"] == "start")
     assert start["world_size"] == 2 and start["steps_per_epoch"] == 4  # 24 images / (2 ranks x 3)
+
+
+@pytest.mark.slow
+def test_token_label_evidence_script(dataset, tmp_path):
+    """benchmarks/token_label_evidence.py end to end: both variants train in parallel and the summary
+    holds each run's final evaluation and the difference to class-token only."""
+    small = ["--img-size", "32", "--patch-size", "8", "--dim", "32", "--depth", "2", "--heads", "2",
+             "--batch-size", "6", "--workers", "0", "--device", "cpu"]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "token_label_evidence.py"), "--data", str(dataset),
+           "--labels", str(dataset / "labels.tlstore"), "--epochs", "2", "--seeds", "0", "--parallel", "2",
+           "--workers", "0", "--threads", "1", "--eval-every", "1", "--out", str(tmp_path), "--", *small]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["run"] for r in summary["runs"]] == ["cls-only_s0", "token-label-mixtoken_s0"]
+    assert all(r["state"] == "finished" and r["epoch"] == 2 and len(r["evals"]) == 2 for r in summary["runs"])
+    table = summary["table"]
+    tl = table["token-label-mixtoken"]["per_seed"]["0"]["top1"]
+    assert table["token-label-mixtoken"]["minus_cls_only"] == [tl - table["cls-only"]["per_seed"]["0"]["top1"]]
+    assert "token-label-mixtoken minus cls-only" in run.stdout
+    start = [json.loads(line) for line in (tmp_path / "cls-only_s0" / "log.jsonl").read_text().splitlines()][0]
+    assert start["args"]["token_label"] == "False" and start["args"]["img_size"] == "32"
+
