@@ -156,7 +156,7 @@ def _prepare(root: Path, config: DemoConfig, progress: bool) -> DemoPaths:
     # tl_fast.demo.annotator:demo_cnn --checkpoint annotator.pt --img-size 96` for the default width).
     labels = _existing_labels(paths.labels, config, info, data_id)
     if labels is None:
-        net = DemoCNN(num_classes=len(classes), width=ann_cfg.width, context=ann_cfg.context)
+        net = DemoCNN(num_classes=len(classes), width=ann_cfg.width)
         load_checkpoint(net, paths.annotator)
         result = annotate(paths.train, paths.labels, model=net, img_size=ann_cfg.img_size, topk=config.topk,
                           batch_size=128, num_workers=0, device="cpu", progress=progress,

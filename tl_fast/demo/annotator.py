@@ -5,10 +5,7 @@ The network follows timm's classifier interface (``forward_features`` -> ``[B, C
 ``forward_head`` = global average pool + linear layer, ``pretrained_cfg`` with the input
 normalization), so ``tl-fast annotate --model tl_fast.demo.annotator:demo_cnn`` runs it through the
 same dense-prediction path as any timm model. Its total stride is 8: at the default 96 px input the
-score map is 12 x 12. Each cell's convolutions see 55 px, about the size of a main object; a global
-context term (``context=True``) adds what the whole image holds to every cell, as the large
-receptive fields of real annotators do, so that a background cell far from the object can still
-name the image's class with confidence instead of hedging over every class.
+score map is 12 x 12 (each cell sees a 55 px receptive field, about the size of a main object).
 """
 from __future__ import annotations
 
@@ -44,11 +41,9 @@ class DemoCNN(nn.Module):
     Args:
         num_classes: number of output classes.
         width: channels of the first stage; later stages use 2x and 4x.
-        context: add a linear map of the globally pooled features to every position of the feature
-            map (then ReLU): each output cell sees the whole image.
     """
 
-    def __init__(self, num_classes: int = 32, width: int = 16, context: bool = True) -> None:
+    def __init__(self, num_classes: int = 32, width: int = 16) -> None:
         super().__init__()
         w = width
         self.num_classes = num_classes
@@ -61,17 +56,13 @@ class DemoCNN(nn.Module):
             _conv_bn(4 * w, 4 * w),
         )
         self.num_features = 4 * w
-        self.context = nn.Linear(4 * w, 4 * w) if context else None
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(4 * w, num_classes)
         # What timm's ``resolve_data_config`` would read: how ``tl-fast annotate`` normalizes inputs.
         self.pretrained_cfg = {"mean": MEAN, "std": STD, "interpolation": "bilinear", "input_size": (3, 96, 96)}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.features(x)
-        if self.context is not None:
-            f = F.relu(f + self.context(f.mean((2, 3)))[:, :, None, None])
-        return f
+        return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x).flatten(1)
@@ -84,9 +75,9 @@ class DemoCNN(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def demo_cnn(num_classes: int = 32, width: int = 16, context: bool = True) -> DemoCNN:
+def demo_cnn(num_classes: int = 32, width: int = 16) -> DemoCNN:
     """Entry point for ``tl-fast annotate --model tl_fast.demo.annotator:demo_cnn``."""
-    return DemoCNN(num_classes=num_classes, width=width, context=context)
+    return DemoCNN(num_classes=num_classes, width=width)
 
 
 @dataclass(frozen=True)
@@ -110,10 +101,6 @@ class TrainConfig:
     # annotator stands in for a much stronger model (the student never sees layouts), whose maps
     # name the object under each cell and the image's class on background.
     dense: bool = True
-    # Global context in every cell (DemoCNN(context=True)). Without it, background cells beyond the
-    # 55 px receptive field hedged: their top-5 logits had a median of 2.2 with 0.25 between the
-    # first two, so the zero-filled softmax put 42% of a token's target on the 27 unranked classes.
-    context: bool = True
     seed: int = 0
 
 
@@ -193,7 +180,7 @@ def train_annotator(
     if cfg.dense and (dense_maps is None or dense_maps.shape != (len(x_train),) + (cfg.img_size // STRIDE,) * 2):
         raise ValueError(f"cfg.dense needs dense_maps of shape [{len(x_train)}, {cfg.img_size // STRIDE}, "
                          f"{cfg.img_size // STRIDE}] (scenes.layout_class_map per train image)")
-    model = DemoCNN(num_classes=len(classes), width=cfg.width, context=cfg.context)
+    model = DemoCNN(num_classes=len(classes), width=cfg.width)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
