@@ -73,6 +73,31 @@ def test_apply_photometric_follows_plan_per_sample():
     assert torch.equal(out[2], imgs[2])
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_apply_photometric_batched_equals_per_sample(seed):
+    """The batched path (samples grouped by op and layer, one host-to-device copy) against applying
+    each sample's ops one by one, on a fresh plan's ops and levels."""
+    from tl_fast.plan import RandAugmentConfig
+
+    n = 12
+    rng = np.random.default_rng(seed)
+    imgs = torch.from_numpy(rng.integers(0, 256, (n, 3, 20, 24)).astype(np.float32))
+    sizes = np.tile(np.array([[40, 50]]), (n, 1))
+    config = AugmentConfig(randaugment=RandAugmentConfig.parse("rand-m9-mstd0.5-inc1"))
+    plan = plan_batch(seed, 0, np.arange(n), sizes, config)
+    photometric = {RA_OPS.index(name) for name in augment.PHOTOMETRIC_OPS}
+    assert any(o in photometric for o in plan.ra_op.ravel())
+    expected = imgs.clone()
+    for b in range(n):
+        for j in range(plan.ra_op.shape[1]):
+            op = int(plan.ra_op[b, j])
+            if op in photometric:
+                level = torch.tensor([plan.ra_level[b, j]], dtype=torch.float32)
+                expected[b:b + 1] = augment.PHOTOMETRIC[RA_OPS[op]](expected[b:b + 1], level)
+    out = augment.apply_photometric(imgs.clone(), plan.ra_op, plan.ra_level)
+    assert torch.equal(out, expected)
+
+
 def test_warp_lands_where_affine_says():
     """A linear ramp image warped by an affine: output pixel (i, j) shows the source coordinate
     ``A((j + .5) / S, (i + .5) / S) * size - 0.5`` (bilinear reproduces linear functions exactly)."""
