@@ -101,8 +101,8 @@ def run_all(args, data: Path, out_root: Path) -> dict[str, dict]:
     return states
 
 
-def read_run(folder: Path) -> dict:
-    """Last evaluated epoch (and its accuracies) from the run's log.jsonl."""
+def read_evals(folder: Path) -> list[dict]:
+    """Every evaluated epoch (and its accuracies) from the run's log.jsonl, in order."""
     evals = []
     log = folder / "log.jsonl"
     if log.is_file():
@@ -110,7 +110,7 @@ def read_run(folder: Path) -> dict:
             row = json.loads(line)
             if row.get("event") == "epoch" and "top1" in row:
                 evals.append({k: row[k] for k in ("epoch", "top1", "ema_top1", "train_images_per_s")})
-    return {"evals": evals, "last": evals[-1] if evals else None}
+    return evals
 
 
 def summarize(args, states: dict, out_root: Path) -> dict:
@@ -118,13 +118,13 @@ def summarize(args, states: dict, out_root: Path) -> dict:
     for variant in args.variants:
         for seed in args.seeds:
             name = f"{variant}_s{seed}"
-            run = read_run(out_root / name)
+            evals = read_evals(out_root / name)
             state = states.get(name, {}).get("state", "?")
-            last = run["last"]
+            last = evals[-1] if evals else None
             done = state == "finished" and last is not None and last["epoch"] == args.epochs
             if done:
                 finals.setdefault(variant, []).append((seed, last["top1"], last["ema_top1"]))
-            rows.append({"run": name, "state": state, **(last or {}), "evals": run["evals"]})
+            rows.append({"run": name, "state": state, **(last or {}), "evals": evals})
     print(f"\nval top-1 (%) after {args.epochs} epochs on the demo dataset, model (EMA):")
     print(f"{'variant':<24}" + "".join(f"{'seed ' + str(s):>18}" for s in args.seeds) + f"{'mean':>10}")
     base = {seed: top1 for seed, top1, _ in finals.get("cls-only", [])}

@@ -95,7 +95,6 @@ class TokenLabelLoader:
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
         self._epoch = 0
         self._step = 0
-        self._store = None
         self._store_maps: StoreMaps | None = None  # reads a batch's maps from the store (torch/DALI backends)
         self._packed_labels = False
         self.num_missing_labels = 0
@@ -142,12 +141,12 @@ class TokenLabelLoader:
             self.num_classes = index.num_classes
             self._map_geometry = None
             if labels is not None:
-                self._store = self._open_store(labels)
-                join = join_labels(index, self._store, missing_labels=self.config.missing_labels)
-                self._store_maps = StoreMaps(self._store, join.record, self._targets)
+                store = self._open_store(labels)
+                join = join_labels(index, store, missing_labels=self.config.missing_labels)
+                self._store_maps = StoreMaps(store, join.record, self._targets)
                 self.num_missing_labels = join.num_missing
-                self.num_classes = self._store.num_classes
-                self._map_geometry = (self._store.num_classes, self._store.topk, self._store.map_size)
+                self.num_classes = store.num_classes
+                self._map_geometry = (store.num_classes, store.topk, store.map_size)
             paths = [index.abspath(i) for i in range(len(index))]
             normalize = not self.config.device_pixel_ops
             if backend == "torch":
