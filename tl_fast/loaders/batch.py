@@ -102,7 +102,7 @@ class Batch:
         maps falls back to cross-entropy with the class ids (label smoothing as configured), mixed by
         the MixToken box when it has one, as the token-labeling class target is."""
         from .. import ops
-        from ..train.losses import mixed_label_loss
+        from ..ops.class_loss import mixed_label_loss
 
         if self.maps is None:
             return mixed_label_loss(cls_logits, self.labels, self.mix_box, self.grid, self.smoothing)

@@ -4,7 +4,7 @@ from .distributed import (
     DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_buffers, cleanup_distributed, setup_distributed,
 )
 from .ema import ModelEma
-from .losses import mix_lam, mixed_label_loss
+from ..ops.class_loss import mix_lam, mixed_label_loss  # re-exported: the trainer imports them from here
 from .metrics import JsonlLogger, ThroughputMeter, evaluate, format_seconds
 from .optim import cosine_factor, cosine_schedule, param_groups, scaled_lr
 

@@ -1,10 +1,11 @@
-"""Class-token losses on ground-truth labels that follow a MixToken box."""
+"""Class-token cross-entropy on ground-truth labels, mixed by the MixToken box: the class target of
+a batch without token labels (``Batch.loss``) and the trainer's ground-truth term."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..ops.reference import mix_box_mask
+from .reference import mix_box_mask
 
 
 def mix_lam(mix_box: torch.Tensor, batch: int, grid: tuple[int, int]) -> torch.Tensor:
