@@ -197,3 +197,19 @@ def test_augment_batch_deterministic_and_normalized():
     mean = torch.tensor(augment.IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(augment.IMAGENET_STD).view(1, 3, 1, 1)
     assert torch.allclose(c, (imgs.float() / 255 - mean) / std, atol=1e-5)
+
+
+def test_cpu_opencv_warp_within_one_level_of_grid_sample():
+    """The CPU path (OpenCV ``warpAffine`` on uint8) against :func:`augment.warp` on the plan's
+    RandAugment affines, fresh random images: within one level everywhere, and almost always equal."""
+    pytest.importorskip("cv2")
+    rs = np.random.RandomState(11)
+    n, s = 24, 56
+    plan = plan_batch(int(rs.randint(1 << 30)), 0, np.arange(200), np.full((200, 2), 80), AugmentConfig())
+    geo = np.flatnonzero(np.isin(plan.ra_op, augment.GEOMETRIC_IDS).any(1))[:n]
+    imgs = torch.from_numpy(_images(n=len(geo), h=s, w=s, seed=int(rs.randint(1000)))).permute(0, 3, 1, 2).contiguous()
+    got = augment.warp_uint8_cv2(imgs, plan.ra_affine[geo])
+    ref = augment.warp(imgs.float(), torch.from_numpy(plan.ra_affine[geo]).float())
+    diff = (got.float() - ref).abs()
+    assert got.dtype == torch.uint8 and diff.max() <= 1
+    assert (diff > 0).float().mean() < 0.02

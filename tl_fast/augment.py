@@ -5,9 +5,10 @@ the batch on the device, vectorized over the batch (a loop over the ~10 operatio
 samples):
 
 1. RandAugment geometry: the plan's ``ra_affine`` (output -> input, normalized ``[0, 1]``
-   coordinates, :mod:`tl_fast.geometry`) warps the image with ``affine_grid``/``grid_sample``
-   (bilinear, ``align_corners=False``), outside filled with timm's fill colour (the ImageNet mean as
-   uint8). The labels use the same matrix through ``plan.affine``.
+   coordinates, :mod:`tl_fast.geometry`) warps the image with ``grid_sample`` (bilinear,
+   ``align_corners=False``), outside filled with timm's fill colour (the ImageNet mean as uint8); on
+   CPU with OpenCV's ``warpAffine`` on uint8 instead (within one level, much cheaper). The labels use
+   the same matrix through ``plan.affine``.
 2. RandAugment photometric operations of timm's ``rand-m9-mstd0.5-inc1`` set, per sample with the
    plan's ``ra_op``/``ra_level``, in layer order, with PIL's integer semantics (each operation
    returns whole uint8 levels, blends truncate like ``Image.blend``).
@@ -86,6 +87,37 @@ def warp(images: torch.Tensor, affine: torch.Tensor, fill=FILL) -> torch.Tensor:
     # Sampling (image - fill) with zero padding then adding fill back blends edges toward the fill.
     out = F.grid_sample(images - fill_t, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill_t
     return out.round_().clamp_(0, 255)
+
+
+def pixel_affines(affine: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Output -> input affines ``[B, 2, 3]`` in ``[0, 1]`` coordinates as pixel-index ones (pixel
+    centres at ``(p + 0.5) / size``), the form OpenCV's ``warpAffine`` takes with ``WARP_INVERSE_MAP``:
+    ``p_in = S M S^-1 p_out + S (M S^-1 1/2 + c) - 1/2`` with ``S = diag(width, height)``."""
+    a = np.asarray(affine, dtype=np.float64)
+    scale = np.array([width, height], dtype=np.float64)
+    m = a[:, :, :2] * scale[None, :, None] / scale[None, None, :]
+    t = m.sum(-1) * 0.5 + a[:, :, 2] * scale[None, :] - 0.5
+    return np.concatenate([m, t[..., None]], -1)
+
+
+def warp_uint8_cv2(images: torch.Tensor, affine: np.ndarray, fill=FILL) -> torch.Tensor | None:
+    """:func:`warp` for uint8 CPU images ``[B, 3, H, W]`` with OpenCV's fixed-point bilinear
+    ``warpAffine`` (outside filled with ``fill``); returns uint8, or None without OpenCV.
+
+    About 2.5x faster than ``grid_sample`` on CPU, and within one level of :func:`warp` on every pixel
+    (tests/test_augment.py). The CPU path of :func:`augment_batch`; a GPU keeps ``grid_sample``."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    n, c, h, w = images.shape
+    hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
+    out = np.empty_like(hwc)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    for i, mat in enumerate(pixel_affines(affine, h, w)):
+        cv2.warpAffine(hwc[i], mat, (w, h), dst=out[i], flags=flags, borderMode=cv2.BORDER_CONSTANT,
+                       borderValue=tuple(float(v) for v in fill))
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,8 +351,12 @@ def augment_batch(
         sel = np.flatnonzero(geo)
         if len(sel):
             idx = torch.from_numpy(sel).to(x.device)
-            aff = torch.from_numpy(plan.ra_affine[sel]).to(x.device, torch.float32)
-            x.index_copy_(0, idx, warp(x.index_select(0, idx), aff))
+            on_cpu = x.device.type == "cpu" and images.dtype == torch.uint8
+            warped = warp_uint8_cv2(images[idx], plan.ra_affine[sel]) if on_cpu else None
+            if warped is None:
+                aff = torch.from_numpy(plan.ra_affine[sel]).to(x.device, torch.float32)
+                warped = warp(x.index_select(0, idx), aff)
+            x.index_copy_(0, idx, warped.to(x.dtype))
         if plan.ra_op.size:
             apply_photometric(x, plan.ra_op, plan.ra_level)
         x = normalize(x, mean, std)
