@@ -19,8 +19,7 @@ from tl_fast.cli import build_parser
 from tl_fast.demo import DemoConfig, default_root, prepare
 from tl_fast.demo.annotator import DemoCNN, TrainConfig
 from tl_fast.demo.generate import generate_images
-from tl_fast.demo.measure import measure
-from tl_fast.demo.measure import crop_statistics
+from tl_fast.demo.measure import _main_object_tokens, crop_statistics, measure, mixtoken_statistics
 from tl_fast.demo.scenes import (SceneConfig, SceneLayout, SceneObject, class_specs, layout_class_map,
                                   render_scene, scene_layout)
 from tl_fast.store import LabelStore
@@ -98,6 +97,27 @@ def test_random_resized_crops_often_miss_the_main_object():
     full = crop_statistics(DemoConfig(num_classes=8, train_per_class=10), epochs=2, scale=(1.0, 1.0))
     assert full["main_missed"] == 0.0  # whole-image crops always hold the whole main object
     assert full["main_under_half"] == 0.0
+
+
+def test_main_object_tokens_follow_the_crop():
+    """A 100x100 scene, main object a 40 px box at (30, 30): the whole-image 4x4 grid shows it on the
+    top-left 2x2 tokens; a crop of the right half shows none of it."""
+    lay = SceneLayout(100, 100, (SceneObject(1, 70.0, 70.0, 20, False), SceneObject(0, 30.0, 30.0, 40, True)))
+    whole = _main_object_tokens(lay, (0, 0, 100, 100), (4, 4))
+    expected = np.zeros((4, 4), bool)
+    expected[:2, :2] = True
+    assert np.array_equal(whole, expected)
+    assert not _main_object_tokens(lay, (0, 50, 100, 50), (4, 4)).any()
+
+
+def test_mixtoken_area_rule_often_disagrees_with_the_objects():
+    """On the demo, MixToken's area-mixed class target often gives the majority to the image whose main
+    object the mixed grid does not show; without a box (lam = 1) the figures would all be zero."""
+    stats = mixtoken_statistics(DemoConfig(num_classes=8, train_per_class=16), epochs=2, batch_size=16)
+    assert stats["samples"] == 2 * 128
+    assert 0.5 < stats["mean_lam"] < 1.0
+    assert 0.05 < stats["majority_flipped"] < 0.6 and 0.05 < stats["mean_abs_gap"] < 0.5
+    assert 0.0 < stats["own_object_hidden"] < stats["majority_flipped"]
 
 
 def test_scene_contains_the_main_objects_colour():

@@ -1,5 +1,6 @@
-"""Figures of the demo data for BENCHMARKS.md: annotator accuracy, and label-store size on the demo
-annotator's real score maps against the public per-image ``.pt`` layout.
+"""Figures of the demo data for BENCHMARKS.md: annotator accuracy, label-store size on the demo
+annotator's real score maps against the public per-image ``.pt`` layout, and how the training crops and
+MixToken boxes meet the scenes' known objects.
 
     python -m tl_fast.demo.measure [--data DIR]
 
@@ -65,6 +66,73 @@ def crop_statistics(config=None, *, epochs: int = 4, scale: tuple[float, float] 
     return {k: v / n for k, v in counts.items()}
 
 
+def _main_object_tokens(layout, crop, grid: tuple[int, int]) -> np.ndarray:
+    """``[Gh, Gw]`` bool: tokens of the crop ``(top, left, h, w)`` whose centre shows the scene's main
+    object (the topmost object's square box holding the centre is the main one)."""
+    top, left, ch, cw = (float(v) for v in crop)
+    gh, gw = grid
+    ys = top + (np.arange(gh)[:, None] + 0.5) / gh * ch
+    xs = left + (np.arange(gw)[None, :] + 0.5) / gw * cw
+    owner = np.full((gh, gw), -1)
+    for k, o in enumerate(layout.objects):  # drawing order: later objects are on top
+        half = o.size / 2
+        owner[(np.abs(ys - o.cy) <= half) & (np.abs(xs - o.cx) <= half)] = k
+    main = next(k for k, o in enumerate(layout.objects) if o.main)
+    return owner == main
+
+
+def mixtoken_statistics(config=None, *, epochs: int = 4, scale: tuple[float, float] = (0.25, 1.0),
+                        grid: tuple[int, int] = (8, 8), batch_size: int = 64) -> dict:
+    """How well MixToken's area rule for the class target (``lam`` = share of the sample's own tokens)
+    matches what the mixed token grid shows, from the scenes' known layouts.
+
+    The demo trainer's recipe: random resized crops at ``scale`` (the demo preset's 0.25-1), an 8 x 8
+    token grid, one box per batch of ``batch_size`` by the loader's draw, partner ``B - 1 - b``. For a
+    mixed sample, the *object share* is its own main-object tokens left outside the box over those plus
+    the partner's main-object tokens pasted inside it: the class split the tokens show. (Flips are left
+    out: they move the object within the crop, and the box is uniform.) Returns over ``epochs``
+    epochs: ``mean_abs_gap`` (mean ``|lam - object share|`` where some main object shows),
+    ``majority_flipped`` (the area rule and the object share put more than half of the target on
+    different images), ``own_object_hidden`` (``lam >= 0.5`` yet the box covers every token of the
+    sample's own main object, which its crop showed), ``no_main_object`` (neither main object shows)
+    and ``mean_lam``.
+    """
+    from ..loaders.loader import epoch_order
+    from ..plan import draw_mix_box, random_resized_crop
+    from . import DemoConfig
+    from .scenes import scene_layout
+
+    config = config or DemoConfig()
+    layouts = [scene_layout(config.seed, "train", c, i, config.num_classes, config.scene)
+               for c in range(config.num_classes) for i in range(config.train_per_class)]
+    sizes = np.array([(lay.height, lay.width) for lay in layouts])
+    gaps, flipped, hidden, empty, lams = [], 0, 0, 0, []
+    for epoch in range(epochs):
+        order = epoch_order(config.seed, epoch, np.arange(len(layouts)), shuffle=True)
+        crops = random_resized_crop(config.seed, epoch, np.arange(len(layouts)), sizes, scale=scale)
+        objects = [_main_object_tokens(lay, crop, grid) for lay, crop in zip(layouts, crops)]
+        for step in range(len(order) // batch_size):
+            batch = order[step * batch_size:(step + 1) * batch_size]
+            r1, c1, r2, c2 = draw_mix_box(config.seed, epoch, step, grid).boxes[0]
+            inside = np.zeros(grid, dtype=bool)
+            inside[r1:r2, c1:c2] = True
+            lam = 1.0 - inside.mean()
+            for b, i in enumerate(batch):
+                own, partner = objects[i], objects[batch[len(batch) - 1 - b]]
+                kept, pasted = (own & ~inside).sum(), (partner & inside).sum()
+                lams.append(lam)
+                if kept + pasted == 0:
+                    empty += 1
+                    continue
+                share = kept / (kept + pasted)
+                gaps.append(abs(lam - share))
+                flipped += int((lam > 0.5) != (share > 0.5))
+                hidden += int(lam >= 0.5 and own.any() and kept == 0)
+    n = len(lams)
+    return {"samples": n, "mean_abs_gap": float(np.mean(gaps)), "majority_flipped": flipped / n,
+            "own_object_hidden": hidden / n, "no_main_object": empty / n, "mean_lam": float(np.mean(lams))}
+
+
 def measure(data: str | os.PathLike | None = None, *, progress: bool = True, config=None) -> dict:
     """Prepare (or find) the demo data (``config``: a :class:`~tl_fast.demo.DemoConfig`) and return
     its figures."""
@@ -101,6 +169,7 @@ def measure(data: str | os.PathLike | None = None, *, progress: bool = True, con
         out["lossy_max_abs_err"] = float((lossy_vals - maps.values.float()).abs().max())
     out.update(pt_bytes=pt_bytes, pt_disk_bytes=pt_disk)
     out["crops"] = crop_statistics(config)
+    out["mixtoken"] = mixtoken_statistics(config)
     return out
 
 
@@ -128,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
           f"the main object ({100 * c['main_missed']:.1f}% none of it), {100 * c['distractor_caught']:.1f}% hold "
           f"at least half of a distractor, {100 * c['distractor_dominates']:.1f}% show more distractor than "
           "main object")
+    m = r["mixtoken"]
+    print(f"MixToken on the demo trainer's crops (scale 0.25-1, 8x8 tokens, batch 64): mean lam {m['mean_lam']:.2f}; "
+          f"the area-mixed class target is {m['mean_abs_gap']:.2f} from the main objects' token share on average, "
+          f"gives the majority to the other image in {100 * m['majority_flipped']:.1f}% of samples, and keeps "
+          f"lam >= 0.5 on {100 * m['own_object_hidden']:.1f}% whose own object the box covers entirely "
+          f"({100 * m['no_main_object']:.1f}% show neither main object)")
     return 0
 
 
