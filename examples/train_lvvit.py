@@ -19,13 +19,16 @@ import sys
 import textwrap
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from tl_fast import ops
 from tl_fast.models import MODEL_NAMES, create_lvvit
+from tl_fast.ops.class_loss import content_mixtoken
 from tl_fast.plan import AugmentConfig, RandAugmentConfig
 from tl_fast.train import (
     JsonlLogger, ModelEma, ThroughputMeter, all_gather_object, barrier, broadcast_buffers, cleanup_distributed,
@@ -108,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "with token labels, off without; --no-token-label --mixtoken mixes the hard labels by area, "
                    "a token-level CutMix baseline)")
     t.add_argument("--mixtoken-per-sample", action="store_true", help="one MixToken box per sample")
+    t.add_argument("--mix-cls-target", choices=("area", "content"), default="area",
+                   help="how MixToken mixes the class-token target: 'area' (LV-ViT, SPEC), or 'content', an "
+                   "experiment weighing each image by how much of its class the mixed tokens' targets show "
+                   "(materializes the targets)")
     t.add_argument("--dense-weight", type=float, default=1.0, help="weight of the token loss (paper: 0.5)")
     t.add_argument("--gt-weight", type=float, default=0.0,
                    help="share of the ground-truth label in the class-token target (MixToken-mixed); the rest is "
@@ -236,15 +243,19 @@ def make_step(args, model, train_model, opt, sched, ema, dist, state):
         torch.manual_seed(step_seed(args.seed, dist.rank, state["global_step"]))
         with amp:
             cls, tokens = train_model(batch.images, batch.mix_box if args.mixtoken else None)
-        if args.token_label:
+        if not args.token_label:  # hard labels, mixed by area when the tokens were mixed (the batch has no maps)
+            loss = batch.loss(cls)
+        else:
             # The class-token target is linear in its parts: (1 - w) * annotator + w * ground truth.
-            loss = batch.loss(cls, tokens, cls_weight=1.0 - args.gt_weight, dense_weight=args.dense_weight,
-                              fused=args.fused_loss)
+            weights = dict(cls_weight=1.0 - args.gt_weight, dense_weight=args.dense_weight)
+            if args.mix_cls_target == "content" and batch.mix_box is not None:
+                targets = content_mixtoken(replace(batch, mix_box=None).token_targets(), batch.mix_box, batch.grid)
+                loss = ops.token_label_loss(cls, tokens, targets, **weights)
+            else:
+                loss = batch.loss(cls, tokens, fused=args.fused_loss, **weights)
             if args.gt_weight > 0:
                 loss = loss + args.gt_weight * mixed_label_loss(cls, batch.labels, batch.mix_box, batch.grid,
                                                                 args.smoothing)
-        else:  # hard labels, mixed by area when the tokens were mixed (the batch has no maps)
-            loss = batch.loss(cls)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if args.clip_grad > 0:

@@ -94,6 +94,16 @@ def test_few_steps_reduce_loss(dataset, tmp_path, loader):
 
 
 @pytest.mark.slow
+def test_content_mixed_class_target_trains(dataset, tmp_path):
+    """--mix-cls-target content (the experiment beside the SPEC's area rule) runs and reduces the loss."""
+    trainer = _load_trainer()
+    trainer.main(_args(dataset, tmp_path, "torch", "--epochs", "4", "--mix-cls-target", "content"))
+    losses = _train_losses(tmp_path)
+    steps = sorted(losses)
+    assert losses[steps[0]] > 1.25 * np.mean([losses[s] for s in steps[-4:]])
+
+
+@pytest.mark.slow
 def test_class_token_only_baseline_runs(dataset, tmp_path):
     trainer = _load_trainer()
     result = trainer.main(_args(dataset, tmp_path, "torch", "--epochs", "1", "--no-token-label"))
