@@ -9,7 +9,8 @@
 # GPU_CHECK_EVIDENCE_EPOCHS=N adds the token-labeling evidence runs (benchmarks/token_label_evidence.py:
 # class-token only vs token labeling + MixToken, seeds 0 and 1, N epochs, on the demo dataset prepared
 # in the background while the checks run), cut off so that the script ends within GPU_CHECK_DEADLINE
-# seconds (default 560), with GPU_CHECK_EVIDENCE_ARGS as extra trainer flags (e.g. "--dim 192 --heads 6").
+# seconds (default 560), with GPU_CHECK_EVIDENCE_ARGS as extra trainer flags (e.g. "--dim 192 --heads 6")
+# and GPU_CHECK_EVIDENCE_VARIANTS as the runs (e.g. "cls-only token-label-mixtoken token-label-mixtoken-content").
 # On an H100 with 16 cores, 4 parallel runs of the preset's student take about 1.7 s per epoch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -128,6 +129,7 @@ if [ "$EVIDENCE_EPOCHS" -gt 0 ]; then
     left=$(( ${GPU_CHECK_DEADLINE:-560} - (SECONDS - START) - 20 ))
     workers=$(( $(nproc) / 4 - 1 )); [ "$workers" -ge 1 ] || workers=1
     "$PY" benchmarks/token_label_evidence.py --data "$DEMO_DIR" --epochs "$EVIDENCE_EPOCHS" --seeds 0 1 \
+        --variants ${GPU_CHECK_EVIDENCE_VARIANTS:-cls-only token-label-mixtoken} \
         --parallel 4 --workers "$workers" --threads 1 --eval-every 10 --time-limit "$left" \
         --out /tmp/tl_fast_evidence --summary "$OUT_DIR/evidence.json" -- ${GPU_CHECK_EVIDENCE_ARGS:-} || status=1
 fi

@@ -25,6 +25,8 @@ VARIANTS = {  # name -> trainer flags
     "token-label-mixtoken": [],  # (b) the paper's recipe: token labeling with MixToken
     "cls-mixtoken": ["--no-token-label", "--mixtoken"],  # (a') same MixToken boxes, hard labels mixed by area
     "token-label": ["--no-mixtoken"],  # (c) token labeling without mixing
+    # (b) with the experimental class target weighed by what the mixed tokens show, not by area
+    "token-label-mixtoken-content": ["--mix-cls-target", "content"],
 }
 
 
@@ -126,7 +128,7 @@ def summarize(args, states: dict, out_root: Path) -> dict:
                 finals.setdefault(variant, []).append((seed, last["top1"], last["ema_top1"]))
             rows.append({"run": name, "state": state, **(last or {}), "evals": evals})
     print(f"\nval top-1 (%) after {args.epochs} epochs on the demo dataset, model (EMA):")
-    print(f"{'variant':<24}" + "".join(f"{'seed ' + str(s):>18}" for s in args.seeds) + f"{'mean':>10}")
+    print(f"{'variant':<30}" + "".join(f"{'seed ' + str(s):>18}" for s in args.seeds) + f"{'mean':>10}")
     base = {seed: top1 for seed, top1, _ in finals.get("cls-only", [])}
     table = {}
     for variant in args.variants:
@@ -137,7 +139,7 @@ def summarize(args, states: dict, out_root: Path) -> dict:
         if variant != "cls-only" and base and got:
             deltas = [got[s][0] - base[s] for s in got if s in base]
             table[variant]["minus_cls_only"] = deltas
-        print(f"{variant:<24}{cells}{mean:>10.2f}")
+        print(f"{variant:<30}{cells}{mean:>10.2f}")
     for variant, t in table.items():
         if "minus_cls_only" in t:
             print(f"{variant} minus cls-only, per seed: " + ", ".join(f"{d:+.2f}" for d in t["minus_cls_only"]))
