@@ -106,6 +106,7 @@ def mixtoken_statistics(config=None, *, epochs: int = 4, scale: tuple[float, flo
     layouts = [scene_layout(config.seed, "train", c, i, config.num_classes, config.scene)
                for c in range(config.num_classes) for i in range(config.train_per_class)]
     sizes = np.array([(lay.height, lay.width) for lay in layouts])
+    batch_size = min(batch_size, len(layouts))  # a tiny dataset still gives one batch per epoch
     gaps, flipped, hidden, empty, lams = [], 0, 0, 0, []
     for epoch in range(epochs):
         order = epoch_order(config.seed, epoch, np.arange(len(layouts)), shuffle=True)
@@ -129,7 +130,7 @@ def mixtoken_statistics(config=None, *, epochs: int = 4, scale: tuple[float, flo
                 flipped += int((lam > 0.5) != (share > 0.5))
                 hidden += int(lam >= 0.5 and own.any() and kept == 0)
     n = len(lams)
-    return {"samples": n, "mean_abs_gap": float(np.mean(gaps)), "majority_flipped": flipped / n,
+    return {"samples": n, "mean_abs_gap": float(np.mean(gaps)) if gaps else 0.0, "majority_flipped": flipped / n,
             "own_object_hidden": hidden / n, "no_main_object": empty / n, "mean_lam": float(np.mean(lams))}
 
 
