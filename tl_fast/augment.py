@@ -110,7 +110,7 @@ def warp_uint8_cv2(images: torch.Tensor, affine: np.ndarray, fill=FILL) -> torch
         import cv2
     except ImportError:
         return None
-    n, c, h, w = images.shape
+    h, w = images.shape[-2:]
     hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
     out = np.empty_like(hwc)
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP

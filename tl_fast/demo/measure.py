@@ -114,10 +114,11 @@ def mixtoken_statistics(config=None, *, epochs: int = 4, scale: tuple[float, flo
         objects = [_main_object_tokens(lay, crop, grid) for lay, crop in zip(layouts, crops)]
         for step in range(len(order) // batch_size):
             batch = order[step * batch_size:(step + 1) * batch_size]
-            r1, c1, r2, c2 = draw_mix_box(config.seed, epoch, step, grid).boxes[0]
+            mix = draw_mix_box(config.seed, epoch, step, grid)
+            r1, c1, r2, c2 = mix.boxes[0]
+            lam = float(mix.lam[0])
             inside = np.zeros(grid, dtype=bool)
             inside[r1:r2, c1:c2] = True
-            lam = 1.0 - inside.mean()
             for b, i in enumerate(batch):
                 own, partner = objects[i], objects[batch[len(batch) - 1 - b]]
                 kept, pasted = (own & ~inside).sum(), (partner & inside).sum()
@@ -130,8 +131,9 @@ def mixtoken_statistics(config=None, *, epochs: int = 4, scale: tuple[float, flo
                 flipped += int((lam > 0.5) != (share > 0.5))
                 hidden += int(lam >= 0.5 and own.any() and kept == 0)
     n = len(lams)
-    return {"samples": n, "mean_abs_gap": float(np.mean(gaps)) if gaps else 0.0, "majority_flipped": flipped / n,
-            "own_object_hidden": hidden / n, "no_main_object": empty / n, "mean_lam": float(np.mean(lams))}
+    return {"samples": n, "mean_abs_gap": float(np.mean(gaps)) if gaps else 0.0,
+            "majority_flipped": flipped / n, "own_object_hidden": hidden / n, "no_main_object": empty / n,
+            "mean_lam": float(np.mean(lams))}
 
 
 def measure(data: str | os.PathLike | None = None, *, progress: bool = True, config=None) -> dict:
@@ -199,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
           f"at least half of a distractor, {100 * c['distractor_dominates']:.1f}% show more distractor than "
           "main object")
     m = r["mixtoken"]
-    print(f"MixToken on the demo trainer's crops (scale 0.25-1, 8x8 tokens, batch 64): mean lam {m['mean_lam']:.2f}; "
+    print("MixToken on the demo trainer's crops (scale 0.25-1, 8x8 tokens, batch 64): "
+          f"mean lam {m['mean_lam']:.2f}; "
           f"the area-mixed class target is {m['mean_abs_gap']:.2f} from the main objects' token share on average, "
           f"gives the majority to the other image in {100 * m['majority_flipped']:.1f}% of samples, and keeps "
           f"lam >= 0.5 on {100 * m['own_object_hidden']:.1f}% whose own object the box covers entirely "

@@ -49,7 +49,7 @@ def content_mixtoken(targets: torch.Tensor, mix_box, grid: tuple[int, int]) -> t
     own = (score * ~inside).sum(1)
     pasted = (score.flip(0) * inside).sum(1)
     total = own + pasted
-    lam = 1.0 - inside.float().mean(1)
-    w = torch.where(total > 0, own / total.clamp_min(1e-12), lam).to(cls.dtype).view(b, 1)
+    w = torch.where(total > 0, own / total.clamp_min(1e-12), mix_lam(mix_box, b, grid).to(total.device))
+    w = w.to(cls.dtype).view(b, 1)
     mixed[:, 0] = w * cls + (1 - w) * cls.flip(0)
     return mixed
