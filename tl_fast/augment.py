@@ -12,6 +12,8 @@ samples):
 2. RandAugment photometric operations of timm's ``rand-m9-mstd0.5-inc1`` set, per sample with the
    plan's ``ra_op``/``ra_level``, in layer order, with PIL's integer semantics (each operation
    returns whole uint8 levels, blends truncate like ``Image.blend``).
+   On CPU, steps 2 and 3's normalization run as per-sample look-up tables on uint8
+   (:mod:`tl_fast.augment_cpu`), with the same results.
 3. Normalization (ImageNet mean/std), then random erasing (timm's ``RandomErasing``: probability
    0.25, area 2%..1/3, aspect 0.3..3.3, one box, per-pixel normal noise). The box is drawn from the
    counter RNG keyed by ``(seed, epoch, sample index)`` on stream :data:`ERASE_STREAM`; the noise comes
@@ -111,13 +113,14 @@ def warp_uint8_cv2(images: torch.Tensor, affine: np.ndarray, fill=FILL) -> torch
     except ImportError:
         return None
     h, w = images.shape[-2:]
-    hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
-    out = np.empty_like(hwc)
+    src = images.contiguous().numpy()
+    out = np.empty_like(src)
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     for i, mat in enumerate(pixel_affines(affine, h, w)):
-        cv2.warpAffine(hwc[i], mat, (w, h), dst=out[i], flags=flags, borderMode=cv2.BORDER_CONSTANT,
-                       borderValue=tuple(float(v) for v in fill))
-    return torch.from_numpy(out).permute(0, 3, 1, 2)
+        for c in range(src.shape[1]):  # plane by plane: no HWC copies
+            cv2.warpAffine(src[i, c], mat, (w, h), dst=out[i, c], flags=flags, borderMode=cv2.BORDER_CONSTANT,
+                           borderValue=float(fill[c]))
+    return torch.from_numpy(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,37 +139,48 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
     return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(x.dtype)
 
 
-def auto_contrast(x: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
-    """PIL ``ImageOps.autocontrast`` per channel: ``lut[i] = int(i * scale + offset)`` (float64 maths
-    as PIL's Python loop), identity for a flat channel."""
-    n, c, h, w = x.shape
-    lo = x.amin(dim=(2, 3)).double().reshape(n * c, 1)
-    hi = x.amax(dim=(2, 3)).double().reshape(n * c, 1)
+def autocontrast_lut(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """PIL ``ImageOps.autocontrast``'s table for channels spanning ``[lo, hi]`` (``[m]`` each):
+    ``lut[i] = int(i * scale + offset)`` in float64 as PIL's Python loop, identity for a flat channel.
+    Returns float64 ``[m, 256]`` whole levels."""
+    lo, hi = lo.double().view(-1, 1), hi.double().view(-1, 1)
     scale = 255.0 / (hi - lo).clamp(min=1)
-    levels = torch.arange(256, dtype=torch.float64, device=x.device).view(1, 256)
-    lut = (levels * scale - lo * scale).clamp_(0, 255).trunc_().to(x.dtype)
-    out = lut.gather(1, x.long().clamp_(0, 255).reshape(n * c, h * w)).view(n, c, h, w)
-    return torch.where((hi > lo).view(n, c, 1, 1), out, x)
+    levels = torch.arange(256, dtype=torch.float64, device=lo.device).view(1, 256)
+    lut = (levels * scale - lo * scale).clamp_(0, 255).trunc_()
+    return torch.where(hi > lo, lut, levels)
+
+
+def auto_contrast(x: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
+    """PIL ``ImageOps.autocontrast`` per channel (:func:`autocontrast_lut`)."""
+    n, c, h, w = x.shape
+    lut = autocontrast_lut(x.amin(dim=(2, 3)), x.amax(dim=(2, 3))).to(x.dtype)
+    return lut.gather(1, x.long().clamp_(0, 255).reshape(n * c, h * w)).view(n, c, h, w)
+
+
+def equalize_lut(hist: torch.Tensor) -> torch.Tensor:
+    """PIL ``ImageOps.equalize``'s table for channels with histograms ``hist [m, 256]``:
+    ``lut[i] = (step // 2 + sum(h[:i])) // step`` with ``step = (pixels - count of the last non-empty
+    level) // 255``; identity when ``step == 0`` or one level is used. Returns int64 ``[m, 256]``."""
+    hist = hist.long()
+    nonzero = hist > 0
+    last = 255 - nonzero.flip(-1).long().argmax(-1)  # last non-empty level
+    last_count = hist.gather(1, last.view(-1, 1)).squeeze(1)
+    step = (hist.sum(-1) - last_count) // 255
+    safe = step.clamp(min=1).view(-1, 1)
+    cum = torch.cumsum(hist, -1) - hist  # exclusive prefix sums
+    lut = ((safe // 2 + cum) // safe).clamp_(max=255)
+    keep = ((step == 0) | (nonzero.sum(-1) <= 1)).view(-1, 1)
+    return torch.where(keep, torch.arange(256, device=hist.device).view(1, 256), lut)
 
 
 def equalize(x: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
-    """PIL ``ImageOps.equalize`` per channel: ``lut[i] = (step // 2 + sum(h[:i])) // step`` with
-    ``step = (pixels - count of the last non-empty level) // 255``; identity when ``step == 0``."""
+    """PIL ``ImageOps.equalize`` per channel (:func:`equalize_lut`)."""
     n, c, h, w = x.shape
     # Flat (sample, channel, level) ids: one bincount gives every histogram (several times faster
     # than index_add_ on CPU) and the same ids look the output up in the stacked tables.
     ids = x.long().clamp_(0, 255).reshape(n * c, h * w) + torch.arange(n * c, device=x.device).view(-1, 1) * 256
     hist = torch.bincount(ids.view(-1), minlength=n * c * 256).view(n * c, 256)
-    nonzero = hist > 0
-    last = 255 - nonzero.flip(-1).long().argmax(-1)  # last non-empty level
-    last_count = hist.gather(1, last.view(-1, 1)).squeeze(1)
-    step = (h * w - last_count) // 255
-    safe = step.clamp(min=1).view(-1, 1)
-    cum = torch.cumsum(hist, -1) - hist  # exclusive prefix sums
-    lut = ((safe // 2 + cum) // safe).clamp_(max=255)
-    out = lut.view(-1).take(ids).to(x.dtype).view(n, c, h, w)
-    keep = ((step == 0) | (nonzero.sum(-1) <= 1)).view(n, c, 1, 1)
-    return torch.where(keep, x, out)
+    return equalize_lut(hist).view(-1).take(ids).to(x.dtype).view(n, c, h, w)
 
 
 def invert(x: torch.Tensor, level: torch.Tensor | None = None) -> torch.Tensor:
@@ -193,9 +207,13 @@ def color(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return _blend(_grayscale(x).expand_as(x), x, factor)
 
 
+def contrast_mean(x: torch.Tensor) -> torch.Tensor:
+    """PIL ``ImageEnhance.Contrast``'s degenerate level: the rounded mean of the grayscale image, ``[n, 1, 1, 1]``."""
+    return torch.floor(_grayscale(x).mean(dim=(1, 2, 3), keepdim=True) + 0.5)
+
+
 def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    mean = torch.floor(_grayscale(x).mean(dim=(1, 2, 3), keepdim=True) + 0.5)
-    return _blend(mean.expand_as(x), x, factor)
+    return _blend(contrast_mean(x).expand_as(x), x, factor)
 
 
 def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -346,20 +364,26 @@ def augment_batch(
     ``normalize_output=False`` the images are already normalized floats (a backend normalized them)
     and only erasing runs."""
     if normalize_output:
-        x = images.float()
-        geo = np.isin(plan.ra_op, GEOMETRIC_IDS).any(1) if plan.ra_op.size else np.zeros(len(x), bool)
+        geo = np.isin(plan.ra_op, GEOMETRIC_IDS).any(1) if plan.ra_op.size else np.zeros(len(images), bool)
         sel = np.flatnonzero(geo)
-        if len(sel):
-            idx = torch.from_numpy(sel).to(x.device)
-            on_cpu = x.device.type == "cpu" and images.dtype == torch.uint8
-            warped = warp_uint8_cv2(images[idx], plan.ra_affine[sel]) if on_cpu else None
-            if warped is None:
+        x = None
+        if images.device.type == "cpu" and images.dtype == torch.uint8:
+            # CPU: OpenCV's uint8 warp, then the photometric operations and normalization as tables.
+            from .augment_cpu import augment_photometric_normalize
+
+            warped = warp_uint8_cv2(images[sel], plan.ra_affine[sel]) if len(sel) else None
+            if warped is not None or not len(sel):
+                x = augment_photometric_normalize(images, plan.ra_op, plan.ra_level, mean, std,
+                                                  replaced=dict(zip(sel.tolist(), warped)) if len(sel) else None)
+        if x is None:
+            x = images.float()
+            if len(sel):
+                idx = torch.from_numpy(sel).to(x.device)
                 aff = torch.from_numpy(plan.ra_affine[sel]).to(x.device, torch.float32)
-                warped = warp(x.index_select(0, idx), aff)
-            x.index_copy_(0, idx, warped.to(x.dtype))
-        if plan.ra_op.size:
-            apply_photometric(x, plan.ra_op, plan.ra_level)
-        x = normalize(x, mean, std)
+                x.index_copy_(0, idx, warp(x.index_select(0, idx), aff))
+            if plan.ra_op.size:
+                apply_photometric(x, plan.ra_op, plan.ra_level)
+            x = normalize(x, mean, std)
     else:
         x = images.float()
     if erase is not None and erase.prob > 0:
