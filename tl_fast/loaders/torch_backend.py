@@ -8,11 +8,16 @@ image's path (the DataLoader re-raises worker exceptions); a stalled worker rais
 """
 from __future__ import annotations
 
+import gc
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+# Imported here, in the parent, rather than on first use: workers are forked every epoch, and an
+# import in each of them cost more CPU than a batch.
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2 import functional as TF
 
 from ..store import TopKMaps
 from .batch import LoaderConfig
@@ -21,8 +26,6 @@ from .common import PlanMaker, StoreMaps
 
 def decode_rgb(path: str) -> torch.Tensor:
     """uint8 ``[3, H, W]`` RGB of the image file at ``path`` (JPEG through libjpeg-turbo, others too)."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
     try:
         return decode_image(read_file(path), mode=ImageReadMode.RGB)
     except Exception as err:  # torchvision raises RuntimeError for bad data; say which file
@@ -31,12 +34,16 @@ def decode_rgb(path: str) -> torch.Tensor:
 
 def crop_resize_flip(image: torch.Tensor, crop: Sequence[int], flip: bool, size: int) -> torch.Tensor:
     """``image[:, top:top+h, left:left+w]`` resized to ``size x size`` (bilinear, antialiased), flipped."""
-    from torchvision.transforms.v2 import functional as TF
-
     top, left, h, w = (int(v) for v in crop)
     out = TF.resize(image[:, top:top + h, left:left + w], [size, size],
                     interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
     return out.flip(-1) if flip else out
+
+
+def _worker_init(worker_id: int) -> None:
+    """Leave the objects inherited from the parent out of this worker's garbage collections: they
+    are long-lived, and traversing them costs time and copy-on-write page faults."""
+    gc.freeze()
 
 
 class _BatchDataset(Dataset):
@@ -93,6 +100,7 @@ class TorchBackend:
             _BatchDataset(self.paths, list(batches), plan, cfg.image_size, self.labels), batch_size=None, shuffle=False,
             num_workers=workers, pin_memory=self.device.type == "cuda",
             timeout=cfg.timeout_s if workers else 0, prefetch_factor=2 if workers else None,
+            worker_init_fn=_worker_init if workers else None,
         )
         for images, idx, *maps in loader:
             yield images, idx.numpy(), {"maps": TopKMaps(*maps)} if maps else {}
