@@ -7,7 +7,8 @@ sample, in a ``DataLoader`` with the same worker count. tl_fast's loaders delive
 (RandAugment, normalization and erasing on the device) plus the compressed maps on the device.
 
 Runs are interleaved (every configuration once per round, ``--rounds`` rounds); each run skips
-``--warmup`` batches (worker start-up, FFCV compilation) and times the next ``--batches``. Reported:
+``--warmup`` batches (worker start-up, FFCV compilation) and times the next ``--batches``, or with
+``--whole-epoch`` times one whole epoch from ``iter()``, start-up included, as a trainer sees it. Reported:
 median images/s (20th / 80th percentiles), labels-on / labels-off per backend (target >= 0.97), and
 the fastest backend over the public approach (target >= 2).
 
@@ -72,18 +73,23 @@ def write_public_labels(index: ImageFolderIndex, store_path: str, out_dir: str) 
             torch.save(torch.stack([maps.values[j], maps.indices[j].half()]), path)
 
 
-def measure(iterable_factory, warmup: int, batches: int, device: torch.device) -> float:
-    """Images/s over ``batches`` batches after ``warmup`` batches."""
+def measure(iterable_factory, warmup: int, batches: int, device: torch.device, whole_epoch: bool = False) -> float:
+    """Images/s over ``batches`` batches after ``warmup`` batches, or over one whole epoch from the
+    call to ``iter`` (worker start-up included, as a trainer sees it)."""
+    start = time.perf_counter() if whole_epoch else None
     it = iter(iterable_factory())
     seen = 0
-    start = None
     for i, batch in enumerate(it):
+        n = len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+        if whole_epoch:
+            seen += n
+            continue
         if i == warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
         elif i > warmup:
-            seen += len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+            seen += n
         if i == warmup + batches:
             break
     if device.type == "cuda":
@@ -105,6 +111,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--whole-epoch", action="store_true",
+                   help="time whole epochs from iter() (worker start-up included) instead of --warmup/--batches")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workdir", help="where the .beton and the public .pt files go (default: a temp dir)")
     p.add_argument("--json", help="also write the figures to this JSON file")
@@ -141,7 +149,7 @@ def main(argv=None) -> None:
             lab = None if be == "ffcv" else labels
             loaders[(be, on)] = TokenLabelLoader(src, lab, backend=be, token_labels=on, **common)
     n_needed = (args.warmup + args.batches + 1) * args.batch_size
-    if len(index) < n_needed:
+    if not args.whole_epoch and len(index) < n_needed:
         raise SystemExit(f"{len(index)} images is too few for --warmup {args.warmup} --batches {args.batches} "
                          f"at --batch-size {args.batch_size} (need {n_needed})")
 
@@ -164,8 +172,8 @@ def main(argv=None) -> None:
     for r in tqdm(range(args.rounds), desc="rounds"):
         for key, loader in loaders.items():
             loader.set_epoch(1000 + r)
-            rates[key].append(measure(lambda: loader, args.warmup, args.batches, device))
-        rates["public"].append(measure(public_loader, args.warmup, args.batches, device))
+            rates[key].append(measure(lambda: loader, args.warmup, args.batches, device, args.whole_epoch))
+        rates["public"].append(measure(public_loader, args.warmup, args.batches, device, args.whole_epoch))
     # What token labels add per batch, timed directly (robust where the images/s are noisy).
     label_ms = {be: 1e3 * loaders[(be, True)].stats["label_s"] / max(1, loaders[(be, True)].stats["batches"])
                 for be in backends}
@@ -175,7 +183,8 @@ def main(argv=None) -> None:
 
     pub = stat(rates["public"])[0]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"\nloader throughput, images/s (median [p20, p80] of {args.rounds} rounds x {args.batches} batches), "
+    window = "whole epochs" if args.whole_epoch else f"{args.batches} batches"
+    print(f"\nloader throughput, images/s (median [p20, p80] of {args.rounds} rounds x {window}), "
           f"{len(index)} images, batch {args.batch_size}, {args.image_size}px, {args.workers} workers, "
           f"device {device} ({dev_name}), {os.cpu_count()} CPUs")
     print(f"{'backend':<8} {'labels off':>22} {'labels on':>22} {'on/off (>=0.97)':>16} {'on vs public':>13} "
