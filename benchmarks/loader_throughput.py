@@ -6,7 +6,8 @@ erasing 0.25 per pixel) and one ``torch.load`` of a ``[2, k, H, W]`` float16 ``.
 sample, in a ``DataLoader`` with the same worker count. tl_fast's loaders deliver the same images
 (RandAugment, normalization and erasing on the device) plus the compressed maps on the device.
 
-Runs are interleaved (every configuration once per round, ``--rounds`` rounds); each run skips
+Runs are interleaved (every configuration once per round, in reverse order every other round,
+``--rounds`` rounds); each run skips
 ``--warmup`` batches (worker start-up, FFCV compilation) and times the next ``--batches``, or with
 ``--whole-epoch`` times one whole epoch from ``iter()``, start-up included, as a trainer sees it. Reported:
 median images/s (20th / 80th percentiles), labels-on / labels-off per backend (target >= 0.97), and
@@ -169,11 +170,17 @@ def main(argv=None) -> None:
                    label_maps.to(device, non_blocking=True))
 
     rates: dict = {key: [] for key in list(loaders) + ["public"]}
+    runs = list(loaders) + ["public"]
     for r in tqdm(range(args.rounds), desc="rounds"):
-        for key, loader in loaders.items():
+        # Odd rounds run in reverse order, so no configuration always follows the same one (the
+        # previous run's workers shutting down, a warm page cache).
+        for key in runs if r % 2 == 0 else runs[::-1]:
+            if key == "public":
+                rates[key].append(measure(public_loader, args.warmup, args.batches, device, args.whole_epoch))
+                continue
+            loader = loaders[key]
             loader.set_epoch(1000 + r)
             rates[key].append(measure(lambda: loader, args.warmup, args.batches, device, args.whole_epoch))
-        rates["public"].append(measure(public_loader, args.warmup, args.batches, device, args.whole_epoch))
     # What token labels add per batch, timed directly (robust where the images/s are noisy).
     label_ms = {be: 1e3 * loaders[(be, True)].stats["label_s"] / max(1, loaders[(be, True)].stats["batches"])
                 for be in backends}
