@@ -10,7 +10,9 @@
 # class-token only vs token labeling + MixToken, seeds 0 and 1, N epochs, on the demo dataset prepared
 # in the background while the checks run), cut off so that the script ends within GPU_CHECK_DEADLINE
 # seconds (default 560), with GPU_CHECK_EVIDENCE_ARGS as extra trainer flags (e.g. "--dim 192 --heads 6")
-# and GPU_CHECK_EVIDENCE_VARIANTS as the runs (e.g. "cls-only token-label-mixtoken token-label-mixtoken-content").
+# and GPU_CHECK_EVIDENCE_VARIANTS as the runs (e.g. "cls-only token-label-mixtoken token-label-mixtoken-content");
+# GPU_CHECK_DEMO_FROM=DIR copies DIR's annotator.pt and train_labels.tlstore into the demo folder first, so
+# the runs train on the same labels as a CPU run made from DIR (the images are rendered again, the same).
 # On an H100 with 16 cores, 4 parallel runs of the preset's student take about 1.7 s per epoch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +28,9 @@ DEMO_DIR=/tmp/tl_fast_demo
 if [ "$EVIDENCE_EPOCHS" -gt 0 ]; then
     # CPU-only work (rendering, a small CNN): kept off the first 4 cores, which the timed checks use.
     PIN=""
+    if [ -n "${GPU_CHECK_DEMO_FROM:-}" ]; then
+        mkdir -p "$DEMO_DIR" && cp "$GPU_CHECK_DEMO_FROM"/annotator.pt "$GPU_CHECK_DEMO_FROM"/train_labels.tlstore "$DEMO_DIR"/
+    fi
     if command -v taskset >/dev/null && [ "$(nproc)" -gt 8 ]; then PIN="taskset -c 4-$(($(nproc) - 1))"; fi
     TL_FAST_DATA=$DEMO_DIR $PIN "$PY" -c "from tl_fast.demo import prepare; print(prepare(progress=False).manifest['annotator'])" \
         > "$OUT_DIR/demo_prepare.log" 2>&1 &
