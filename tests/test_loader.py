@@ -14,6 +14,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from test_loader_helpers import coordinate_image, make_folder, make_store
@@ -505,3 +507,23 @@ def test_ffcv_leaves_numba_shared_types_intact_and_compiles_before_returning(dat
         _GuardedEpochIterator.__init__ = original_init
     assert u8.mutable and u8.key == key and hash(u8) == h
     assert numba.types.Array(numba.types.uint8, 1, "C") is u8
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(1, 7), min_size=1, max_size=4),
+                          st.sampled_from([torch.uint8, torch.float16, torch.int16, torch.int32, torch.float32])),
+                min_size=1, max_size=4))
+def test_torch_backend_batch_buffer_round_trip_any_layout(parts):
+    """The torch backend sends a batch as one buffer: every part lands aligned, disjoint, and reads back."""
+    from tl_fast.loaders.torch_backend import _batch_buffer, batch_views
+
+    parts = [(tuple(shape), dtype) for shape, dtype in parts]
+    buffer = _batch_buffer(parts)
+    views = batch_views(buffer, parts)
+    tensors = [torch.randint(0, 100, shape).to(dtype) for shape, dtype in parts]
+    for view, t in zip(views, tensors):
+        assert view.shape == t.shape and view.dtype == t.dtype
+        assert (view.data_ptr() - buffer.data_ptr()) % view.element_size() == 0
+        view.copy_(t)
+    for view, t in zip(batch_views(buffer, parts), tensors):  # nothing overwrote anything
+        assert torch.equal(view, t)
