@@ -2,7 +2,8 @@
 box, resize to S (antialiased bilinear), flip, and return uint8 batches with their label maps.
 
 A worker builds whole batches (the DataLoader's sampler hands it the plan's list of indices), so the
-plan is computed once per batch, vectorized. A decode failure raises in the main process with the
+plan is computed once per batch, vectorized, and writes each batch's images and maps into one
+shared-memory buffer, which reaches the main process as one file descriptor. A decode failure raises in the main process with the
 image's path (the DataLoader re-raises worker exceptions); a stalled worker raises after
 ``timeout_s``.
 """
