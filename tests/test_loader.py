@@ -527,3 +527,20 @@ def test_torch_backend_batch_buffer_round_trip_any_layout(parts):
         view.copy_(t)
     for view, t in zip(batch_views(buffer, parts), tensors):  # nothing overwrote anything
         assert torch.equal(view, t)
+
+
+def test_torch_backend_pil_decoder_matches_torchvision(tmp_path, monkeypatch):
+    """The torch backend's PIL fall-back (for a torchvision without image decoding) gives the same
+    pixels as torchvision's decoder, and the backend uses it when torchvision's is missing."""
+    from tl_fast.loaders import torch_backend
+
+    make_folder(tmp_path / "imgs", {"a": 3, "b": 3}, seed=int(np.random.SeedSequence().entropy % 1000), smooth=False)
+    paths = sorted(str(p) for p in (tmp_path / "imgs").rglob("*.jpg"))
+    for path in paths:
+        tv, pil = torch_backend.decode_rgb(path), torch_backend.decode_rgb_pil(path)
+        assert tv.shape == pil.shape and tv.dtype == pil.dtype == torch.uint8
+        assert (tv.int() - pil.int()).abs().max() <= 1, path
+    monkeypatch.setattr(torch_backend, "decode_image", None)
+    assert torch.equal(torch_backend.decode_rgb(paths[0]), torch_backend.decode_rgb_pil(paths[0]))
+    with pytest.raises(RuntimeError, match="cannot decode"):
+        torch_backend.decode_rgb(str(tmp_path / "missing.jpg"))

@@ -17,8 +17,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 # Imported here, in the parent, rather than on first use: workers are forked every epoch, and an
 # import in each of them cost more CPU than a batch.
-from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as TF
+
+try:  # torchvision's libjpeg-turbo decoder (deprecated since torchvision 0.29 in favour of TorchCodec)
+    from torchvision.io import ImageReadMode, decode_image, read_file
+except ImportError:  # a torchvision without it: PIL (the same pixels on 200 JPEGs tried here)
+    decode_image = None
 
 from ..store import TopKMaps
 from .batch import LoaderConfig
@@ -26,11 +30,22 @@ from .common import PlanMaker, StoreMaps
 
 
 def decode_rgb(path: str) -> torch.Tensor:
-    """uint8 ``[3, H, W]`` RGB of the image file at ``path`` (JPEG through libjpeg-turbo, others too)."""
+    """uint8 ``[3, H, W]`` RGB of the image file at ``path`` (JPEG through libjpeg-turbo, others too):
+    torchvision's decoder, or PIL's where torchvision has none."""
     try:
+        if decode_image is None:
+            return decode_rgb_pil(path)
         return decode_image(read_file(path), mode=ImageReadMode.RGB)
     except Exception as err:  # torchvision raises RuntimeError for bad data; say which file
         raise RuntimeError(f"cannot decode image {path}: {err}") from err
+
+
+def decode_rgb_pil(path: str) -> torch.Tensor:
+    """:func:`decode_rgb` through PIL (EXIF orientation ignored, as torchvision's decoder does)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 def crop_resize_flip(image: torch.Tensor, crop: Sequence[int], flip: bool, size: int) -> torch.Tensor:
