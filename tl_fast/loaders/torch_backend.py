@@ -2,10 +2,10 @@
 box, resize to S (antialiased bilinear), flip, and return uint8 batches with their label maps.
 
 A worker builds whole batches (the DataLoader's sampler hands it the plan's list of indices), so the
-plan is computed once per batch, vectorized, and writes each batch's images and maps into one
-shared-memory buffer, which reaches the main process as one file descriptor. A decode failure raises in the main process with the
-image's path (the DataLoader re-raises worker exceptions); a stalled worker raises after
-``timeout_s``.
+plan is computed once per batch, vectorized, and it writes each batch's images and maps into one
+shared-memory buffer, which reaches the main process as one file descriptor. A decode failure
+raises in the main process with the image's path (the DataLoader re-raises worker exceptions); a
+stalled worker raises after ``timeout_s``.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-# Imported here, in the parent, rather than on first use: workers are forked every epoch, and an
-# import in each of them cost more CPU than a batch.
+# torchvision's modules are imported here, in the parent, rather than on first use: workers are
+# forked every epoch, and an import in each of them cost more CPU than a batch.
 from torchvision.transforms.v2 import functional as TF
 
 try:  # torchvision's libjpeg-turbo decoder (deprecated since torchvision 0.29 in favour of TorchCodec)
