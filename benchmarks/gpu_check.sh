@@ -54,7 +54,7 @@ echo "== CUDA kernel tests"
 if [ "${GPU_CHECK_TESTS:-1}" != 1 ]; then
     tests_line="skipped (GPU_CHECK_TESTS=0)"
 elif "$PY" -c "import pytest" 2>/dev/null; then
-    timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_kernels.py 2>&1 | tee "$OUT_DIR/tests.log"
+    timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_kernels.py tests/test_loader.py 2>&1 | tee "$OUT_DIR/tests.log"
     rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || status=1
     tests_line=$(tail -n 1 "$OUT_DIR/tests.log")

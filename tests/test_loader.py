@@ -544,3 +544,29 @@ def test_torch_backend_pil_decoder_matches_torchvision(tmp_path, monkeypatch):
     assert torch.equal(torch_backend.decode_rgb(paths[0]), torch_backend.decode_rgb_pil(paths[0]))
     with pytest.raises(RuntimeError, match="cannot decode"):
         torch_backend.decode_rgb(str(tmp_path / "missing.jpg"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("randaugment", [False, True])
+def test_torch_backend_on_cuda_delivers_the_cpu_batch(tmp_path, randaugment):
+    """Workers, the one-buffer batch and pinned copies on a GPU give the CPU's batch: the same maps and
+    labels, and images equal without RandAugment, within one level with it (the GPU warps with
+    ``grid_sample``, the CPU with OpenCV)."""
+    root = make_folder(tmp_path / "imgs", {"a": 6, "b": 6}, seed=int(np.random.SeedSequence().entropy % 1000))
+    store = make_store(root, str(tmp_path / "labels.tls"), topk=3, map_size=(6, 6))
+    kw = dict(backend="torch", batch_size=4, image_size=32, patch_size=8, num_workers=2, seed=3, erase=None,
+              augment=AugmentConfig() if randaugment else AugmentConfig(randaugment=None))
+    cpu = list(TokenLabelLoader(root, store, device="cpu", **kw))
+    gpu = list(TokenLabelLoader(root, store, device="cuda", **kw))
+    assert len(cpu) == len(gpu) == 3
+    level = 1.0 / 255 / min(IMAGENET_STD) + 1e-5
+    for a, b in zip(cpu, gpu):
+        assert b.images.is_cuda and b.maps.values.is_cuda and b.labels.is_cuda
+        assert torch.equal(b.maps.values.cpu(), a.maps.values) and torch.equal(b.maps.indices.cpu(), a.maps.indices)
+        assert torch.equal(b.labels.cpu(), a.labels)
+        diff = (b.images.cpu() - a.images).abs()
+        if randaugment:
+            assert diff.max() <= level and (diff > 1e-5).float().mean() < 0.02
+        else:
+            assert diff.max() <= 1e-5
