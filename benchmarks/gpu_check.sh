@@ -7,13 +7,15 @@
 # Switches (environment): GPU_CHECK_TESTS=0 skips the tests, GPU_CHECK_BENCH=0 the label benchmark,
 # GPU_CHECK_OVERHEAD=0 the training-step overhead, GPU_CHECK_LOADER=0 the loader benchmark;
 # GPU_CHECK_EVIDENCE_EPOCHS=N adds the token-labeling evidence runs (benchmarks/token_label_evidence.py:
-# class-token only vs token labeling + MixToken, seeds 0 and 1, N epochs, on the demo dataset prepared
+# class-token only vs token labeling + MixToken, two seeds, N epochs, on the demo dataset prepared
 # in the background while the checks run), cut off so that the script ends within GPU_CHECK_DEADLINE
-# seconds (default 560), with GPU_CHECK_EVIDENCE_ARGS as extra trainer flags (e.g. "--dim 192 --heads 6")
-# and GPU_CHECK_EVIDENCE_VARIANTS as the runs (e.g. "cls-only token-label-mixtoken token-label-mixtoken-content");
+# seconds (default 560), with GPU_CHECK_EVIDENCE_ARGS as extra trainer flags (e.g. "--dim 192 --heads 6"),
+# GPU_CHECK_EVIDENCE_VARIANTS as the runs (e.g. "cls-only token-label-mixtoken token-label-mixtoken-content")
+# and GPU_CHECK_EVIDENCE_SEEDS as the seeds (default "0 1");
 # GPU_CHECK_DEMO_FROM=DIR copies DIR's annotator.pt and train_labels.tlstore into the demo folder first, so
 # the runs train on the same labels as a CPU run made from DIR (the images are rendered again, the same).
-# On an H100 with 16 cores, 4 parallel runs of the preset's student take about 1.7 s per epoch.
+# On an H100 with 16 cores, 4 parallel runs of the preset's student take about 1.7 s per epoch; at
+# width 192, 150 epochs took 292-342 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
@@ -133,7 +135,8 @@ if [ "$EVIDENCE_EPOCHS" -gt 0 ]; then
     tail -n 1 "$OUT_DIR/demo_prepare.log"
     left=$(( ${GPU_CHECK_DEADLINE:-560} - (SECONDS - START) - 20 ))
     workers=$(( $(nproc) / 4 - 1 )); [ "$workers" -ge 1 ] || workers=1
-    "$PY" benchmarks/token_label_evidence.py --data "$DEMO_DIR" --epochs "$EVIDENCE_EPOCHS" --seeds 0 1 \
+    "$PY" benchmarks/token_label_evidence.py --data "$DEMO_DIR" --epochs "$EVIDENCE_EPOCHS" \
+        --seeds ${GPU_CHECK_EVIDENCE_SEEDS:-0 1} \
         --variants ${GPU_CHECK_EVIDENCE_VARIANTS:-cls-only token-label-mixtoken} \
         --parallel 4 --workers "$workers" --threads 1 --eval-every 10 --time-limit "$left" \
         --out /tmp/tl_fast_evidence --summary "$OUT_DIR/evidence.json" -- ${GPU_CHECK_EVIDENCE_ARGS:-} || status=1
