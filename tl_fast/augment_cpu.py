@@ -2,10 +2,11 @@
 
 On a CPU the float path costs several full passes over ``[B, 3, S, S]`` float32 per batch (the
 conversion, each operation on its samples, three for normalization), and float buffers over 32 MB
-page-fault afresh on every batch. Most of timm's photometric operations are point operations on each
-channel's uint8 levels, so here they compose into one 256-entry table per (sample, channel),
-normalization included, and the image is read once as uint8 and written once as float32 with
-OpenCV's ``LUT``:
+page-fault afresh on every batch (the output here asks for huge pages through
+:func:`tl_fast.ops.reference.new_output`). Most of timm's photometric operations are point
+operations on each channel's uint8 levels, so here they compose into one 256-entry table per
+(sample, channel), normalization included, and the image is read once as uint8 and written once as
+float32 with OpenCV's ``LUT``:
 
 - fixed tables (invert, posterize, solarize, solarize-add, brightness) are the reference operations
   of :mod:`tl_fast.augment` applied to a ramp of the 256 levels, so they agree by construction;
@@ -23,12 +24,18 @@ import numpy as np
 import torch
 
 from . import augment as ref
-from .ops.reference import _new_output
+from .ops.reference import new_output
 
 TABLE_OPS = {  # point operations whose table depends only on the level
     "Invert", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd", "BrightnessIncreasing"}
 MATERIALIZE_OPS = {"ColorIncreasing", "SharpnessIncreasing"}  # need neighbouring pixels or channels
 _RAMP = torch.arange(256, dtype=torch.float32).view(1, 1, 1, 256)
+
+
+def _ramp(n: int) -> torch.Tensor:
+    """The 256 levels as ``n`` float images ``[n, 3, 1, 256]``: a reference operation applied to it
+    gives that operation's table."""
+    return _RAMP.expand(n, 3, 1, 256).clone()
 
 
 def _autocontrast_from_hist(hist: torch.Tensor) -> torch.Tensor:
@@ -41,18 +48,6 @@ def _autocontrast_from_hist(hist: torch.Tensor) -> torch.Tensor:
 
 
 HISTOGRAM_OPS = {"AutoContrast": _autocontrast_from_hist, "Equalize": ref.equalize_lut}
-
-
-_GLIBC_MMAP_CEILING = 32 << 20  # glibc's largest dynamic mmap threshold on 64-bit Linux
-
-
-def _float_output(shape: tuple[int, ...]) -> torch.Tensor:
-    """The batch's float32 output. Below glibc's mmap ceiling a freed batch buffer is reused from the
-    heap without page faults (huge pages gained nothing there); above it every batch gets fresh mmap
-    pages, and huge pages cut allocating and filling 64 images at 224 px from 15.3 to 5.0 ms."""
-    if int(np.prod(shape)) * 4 > _GLIBC_MMAP_CEILING:
-        return _new_output(shape, torch.float32, torch.device("cpu"))
-    return torch.empty(shape, dtype=torch.float32)
 
 
 def _cv2():
@@ -129,21 +124,20 @@ def augment_photometric_normalize(images: torch.Tensor, ra_op: np.ndarray, ra_le
                 continue
             level = torch.from_numpy(ra_level[sel, j].astype(np.float32))
             if name in TABLE_OPS:
-                ramp = _RAMP.expand(len(sel), 3, 1, 256)
-                state.compose(sel, ref.PHOTOMETRIC[name](ramp.clone(), level).long().view(len(sel), 3, 256))
+                state.compose(sel, ref.PHOTOMETRIC[name](_ramp(len(sel)), level).long().view(len(sel), 3, 256))
             elif name in HISTOGRAM_OPS:
                 state.compose(sel, HISTOGRAM_OPS[name](state.histograms(sel)).view(len(sel), 3, 256))
             elif name == "ContrastIncreasing":
                 degenerate = ref.contrast_mean(state.materialize(sel)).expand(len(sel), 3, 1, 256)
-                table = ref._blend(degenerate, _RAMP.expand(len(sel), 3, 1, 256).clone(), level)
+                table = ref._blend(degenerate, _ramp(len(sel)), level)
                 state.compose(sel, table.long().view(len(sel), 3, 256))
             else:
                 assert name in MATERIALIZE_OPS, name
                 state.replace(sel, ref.PHOTOMETRIC[name](state.materialize(sel), level))
     # Normalization as a float table on the levels, then one table look-up per plane.
-    norm = ref.normalize(_RAMP.expand(1, 3, 1, 256).clone(), mean, std).view(1, 3, 256)
+    norm = ref.normalize(_ramp(1), mean, std).view(1, 3, 256)
     tables = norm.expand(n, 3, 256).gather(-1, state.table).contiguous().numpy()
-    out = _float_output(tuple(images.shape))
+    out = new_output(tuple(images.shape), torch.float32, torch.device("cpu"))
     dst = out.numpy()
     for b in range(n):
         img = state.image(b)

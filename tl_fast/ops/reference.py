@@ -183,7 +183,7 @@ def token_targets(
         lam = (1.0 - inside.sum((1, 2)).to(cls.dtype) / tokens).unsqueeze(1)
         cls = lam * cls + (1.0 - lam) * cls.flip(0)
 
-    out = _new_output((bsz, 1 + tokens, num_classes), out_dtype, values.device)
+    out = new_output((bsz, 1 + tokens, num_classes), out_dtype, values.device)
     out[:, 0] = cls
     # Densify, softmax and write a few samples at a time: the scratch rows stay in cache, so the
     # [B, T, K] output is written once instead of zeroed, accumulated, read and rewritten.
@@ -207,7 +207,10 @@ def token_targets(
 
 
 _CHUNK_ROWS = 256  # rows of K floats per scratch block (about 1 MB for K = 1000)
-_HUGE_PAGE_MIN_BYTES = 8 << 20
+# glibc's largest dynamic mmap threshold on 64-bit Linux: smaller buffers, once freed, are reused from
+# the heap without page faults (huge pages gained nothing there); larger ones are fresh mmap pages
+# every time.
+_HUGE_PAGE_MIN_BYTES = 32 << 20
 _MADV_HUGEPAGE = 14
 
 
@@ -225,8 +228,9 @@ def _libc_madvise():
     return fn
 
 
-def _new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialized output tensor; on Linux CPUs, backed by transparent huge pages if allowed.
+def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialized output tensor; on Linux CPUs, above glibc's mmap ceiling, backed by transparent
+    huge pages if allowed.
 
     A fresh 100 MB target tensor costs ~25k page faults on first write, which took longer than
     computing the targets. ``madvise(MADV_HUGEPAGE)`` (what PyTorch's ``THP_MEM_ALLOC_ENABLE`` does
