@@ -59,24 +59,21 @@ def crop_resize_flip(image: torch.Tensor, crop: Sequence[int], flip: bool, size:
 _ALIGN = 16
 
 
-def _offsets(parts: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> tuple[list[int], int]:
-    """Byte offsets of ``parts`` (shape, dtype) laid out one after another, each 16-byte aligned."""
-    offsets, end = [], 0
+def _layout(parts: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> tuple[list[tuple[int, int]], int]:
+    """``(offset, nbytes)`` of each of ``parts`` (shape, dtype) laid out one after another, each
+    16-byte aligned, and the total size."""
+    spans, end = [], 0
     for shape, dtype in parts:
-        offsets.append(end)
-        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        spans.append((end, nbytes))
         end += -(-nbytes // _ALIGN) * _ALIGN
-    return offsets, end
+    return spans, end
 
 
 def batch_views(buffer: torch.Tensor, parts: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
-    """The tensors ``parts`` (shape, dtype) laid out in the uint8 ``buffer`` by :func:`_offsets`."""
-    offsets, _ = _offsets(parts)
-    out = []
-    for off, (shape, dtype) in zip(offsets, parts):
-        nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-        out.append(buffer[off:off + nbytes].view(dtype).view(shape))
-    return out
+    """The tensors ``parts`` (shape, dtype) laid out in the uint8 ``buffer`` by :func:`_layout`."""
+    spans, _ = _layout(parts)
+    return [buffer[off:off + n].view(dtype).view(shape) for (off, n), (shape, dtype) in zip(spans, parts)]
 
 
 def _batch_buffer(parts: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> torch.Tensor:
@@ -84,7 +81,7 @@ def _batch_buffer(parts: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> torch
     in shared memory from the start: sending it moves no bytes, and the batch travels as one file
     descriptor rather than one per tensor (each costs the receiver a socket connection: about 1 ms
     per tensor on the H100 machine's pin-memory thread)."""
-    _, nbytes = _offsets(parts)
+    _, nbytes = _layout(parts)
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(nbytes, dtype=torch.uint8)
     return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
