@@ -7,10 +7,9 @@ sample, in a ``DataLoader`` with the same worker count. tl_fast's loaders delive
 (RandAugment, normalization and erasing on the device) plus the compressed maps on the device.
 
 Runs are interleaved (every configuration once per round, in reverse order every other round,
-``--rounds`` rounds); each run skips
-``--warmup`` batches (worker start-up, FFCV compilation) and times the next ``--batches``, or with
-``--whole-epoch`` times one whole epoch from ``iter()``, start-up included, as a trainer sees it. Reported:
-median images/s (20th / 80th percentiles), labels-on / labels-off per backend (target >= 0.97), and
+``--rounds`` rounds); each run skips ``--warmup`` batches (worker start-up, FFCV compilation) and
+times the next ``--batches``, or with ``--whole-epoch`` times one whole epoch from ``iter()``,
+start-up included, as a trainer sees it. Reported: median images/s (20th / 80th percentiles), labels-on / labels-off per backend (target >= 0.97), and
 the fastest backend over the public approach (target >= 2).
 
     python benchmarks/loader_throughput.py                      # demo dataset (tl_fast.demo.prepare())
