@@ -161,6 +161,30 @@ def test_torch_workers_read_the_same_maps(data, tmp_path):
         assert torch.equal(a.images, b.images)
 
 
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "own_buffers"])
+def test_torch_workers_reusing_slots_give_the_main_process_batches(tmp_path, monkeypatch, ring):
+    """Worker batches travel through a ring of reused shared-memory slots (or, where no slot fits,
+    their own buffers). Each worker here fills more batches than it has slots, and every batch is
+    kept until the end: none may change after it was delivered, in either epoch."""
+    from tl_fast.loaders.torch_backend import TorchBackend
+
+    if not ring:
+        monkeypatch.setattr(TorchBackend, "_slot_ring", lambda self, workers: None)
+    root = make_folder(tmp_path / "imgs", {"a": 9, "b": 9}, seed=int(np.random.SeedSequence().entropy % 1000))
+    store = make_store(root, str(tmp_path / "labels.tls"), topk=3, map_size=(6, 6))
+    kw = dict(backend="torch", batch_size=2, image_size=S, patch_size=P, seed=5, device="cpu", erase=None)
+    in_main = TokenLabelLoader(root, store, num_workers=0, **kw)
+    in_workers = TokenLabelLoader(root, store, num_workers=2, **kw)
+    for _ in range(2):
+        expected, got = list(in_main), list(in_workers)  # all held: a reused slot must not show through
+        assert len(expected) == len(got) == 9
+        for a, b in zip(expected, got):
+            assert np.array_equal(a.indices, b.indices)
+            assert torch.equal(a.images, b.images)
+            assert torch.equal(a.maps.values, b.maps.values) and torch.equal(a.maps.indices, b.maps.indices)
+    assert (in_workers._backend._ring is not None) == ring
+
+
 # -- agreement between backends ------------------------------------------------------------------
 
 def test_ffcv_compiled_plan_equals_numpy_plan():
@@ -550,16 +574,16 @@ def test_torch_backend_pil_decoder_matches_torchvision(tmp_path, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("randaugment", [False, True])
 def test_torch_backend_on_cuda_delivers_the_cpu_batch(tmp_path, randaugment):
-    """Workers, the one-buffer batch and pinned copies on a GPU give the CPU's batch: the same maps and
+    """Workers, the ring of reused slots and pinned copies on a GPU give the CPU's batch: the same maps and
     labels, and images equal without RandAugment, within one level with it (the GPU warps with
     ``grid_sample``, the CPU with OpenCV)."""
-    root = make_folder(tmp_path / "imgs", {"a": 6, "b": 6}, seed=int(np.random.SeedSequence().entropy % 1000))
+    root = make_folder(tmp_path / "imgs", {"a": 8, "b": 8}, seed=int(np.random.SeedSequence().entropy % 1000))
     store = make_store(root, str(tmp_path / "labels.tls"), topk=3, map_size=(6, 6))
-    kw = dict(backend="torch", batch_size=4, image_size=32, patch_size=8, num_workers=2, seed=3, erase=None,
+    kw = dict(backend="torch", batch_size=2, image_size=32, patch_size=8, num_workers=2, seed=3, erase=None,
               augment=AugmentConfig() if randaugment else AugmentConfig(randaugment=None))
     cpu = list(TokenLabelLoader(root, store, device="cpu", **kw))
-    gpu = list(TokenLabelLoader(root, store, device="cuda", **kw))
-    assert len(cpu) == len(gpu) == 3
+    gpu = list(TokenLabelLoader(root, store, device="cuda", **kw))  # 4 batches per worker, 3 ring slots each
+    assert len(cpu) == len(gpu) == 8
     level = 1.0 / 255 / min(IMAGENET_STD) + 1e-5
     for a, b in zip(cpu, gpu):
         assert b.images.is_cuda and b.maps.values.is_cuda and b.labels.is_cuda

@@ -3,13 +3,16 @@ box, resize to S (antialiased bilinear), flip, and return uint8 batches with the
 
 A worker builds whole batches (the DataLoader's sampler hands it the plan's list of indices), so the
 plan is computed once per batch, vectorized, and it writes each batch's images and maps into one
-shared-memory buffer, which reaches the main process as one file descriptor. A decode failure
-raises in the main process with the image's path (the DataLoader re-raises worker exceptions); a
-stalled worker raises after ``timeout_s``.
+slot of a shared-memory ring that the main process allocated once (:class:`_SlotRing`): only the
+indices and the slot's number travel through the DataLoader's queue. A decode failure raises in
+the main process with the image's path (the DataLoader re-raises worker exceptions); a stalled
+worker raises after ``timeout_s``.
 """
 from __future__ import annotations
 
 import gc
+import os
+import weakref
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -77,14 +80,95 @@ def batch_views(buffer: torch.Tensor, parts: Sequence[tuple[tuple[int, ...], tor
 
 
 def _batch_buffer(parts: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> torch.Tensor:
-    """One uint8 buffer for a whole batch (images and label maps). In a DataLoader worker it lives
-    in shared memory from the start: sending it moves no bytes, and the batch travels as one file
-    descriptor rather than one per tensor (each costs the receiver a socket connection: about 1 ms
-    per tensor on the H100 machine's pin-memory thread)."""
+    """One uint8 buffer for a whole batch (images and label maps), for batches no ring slot holds.
+    In a DataLoader worker it lives in shared memory from the start: sending it moves no bytes, and
+    the batch travels as one file descriptor rather than one per tensor."""
     _, nbytes = _layout(parts)
     if torch.utils.data.get_worker_info() is None:
         return torch.empty(nbytes, dtype=torch.uint8)
     return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
+
+
+_RINGS: "weakref.WeakValueDictionary[str, _SlotRing]" = weakref.WeakValueDictionary()
+
+
+class _SlotRing:
+    """``slots`` batch-sized shared-memory slots per worker, allocated once in the main process
+    and reused for every batch of every epoch.
+
+    A fresh shared-memory buffer per batch costs a file descriptor sent over a socket and a mapping
+    in the main process (about 1 ms each on the H100 machine's pin-memory thread), and page faults
+    on both sides as the new pages are first touched (3.5-5.5 ms of system time per batch of 32 in a
+    worker here). The slots are mapped once and stay mapped. Worker ``w`` fills its slots in turn;
+    a semaphore per worker counts its free slots, and the main process frees them in the order the
+    worker filled them (the order it consumes that worker's batches)."""
+
+    def __init__(self, workers: int, slots: int, slot_bytes: int) -> None:
+        self.workers, self.slots = workers, slots
+        self.slot_bytes = -(-slot_bytes // _ALIGN) * _ALIGN
+        self.memory = torch.empty(workers * slots * self.slot_bytes, dtype=torch.uint8).share_memory_()
+        self.key = f"{os.getpid()}-{id(self)}"
+        self.parent_pid = os.getpid()
+        self.free: list = []
+        self._filled = [0] * workers  # per worker, in that worker's process: slots filled so far
+        _RINGS[self.key] = self
+
+    def start_epoch(self) -> None:
+        """Fresh semaphores for a new set of workers (they are forked again every epoch)."""
+        ctx = torch.multiprocessing.get_context()
+        self.free = [ctx.Semaphore(self.slots) for _ in range(self.workers)]
+        self._filled = [0] * self.workers
+
+    def fits(self, nbytes: int) -> bool:
+        return nbytes <= self.slot_bytes
+
+    def acquire(self, worker: int) -> int:
+        """In worker ``worker``: wait for its next slot to be free; its number."""
+        while not self.free[worker].acquire(timeout=1.0):
+            if os.getppid() != self.parent_pid:
+                raise RuntimeError("the main process of this DataLoader worker is gone")
+        slot = self._filled[worker] % self.slots
+        self._filled[worker] += 1
+        return slot
+
+    def release(self, worker: int) -> None:
+        """In the main process: worker ``worker``'s oldest filled slot may be written again."""
+        self.free[worker].release()
+
+    def view(self, worker: int, slot: int, nbytes: int) -> torch.Tensor:
+        start = (worker * self.slots + slot) * self.slot_bytes
+        return self.memory[start:start + nbytes]
+
+
+class _WorkerBatch:
+    """What a worker returns for one batch: the sample indices, the layout ``parts`` of its bytes
+    (:func:`batch_views`), and where the bytes are: slot ``slot`` of worker ``worker`` in the ring
+    ``ring_key``, or their own ``buffer``."""
+
+    def __init__(self, idx: np.ndarray, parts, buffer: torch.Tensor | None = None, ring_key: str = "",
+                 worker: int = -1, slot: int = -1) -> None:
+        self.idx, self.parts, self.buffer = idx, parts, buffer
+        self.ring_key, self.worker, self.slot = ring_key, worker, slot
+
+    @property
+    def in_ring(self) -> bool:
+        return self.buffer is None
+
+    def ring_view(self) -> torch.Tensor:
+        return _RINGS[self.ring_key].view(self.worker, self.slot, _layout(self.parts)[1])
+
+    def release(self) -> None:
+        _RINGS[self.ring_key].release(self.worker)
+
+    def pin_memory(self, device=None) -> "_WorkerBatch":
+        """Called by the DataLoader's pin-memory thread (CUDA): the batch copied into pinned memory;
+        a ring slot is freed as soon as it is copied."""
+        if not self.in_ring:
+            return _WorkerBatch(self.idx, self.parts, buffer=self.buffer.pin_memory())
+        view = self.ring_view()
+        pinned = torch.empty(view.shape, dtype=view.dtype, pin_memory=True).copy_(view)
+        self.release()
+        return _WorkerBatch(self.idx, self.parts, buffer=pinned)
 
 
 def _as_is(item):
@@ -100,29 +184,37 @@ def _worker_init(worker_id: int) -> None:
 
 
 class _BatchDataset(Dataset):
-    """Item ``i`` is the whole batch ``batches[i]``: ``(buffer, indices [B], parts)``, where the uint8
-    ``buffer`` holds the images uint8 ``[B, 3, S, S]`` and, when ``labels`` reads them, the batch's
-    top-k maps ``values`` and ``indices``, as laid out by ``parts`` (:func:`batch_views`)."""
+    """Item ``i`` is the whole batch ``batches[i]`` as a :class:`_WorkerBatch`, whose bytes hold the
+    images uint8 ``[B, 3, S, S]`` and, when ``labels`` reads them, the batch's top-k maps ``values``
+    and ``indices``. In a worker with a ``ring``, the bytes go into the worker's next ring slot."""
 
     def __init__(self, paths: Sequence[str], batches: Sequence[np.ndarray], plan: PlanMaker, size: int,
-                 labels: StoreMaps | None = None) -> None:
+                 labels: StoreMaps | None = None, ring: _SlotRing | None = None) -> None:
         self.paths = paths
         self.batches = batches
         self.plan = plan
         self.size = size
         self.labels = labels
+        self.ring = ring
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> _WorkerBatch:
         idx = np.asarray(self.batches[i], dtype=np.int64)
         plan = self.plan(idx)
         maps = self.labels(idx) if self.labels is not None else None
         parts = [((len(idx), 3, self.size, self.size), torch.uint8)]
         if maps is not None:
             parts += [(tuple(t.shape), t.dtype) for t in maps]
-        buffer = _batch_buffer(parts)
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and self.ring is not None and self.ring.fits(_layout(parts)[1]):
+            slot = self.ring.acquire(worker.id)
+            batch = _WorkerBatch(idx, parts, ring_key=self.ring.key, worker=worker.id, slot=slot)
+            buffer = self.ring.view(worker.id, slot, _layout(parts)[1])
+        else:
+            buffer = _batch_buffer(parts)
+            batch = _WorkerBatch(idx, parts, buffer=buffer)
         out, *map_views = batch_views(buffer, parts)
         for view, t in zip(map_views, maps if maps is not None else ()):
             view.copy_(t)
@@ -134,7 +226,7 @@ class _BatchDataset(Dataset):
                 raise RuntimeError(f"{path} decodes to {tuple(image.shape[1:])} but was indexed as {expected} "
                                    "(height, width): the file changed after indexing; delete the index cache")
             out[b] = crop_resize_flip(image, plan.crop[b], bool(plan.flip[b]), self.size)
-        return buffer, idx, parts
+        return batch
 
 
 class TorchBackend:
@@ -147,19 +239,41 @@ class TorchBackend:
         self.config = config
         self.device = device
         self.labels = labels
+        self._ring: _SlotRing | None = None
         if labels is not None and (labels.record >= 0).any():
             # Compile the record decoder here, once, rather than in every worker forked each epoch.
             labels(np.flatnonzero(labels.record >= 0)[:1])
 
+    def _slot_ring(self, workers: int) -> _SlotRing | None:
+        """The ring for ``workers`` workers: slots for the batches a worker may have ahead
+        (prefetch 2) plus the one the main process is using. Only for CPU and CUDA, where the main
+        process is done with a slot when it asks for the next batch (CPU) or has copied it into
+        pinned memory (CUDA)."""
+        if workers == 0 or self.device.type not in ("cpu", "cuda"):
+            return None
+        if self._ring is None or self._ring.workers != workers:
+            b, size = self.config.batch_size, self.config.image_size
+            parts = [((b, 3, size, size), torch.uint8)]
+            if self.labels is not None:  # a batch's maps: B times one sample's
+                parts += [((b, *t.shape[1:]), t.dtype) for t in self.labels(np.zeros(1, np.int64))]
+            self._ring = _SlotRing(workers, 3, _layout(parts)[1])
+        self._ring.start_epoch()
+        return self._ring
+
     def iterate(self, batches: Sequence[np.ndarray], plan: PlanMaker) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
         cfg = self.config
         workers = max(0, int(cfg.num_workers))
+        ring = self._slot_ring(workers)
         loader = DataLoader(
-            _BatchDataset(self.paths, list(batches), plan, cfg.image_size, self.labels), batch_size=None, shuffle=False,
-            num_workers=workers, pin_memory=self.device.type == "cuda",
+            _BatchDataset(self.paths, list(batches), plan, cfg.image_size, self.labels, ring), batch_size=None,
+            shuffle=False, num_workers=workers, pin_memory=self.device.type == "cuda",
             timeout=cfg.timeout_s if workers else 0, prefetch_factor=2 if workers else None,
             worker_init_fn=_worker_init if workers else None, collate_fn=_as_is,
         )
-        for buffer, idx, parts in loader:
-            images, *maps = batch_views(buffer, parts)
-            yield images, np.asarray(idx), {"maps": TopKMaps(*maps)} if maps else {}
+        for batch in loader:
+            images, *maps = batch_views(batch.ring_view() if batch.in_ring else batch.buffer, batch.parts)
+            if batch.in_ring:  # the slot is reused once released: the batch keeps its own maps
+                maps = [m.clone() for m in maps]
+            yield images, np.asarray(batch.idx), {"maps": TopKMaps(*maps)} if maps else {}
+            if batch.in_ring:  # the loader has finished with the images (augmented into new memory)
+                batch.release()
