@@ -6,6 +6,8 @@
 # Figures and logs land in ${GPU_CHECK_OUT:-$OUT or /tmp/tl_fast_gpu_check}.
 # Switches (environment): GPU_CHECK_TESTS=0 skips the tests, GPU_CHECK_BENCH=0 the label benchmark,
 # GPU_CHECK_OVERHEAD=0 the training-step overhead, GPU_CHECK_LOADER=0 the loader benchmark;
+# GPU_CHECK_TEST_FILES narrows the tests (default "tests/test_kernels.py tests/test_loader.py");
+# GPU_CHECK_LOADER_ROUNDS sets the loader benchmark's rounds (default 5);
 # GPU_CHECK_EVIDENCE_EPOCHS=N adds the token-labeling evidence runs (benchmarks/token_label_evidence.py:
 # class-token only vs token labeling + MixToken, two seeds, N epochs, on the demo dataset prepared
 # in the background while the checks run), cut off so that the script ends within GPU_CHECK_DEADLINE
@@ -56,7 +58,8 @@ echo "== CUDA kernel tests"
 if [ "${GPU_CHECK_TESTS:-1}" != 1 ]; then
     tests_line="skipped (GPU_CHECK_TESTS=0)"
 elif "$PY" -c "import pytest" 2>/dev/null; then
-    timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_kernels.py tests/test_loader.py 2>&1 | tee "$OUT_DIR/tests.log"
+    timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m cuda ${GPU_CHECK_TEST_FILES:-tests/test_kernels.py tests/test_loader.py} \
+        2>&1 | tee "$OUT_DIR/tests.log"
     rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || status=1
     tests_line=$(tail -n 1 "$OUT_DIR/tests.log")
@@ -120,7 +123,7 @@ elif "$PY" -c "import numba, timm" 2>/dev/null; then
     fi
     echo "== Loader throughput (torch backend on the GPU vs the public loader)"
     timeout 300 "$PY" benchmarks/loader_throughput.py --images "$DATA/imgs" --labels "$DATA/labels.tls" \
-        --backends torch --batch-size 64 --image-size 224 --workers "$(nproc)" --rounds 5 --warmup 12 \
+        --backends torch --batch-size 64 --image-size 224 --workers "$(nproc)" --rounds "${GPU_CHECK_LOADER_ROUNDS:-5}" --warmup 12 \
         --batches 50 --device cuda --workdir /tmp/tl_fast_loader_work --json "$OUT_DIR/loader.json" \
         > "$OUT_DIR/loader.log" 2>&1
     [ $? -eq 0 ] || status=1
