@@ -185,6 +185,29 @@ def test_torch_workers_reusing_slots_give_the_main_process_batches(tmp_path, mon
     assert (in_workers._backend._ring is not None) == ring
 
 
+def test_torch_workers_started_by_spawn_share_the_ring(tmp_path):
+    """Workers started by ``spawn`` (``forkserver`` is Python 3.14's default on Linux) receive the
+    ring by pickling rather than by fork, and deliver the same batches, two epochs running."""
+    import torch.multiprocessing as mp
+
+    root = make_folder(tmp_path / "imgs", {"a": 5, "b": 5}, seed=int(np.random.SeedSequence().entropy % 1000))
+    store = make_store(root, str(tmp_path / "labels.tls"), topk=3, map_size=(6, 6))
+    kw = dict(backend="torch", batch_size=2, image_size=S, patch_size=P, seed=9, device="cpu", erase=None)
+    in_main = TokenLabelLoader(root, store, num_workers=0, **kw)
+    in_workers = TokenLabelLoader(root, store, num_workers=2, **kw)
+    method = mp.get_start_method()
+    mp.set_start_method("spawn", force=True)
+    try:
+        for _ in range(2):
+            expected, got = list(in_main), list(in_workers)
+            assert len(expected) == len(got) == 5
+            for a, b in zip(expected, got):
+                assert torch.equal(a.images, b.images) and torch.equal(a.maps.values, b.maps.values)
+    finally:
+        mp.set_start_method(method, force=True)
+    assert in_workers._backend._ring is not None
+
+
 # -- agreement between backends ------------------------------------------------------------------
 
 def test_ffcv_compiled_plan_equals_numpy_plan():
