@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import os
+import queue
 import weakref
 from typing import Iterator, Sequence
 
@@ -99,41 +100,51 @@ class _SlotRing:
     A fresh shared-memory buffer per batch costs a file descriptor sent over a socket and a mapping
     in the main process (about 1 ms each on the H100 machine's pin-memory thread), and page faults
     on both sides as the new pages are first touched (3.5-5.5 ms of system time per batch of 32 in a
-    worker here). The slots are mapped once and stay mapped. Worker ``w`` fills its slots in turn;
-    a semaphore per worker counts its free slots, and the main process frees them in the order the
-    worker filled them (the order it consumes that worker's batches)."""
+    worker here). The slots are mapped once and stay mapped. The main process hands a slot back to
+    its worker through a queue once it is done with it; a worker that finds none free within
+    ``wait_s`` builds that batch in a buffer of its own instead, so a slot never holds up a worker
+    for long (or a shutdown), whatever order batches are consumed in."""
 
-    def __init__(self, workers: int, slots: int, slot_bytes: int) -> None:
-        self.workers, self.slots = workers, slots
+    def __init__(self, workers: int, slots: int, slot_bytes: int, wait_s: float = 1.0) -> None:
+        self.workers, self.slots, self.wait_s = workers, slots, wait_s
         self.slot_bytes = -(-slot_bytes // _ALIGN) * _ALIGN
         self.memory = torch.empty(workers * slots * self.slot_bytes, dtype=torch.uint8).share_memory_()
         self.key = f"{os.getpid()}-{id(self)}"
-        self.parent_pid = os.getpid()
-        self.free: list = []
-        self._filled = [0] * workers  # per worker, in that worker's process: slots filled so far
+        self.freed: list = []
+        self._free: list[int] | None = None  # in a worker: its slots free to fill
         _RINGS[self.key] = self
 
     def start_epoch(self) -> None:
-        """Fresh semaphores for a new set of workers (they are forked again every epoch)."""
+        """Fresh queues for a new set of workers (they are started again every epoch)."""
         ctx = torch.multiprocessing.get_context()
-        self.free = [ctx.Semaphore(self.slots) for _ in range(self.workers)]
-        self._filled = [0] * self.workers
+        self.freed = [ctx.Queue() for _ in range(self.workers)]
+        for q in self.freed:  # slot numbers left unread at exit must not hold the interpreter up
+            q.cancel_join_thread()
+        self._free = None
 
     def fits(self, nbytes: int) -> bool:
         return nbytes <= self.slot_bytes
 
-    def acquire(self, worker: int) -> int:
-        """In worker ``worker``: wait for its next slot to be free; its number."""
-        while not self.free[worker].acquire(timeout=1.0):
-            if os.getppid() != self.parent_pid:
-                raise RuntimeError("the main process of this DataLoader worker is gone")
-        slot = self._filled[worker] % self.slots
-        self._filled[worker] += 1
-        return slot
+    def acquire(self, worker: int) -> int | None:
+        """In worker ``worker``: one of its free slots, or ``None`` if none came free in ``wait_s``."""
+        if self._free is None:  # this worker's first batch: all its slots are free
+            self._free = list(range(self.slots))
+        freed = self.freed[worker]
+        try:
+            while True:
+                self._free.append(freed.get_nowait())
+        except queue.Empty:
+            pass
+        if not self._free:
+            try:
+                self._free.append(freed.get(timeout=self.wait_s))
+            except queue.Empty:
+                return None
+        return self._free.pop()
 
-    def release(self, worker: int) -> None:
-        """In the main process: worker ``worker``'s oldest filled slot may be written again."""
-        self.free[worker].release()
+    def release(self, worker: int, slot: int) -> None:
+        """In the main process: ``slot`` of worker ``worker`` may be filled again."""
+        self.freed[worker].put(slot)
 
     def view(self, worker: int, slot: int, nbytes: int) -> torch.Tensor:
         start = (worker * self.slots + slot) * self.slot_bytes
@@ -158,7 +169,7 @@ class _WorkerBatch:
         return _RINGS[self.ring_key].view(self.worker, self.slot, _layout(self.parts)[1])
 
     def release(self) -> None:
-        _RINGS[self.ring_key].release(self.worker)
+        _RINGS[self.ring_key].release(self.worker, self.slot)
 
     def pin_memory(self, device=None) -> "_WorkerBatch":
         """Called by the DataLoader's pin-memory thread (CUDA): the batch copied into pinned memory;
@@ -208,8 +219,10 @@ class _BatchDataset(Dataset):
         if maps is not None:
             parts += [(tuple(t.shape), t.dtype) for t in maps]
         worker = torch.utils.data.get_worker_info()
+        slot = None
         if worker is not None and self.ring is not None and self.ring.fits(_layout(parts)[1]):
             slot = self.ring.acquire(worker.id)
+        if slot is not None:
             batch = _WorkerBatch(idx, parts, ring_key=self.ring.key, worker=worker.id, slot=slot)
             buffer = self.ring.view(worker.id, slot, _layout(parts)[1])
         else:
@@ -246,9 +259,9 @@ class TorchBackend:
 
     def _slot_ring(self, workers: int) -> _SlotRing | None:
         """The ring for ``workers`` workers: slots for the batches a worker may have ahead
-        (prefetch 2) plus the one the main process is using. Only for CPU and CUDA, where the main
-        process is done with a slot when it asks for the next batch (CPU) or has copied it into
-        pinned memory (CUDA)."""
+        (the DataLoader's prefetch, 2) plus the one the main process is using. Only for CPU and
+        CUDA, where the main process is done with a slot when it asks for the next batch (CPU) or
+        has copied it into pinned memory (CUDA)."""
         if workers == 0 or self.device.type not in ("cpu", "cuda"):
             return None
         if self._ring is None or self._ring.workers != workers:
