@@ -185,6 +185,17 @@ def test_torch_workers_reusing_slots_give_the_main_process_batches(tmp_path, mon
     assert (in_workers._backend._ring is not None) == ring
 
 
+def test_torch_loader_without_room_in_dev_shm_says_what_to_do(data, monkeypatch):
+    """Too small a /dev/shm (docker's default is 64 MB) for the workers' slots: an error that says
+    how much and what to change, not a crash in a worker."""
+    def no_room(self):
+        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2_3>")
+
+    monkeypatch.setattr(torch.Tensor, "share_memory_", no_room)
+    with pytest.raises(RuntimeError, match=r"MB of shared memory .*\(2 workers\).*--shm-size"):
+        next(iter(_loader(data, "torch", num_workers=2)))
+
+
 def test_torch_workers_started_by_spawn_share_the_ring(tmp_path):
     """Workers started by ``spawn`` (``forkserver`` is Python 3.14's default on Linux) receive the
     ring by pickling rather than by fork, and deliver the same batches, two epochs running."""

@@ -108,7 +108,13 @@ class _SlotRing:
     def __init__(self, workers: int, slots: int, slot_bytes: int, wait_s: float = 1.0) -> None:
         self.workers, self.slots, self.wait_s = workers, slots, wait_s
         self.slot_bytes = -(-slot_bytes // _ALIGN) * _ALIGN
-        self.memory = torch.empty(workers * slots * self.slot_bytes, dtype=torch.uint8).share_memory_()
+        nbytes = workers * slots * self.slot_bytes
+        try:
+            self.memory = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+        except RuntimeError as err:
+            raise RuntimeError(f"cannot allocate {nbytes / 2**20:.1f} MB of shared memory for {slots} batches per "
+                               f"loader worker ({workers} workers): {err}. Make /dev/shm larger (docker run "
+                               "--shm-size), or use fewer workers or a smaller batch") from err
         self.key = f"{os.getpid()}-{id(self)}"
         self.freed: list = []
         self._free: list[int] | None = None  # in a worker: its slots free to fill
