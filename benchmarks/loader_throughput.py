@@ -9,8 +9,10 @@ sample, in a ``DataLoader`` with the same worker count. tl_fast's loaders delive
 Runs are interleaved (every configuration once per round, in reverse order every other round,
 ``--rounds`` rounds); each run skips ``--warmup`` batches (worker start-up, FFCV compilation) and
 times the next ``--batches``, or with ``--whole-epoch`` times one whole epoch from ``iter()``,
-start-up included, as a trainer sees it. Reported: median images/s (20th / 80th percentiles), labels-on / labels-off per backend (target >= 0.97), and
-the fastest backend over the public approach (target >= 2).
+start-up included, as a trainer sees it. Reported: median images/s (20th / 80th percentiles),
+labels-on / labels-off per backend (target >= 0.97) as the ratio of the medians and as the median
+of each round's pair (the two runs are next to each other in a round), and the fastest backend over
+the public approach (target >= 2).
 
     python benchmarks/loader_throughput.py                      # demo dataset (tl_fast.demo.prepare())
     python benchmarks/loader_throughput.py --images DIR --labels STORE --workers 8 --device cuda
@@ -187,20 +189,25 @@ def main(argv=None) -> None:
     def stat(v):
         return statistics.median(v), float(np.percentile(v, 20)), float(np.percentile(v, 80))
 
+    def paired(be) -> float:
+        """Median over rounds of labels-on / labels-off, the two runs next to each other in a round:
+        a drift of the machine's speed between rounds cancels out."""
+        return statistics.median(a / b for a, b in zip(rates[(be, True)], rates[(be, False)]))
+
     pub = stat(rates["public"])[0]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     window = "whole epochs" if args.whole_epoch else f"{args.batches} batches"
     print(f"\nloader throughput, images/s (median [p20, p80] of {args.rounds} rounds x {window}), "
           f"{len(index)} images, batch {args.batch_size}, {args.image_size}px, {args.workers} workers, "
           f"device {device} ({dev_name}), {os.cpu_count()} CPUs")
-    print(f"{'backend':<8} {'labels off':>22} {'labels on':>22} {'on/off (>=0.97)':>16} {'on vs public':>13} "
-          f"{'label ms/batch':>15} {'label share':>12}")
+    print(f"{'backend':<8} {'labels off':>22} {'labels on':>22} {'on/off (>=0.97)':>16} {'paired':>7} "
+          f"{'on vs public':>13} {'label ms/batch':>15} {'label share':>12}")
     best = 0.0
     for be in backends:
         off, on = stat(rates[(be, False)]), stat(rates[(be, True)])
         best = max(best, on[0])
         print(f"{be:<8} {off[0]:8.1f} [{off[1]:6.1f},{off[2]:6.1f}] {on[0]:8.1f} [{on[1]:6.1f},{on[2]:6.1f}] "
-              f"{on[0] / off[0]:16.3f} {on[0] / pub:12.2f}x {label_ms[be]:15.3f} "
+              f"{on[0] / off[0]:16.3f} {paired(be):7.3f} {on[0] / pub:12.2f}x {label_ms[be]:15.3f} "
               f"{label_ms[be] / (1e3 * args.batch_size / off[0]):11.2%}")
     pb = stat(rates["public"])
     print(f"{'public':<8} {'':>22} {pb[0]:8.1f} [{pb[1]:6.1f},{pb[2]:6.1f}] {'':>16} {1.0:12.2f}x")
@@ -211,10 +218,14 @@ def main(argv=None) -> None:
         with open(args.json, "w") as f:
             json.dump({"device": dev_name, "cpus": os.cpu_count(), "args": vars(args), "public": stat(rates["public"]),
                        "backends": {be: {"off": stat(rates[(be, False)]), "on": stat(rates[(be, True)]),
-                                         "label_ms_per_batch": label_ms[be]} for be in backends},
+                                         "paired_on_off": paired(be), "label_ms_per_batch": label_ms[be],
+                                         "rounds": {"off": rates[(be, False)], "on": rates[(be, True)]}}
+                                    for be in backends},
+                       "public_rounds": rates["public"],
                        "fastest_vs_public": best / pub}, f, indent=1)
-    print("label share = label-side host time per batch / batch time at the labels-off rate; labels-on / "
-          "labels-off is bounded below by 1 / (1 + share) up to measurement noise")
+    print("paired = median over rounds of labels-on / labels-off run back to back; label share = label-side host "
+          "time per batch / batch time at the labels-off rate; labels-on / labels-off is bounded below by "
+          "1 / (1 + share) up to measurement noise")
 
 
 if __name__ == "__main__":
