@@ -185,6 +185,24 @@ def test_torch_workers_reusing_slots_give_the_main_process_batches(tmp_path, mon
     assert (in_workers._backend._ring is not None) == ring
 
 
+def test_torch_two_live_iterations_of_one_loader_keep_their_batches(tmp_path):
+    """A second iteration of a loader while the first is still alive (a peeked batch, say) must not
+    write into the slots that hold the first one's batches."""
+    root = make_folder(tmp_path / "imgs", {"a": 8, "b": 8}, seed=int(np.random.SeedSequence().entropy % 1000))
+    store = make_store(root, str(tmp_path / "labels.tls"), topk=3, map_size=(6, 6))
+    kw = dict(backend="torch", batch_size=2, image_size=S, patch_size=P, seed=2, device="cpu", erase=None)
+    expected = {tuple(b.indices): b for b in TokenLabelLoader(root, store, num_workers=0, **kw)}
+    loader = TokenLabelLoader(root, store, num_workers=2, **kw)
+    first = iter(loader)
+    got = [next(first) for _ in range(2)]
+    got += list(loader)  # the rest of epoch 0 while `first` is alive, its workers ahead in the slots
+    got += list(first)  # then the rest of `first`
+    assert len(got) == 2 + 6 + 6
+    for b in got:
+        a = expected[tuple(b.indices)]
+        assert torch.equal(a.images, b.images) and torch.equal(a.maps.values, b.maps.values)
+
+
 def test_torch_loader_without_room_in_dev_shm_says_what_to_do(data, monkeypatch):
     """Too small a /dev/shm (docker's default is 64 MB) for the workers' slots: an error that says
     how much and what to change, not a crash in a worker."""

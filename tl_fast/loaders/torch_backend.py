@@ -61,6 +61,7 @@ def crop_resize_flip(image: torch.Tensor, crop: Sequence[int], flip: bool, size:
 
 
 _ALIGN = 16
+_PREFETCH = 2  # batches each DataLoader worker may have ready ahead of the main process
 
 
 def _layout(parts: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> tuple[list[tuple[int, int]], int]:
@@ -259,13 +260,14 @@ class TorchBackend:
         self.device = device
         self.labels = labels
         self._ring: _SlotRing | None = None
+        self._ring_in_use = False  # by a live iteration: a second one at the same time gets none
         if labels is not None and (labels.record >= 0).any():
             # Compile the record decoder here, once, rather than in every worker forked each epoch.
             labels(np.flatnonzero(labels.record >= 0)[:1])
 
     def _slot_ring(self, workers: int) -> _SlotRing | None:
         """The ring for ``workers`` workers: slots for the batches a worker may have ahead
-        (the DataLoader's prefetch, 2) plus the one the main process is using. Only for CPU and
+        (the DataLoader's prefetch) plus the one the main process is using. Only for CPU and
         CUDA, where the main process is done with a slot when it asks for the next batch (CPU) or
         has copied it into pinned memory (CUDA)."""
         if workers == 0 or self.device.type not in ("cpu", "cuda"):
@@ -275,24 +277,37 @@ class TorchBackend:
             parts = [((b, 3, size, size), torch.uint8)]
             if self.labels is not None:  # a batch's maps: B times one sample's
                 parts += [((b, *t.shape[1:]), t.dtype) for t in self.labels(np.zeros(1, np.int64))]
-            self._ring = _SlotRing(workers, 3, _layout(parts)[1])
+            self._ring = _SlotRing(workers, _PREFETCH + 1, _layout(parts)[1])
         self._ring.start_epoch()
         return self._ring
 
     def iterate(self, batches: Sequence[np.ndarray], plan: PlanMaker) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
         cfg = self.config
         workers = max(0, int(cfg.num_workers))
-        ring = self._slot_ring(workers)
+        ring = None if self._ring_in_use else self._slot_ring(workers)
         loader = DataLoader(
             _BatchDataset(self.paths, list(batches), plan, cfg.image_size, self.labels, ring), batch_size=None,
             shuffle=False, num_workers=workers, pin_memory=self.device.type == "cuda",
-            timeout=cfg.timeout_s if workers else 0, prefetch_factor=2 if workers else None,
+            timeout=cfg.timeout_s if workers else 0, prefetch_factor=_PREFETCH if workers else None,
             worker_init_fn=_worker_init if workers else None, collate_fn=_as_is,
         )
-        for batch in loader:
-            images, *maps = batch_views(batch.ring_view() if batch.in_ring else batch.buffer, batch.parts)
-            if batch.in_ring:  # the slot is reused once released: the batch keeps its own maps
-                maps = [m.clone() for m in maps]
-            yield images, np.asarray(batch.idx), {"maps": TopKMaps(*maps)} if maps else {}
-            if batch.in_ring:  # the loader has finished with the images (augmented into new memory)
-                batch.release()
+        self._ring_in_use = ring is not None
+        try:
+            # The DataLoader's workers are shut down when _deliver ends or is closed, before the
+            # ring is free for the next iteration.
+            yield from _deliver(loader)
+        finally:
+            if ring is not None:
+                self._ring_in_use = False
+
+
+def _deliver(loader: DataLoader) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
+    """The batches of ``loader`` as ``(images, indices, extras)``; a ring slot is handed back when
+    the next batch is asked for (the loader has augmented the images into new memory by then)."""
+    for batch in loader:
+        images, *maps = batch_views(batch.ring_view() if batch.in_ring else batch.buffer, batch.parts)
+        if batch.in_ring:  # the slot is reused once handed back: the batch keeps its own maps
+            maps = [m.clone() for m in maps]
+        yield images, np.asarray(batch.idx), {"maps": TopKMaps(*maps)} if maps else {}
+        if batch.in_ring:
+            batch.release()
