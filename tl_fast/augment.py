@@ -102,15 +102,23 @@ def pixel_affines(affine: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.concatenate([m, t[..., None]], -1)
 
 
+def opencv():
+    """The ``cv2`` module, or None where OpenCV is not installed (the CPU paths then use torch)."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    return cv2
+
+
 def warp_uint8_cv2(images: torch.Tensor, affine: np.ndarray, fill=FILL) -> torch.Tensor | None:
     """:func:`warp` for uint8 CPU images ``[B, 3, H, W]`` with OpenCV's fixed-point bilinear
     ``warpAffine`` (outside filled with ``fill``); returns uint8, or None without OpenCV.
 
     About 2-2.5x faster than ``grid_sample`` on CPU, and within one level of :func:`warp` on every pixel
     (tests/test_augment.py). The CPU path of :func:`augment_batch`; a GPU keeps ``grid_sample``."""
-    try:
-        import cv2
-    except ImportError:
+    cv2 = opencv()
+    if cv2 is None:
         return None
     h, w = images.shape[-2:]
     src = images.contiguous().numpy()

@@ -50,20 +50,13 @@ def _autocontrast_from_hist(hist: torch.Tensor) -> torch.Tensor:
 HISTOGRAM_OPS = {"AutoContrast": _autocontrast_from_hist, "Equalize": ref.equalize_lut}
 
 
-def _cv2():
-    try:
-        import cv2
-    except ImportError:
-        return None
-    return cv2
-
-
 class _Samples:
     """Per-sample state: the source uint8 image and the table composed since it was last materialized."""
 
     def __init__(self, images: torch.Tensor, replaced: dict[int, torch.Tensor], cv2) -> None:
         self.cv2 = cv2
-        self.images = images.numpy()  # [B, 3, S, S] uint8; rows are replaced when materialized
+        self.images = images.numpy()  # [B, 3, S, S] uint8, the batch as delivered
+        # samples whose source image is another one ([3, S, S]): warped, or materialized below
         self.replaced = {int(b): img.contiguous().numpy() for b, img in replaced.items()}
         b = len(images)
         self.table = torch.arange(256).repeat(b, 3, 1)  # int64 [B, 3, 256]
@@ -109,7 +102,7 @@ def augment_photometric_normalize(images: torch.Tensor, ra_op: np.ndarray, ra_le
     """:func:`tl_fast.augment.apply_photometric` then :func:`~tl_fast.augment.normalize` for uint8 CPU
     images ``[B, 3, S, S]``, as float32; None without OpenCV. ``replaced`` maps sample positions to
     images ``[3, S, S]`` that stand in for theirs (the warped ones), saving a copy of the batch."""
-    cv2 = _cv2()
+    cv2 = ref.opencv()
     if cv2 is None:
         return None
     images = images.contiguous()

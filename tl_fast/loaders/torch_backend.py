@@ -225,13 +225,14 @@ class _BatchDataset(Dataset):
         parts = [((len(idx), 3, self.size, self.size), torch.uint8)]
         if maps is not None:
             parts += [(tuple(t.shape), t.dtype) for t in maps]
+        nbytes = _layout(parts)[1]
         worker = torch.utils.data.get_worker_info()
         slot = None
-        if worker is not None and self.ring is not None and self.ring.fits(_layout(parts)[1]):
+        if worker is not None and self.ring is not None and self.ring.fits(nbytes):
             slot = self.ring.acquire(worker.id)
         if slot is not None:
             batch = _WorkerBatch(idx, parts, ring_key=self.ring.key, worker=worker.id, slot=slot)
-            buffer = self.ring.view(worker.id, slot, _layout(parts)[1])
+            buffer = self.ring.view(worker.id, slot, nbytes)
         else:
             buffer = _batch_buffer(parts)
             batch = _WorkerBatch(idx, parts, buffer=buffer)
