@@ -1,15 +1,11 @@
-"""tl_fast: high-throughput data loading for token-labeling training of vision transformers."""
-import os as _os
+"""tl_fast: high-throughput data loading for token-labeling training of vision transformers.
 
-__version__ = "0.1.0"
+The Triton kernels live in the repository's top-level ``kernels/`` folder; ``tl_fast/kernels`` is a
+symbolic link to it, so ``tl_fast.kernels`` is an ordinary subpackage both in a checkout
+(``PYTHONPATH=.``) and in the wheel, which copies the linked files.
+"""
 
-# In an installed wheel the top-level kernels/ folder is the subpackage tl_fast.kernels (see
-# pyproject.toml). Run from a source checkout (PYTHONPATH=.), make the same import work.
-_src_kernels = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
-if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "kernels")) and _os.path.isfile(
-    _os.path.join(_src_kernels, "__init__.py")
-):
-    __path__.append(_os.path.dirname(_src_kernels))  # type: ignore[name-defined]
+__version__ = "0.2.0"  # the one place: pyproject.toml reads it (tool.setuptools.dynamic)
 
 
 def __getattr__(name: str):
