@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv and installs tl_fast with every backend (DALI, FFCV) and the test tools.
+# Creates .venv and installs tl_fast with every backend (DALI, FFCV), matplotlib and the test tools.
 # Idempotent: a second run only checks what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,5 +22,5 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[test,dali,ffcv]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test,dali,ffcv,plot]"
 .venv/bin/python -c "import tl_fast, torch; print('tl_fast', tl_fast.__version__, 'torch', torch.__version__)"

@@ -9,6 +9,9 @@ import argparse
 import importlib
 import sys
 
+from . import __version__
+from .optional import MissingDependency
+
 # Modules that define ``register(subparsers)``. Listed here so ``tl-fast --help`` shows them all.
 COMMAND_MODULES = (
     "tl_fast.store.commands",  # convert-pt, inspect
@@ -24,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prepare data for token-labeling training: convert public label maps, run a machine "
         "annotator, pack FFCV files, inspect stores, build the built-in demo dataset.",
     )
+    parser.add_argument("--version", action="version", version=f"tl-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -43,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except MissingDependency as err:  # an optional extra (DALI, FFCV, matplotlib) is not installed
+        print(f"tl-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,17 +16,15 @@ import numpy as np
 import torch
 
 from ..augment import IMAGENET_MEAN, IMAGENET_STD
+from ..optional import require
 from .batch import LoaderConfig
 from .common import PlanMaker
 
 
 def _import_dali():
-    try:
-        from nvidia import dali  # noqa: F401
-        from nvidia.dali import fn, pipeline_def, types
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("backend='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
-                          "(or the wheel matching your CUDA major version)") from err
+    require("nvidia.dali", "backend='dali'")
+    from nvidia.dali import fn, pipeline_def, types
+
     return fn, pipeline_def, types
 
 

@@ -46,6 +46,7 @@ import numba
 import numpy as np
 import torch
 
+from ..optional import require
 from ..plan import _S_CROP, _S_FLIP
 from .batch import LoaderConfig
 from .common import PlanMaker
@@ -58,15 +59,7 @@ FORMAT_VERSION = 2
 FIELDS = ("image", "label", "index", "record")
 
 
-def _import_ffcv():
-    try:
-        import ffcv  # noqa: F401
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("backend='ffcv' needs FFCV: apt-get install pkg-config libturbojpeg0-dev libopencv-dev; "
-                          "pip install ffcv") from err
-
-
-_import_ffcv()
+require("ffcv", "backend='ffcv'")
 from ffcv.fields import BytesField, IntField, RGBImageField  # noqa: E402
 from ffcv.fields.basics import IntDecoder  # noqa: E402
 from ffcv.fields.bytes import BytesDecoder  # noqa: E402

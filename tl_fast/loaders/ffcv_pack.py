@@ -101,11 +101,11 @@ def pack_ffcv(images: str, store_path: str | None, out: str, *, max_side: int | 
 
     ``store_path=None`` packs no label records (``missing_labels`` is then unused): the file serves
     loaders without token labels (``train=False``, ``token_labels=False`` or plain class labels)."""
+    from ..store import LabelStore
+    from .ffcv_backend import FORMAT, FORMAT_VERSION, META_SUFFIX, PlanRGBImageField  # checks FFCV is installed
+
     from ffcv.fields import BytesField, IntField
     from ffcv.writer import DatasetWriter
-
-    from ..store import LabelStore
-    from .ffcv_backend import FORMAT, FORMAT_VERSION, META_SUFFIX, PlanRGBImageField
 
     index = ImageFolderIndex(images, progress=progress)
     store = records = None

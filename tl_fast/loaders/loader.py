@@ -11,6 +11,7 @@ epoch and step, so the batches after a resume are the ones an uninterrupted run 
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -28,6 +29,22 @@ from .common import PlanMaker, StoreMaps
 
 SHUFFLE_STREAM = 100
 BACKENDS = ("dali", "ffcv", "torch")
+log = logging.getLogger(__name__)
+
+
+def resolve_backend(backend: str, images: str | os.PathLike) -> str:
+    """``"auto"``: FFCV for a packed file, else DALI when it imports, else torch; others as given."""
+    if backend == "auto":
+        from ..optional import available
+
+        if os.path.isfile(images):
+            backend = "ffcv"
+        else:
+            backend = "dali" if available("nvidia.dali") else "torch"
+        log.info("TokenLabelLoader: backend='auto' chose %r for %s", backend, images)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -59,7 +76,8 @@ class TokenLabelLoader:
             ``.beton`` written by ``tl-fast pack-ffcv`` (labels packed inside, or none with
             ``--no-labels``: then only without token labels).
         labels: a label store path or an open ``LabelStore``; None for plain labels / evaluation.
-        backend: ``"dali"``, ``"ffcv"`` or ``"torch"``.
+        backend: ``"dali"``, ``"ffcv"``, ``"torch"`` or ``"auto"`` (the default: ``"ffcv"`` for a
+            packed file, else DALI when it is installed, else torch; the choice is logged).
         batch_size, image_size, patch_size: batch and network input geometry (grid = S / patch).
         augment: training augmentation (``AugmentConfig()``: timm's recipe); None: centre crop.
         mixtoken, mixtoken_per_sample: draw a MixToken box per batch (or per sample).
@@ -76,15 +94,14 @@ class TokenLabelLoader:
     """
 
     def __init__(
-        self, images: str | os.PathLike, labels=None, *, backend: str = "dali", batch_size: int,
+        self, images: str | os.PathLike, labels=None, *, backend: str = "auto", batch_size: int,
         image_size: int = 224, patch_size: int = 16, augment: AugmentConfig | None = AugmentConfig(),
         mixtoken: bool = True, mixtoken_per_sample: bool = False, smoothing: float = 0.1,
         device: str | torch.device | None = None, seed: int = 0, train: bool = True, drop_last: bool | None = None,
         num_workers: int = 4, channels_last: bool = False, rank: int | None = None, world_size: int | None = None,
         **options,
     ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        backend = resolve_backend(backend, images)
         self.backend_name = backend
         self.config = LoaderConfig(
             batch_size=batch_size, image_size=image_size, patch_size=patch_size, augment=augment, mixtoken=mixtoken,
