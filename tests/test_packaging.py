@@ -8,6 +8,7 @@ only from the wheel.
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -32,9 +33,14 @@ def _run(cmd, cwd, env=None, timeout=600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     dist = tmp_path_factory.mktemp("dist")
+    # Built from a copy, so that setuptools' build/ folder neither lands in the checkout nor carries
+    # files deleted since an earlier build into the wheel. Links are kept (tl_fast/kernels is one).
+    src = dist / "src"
+    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs"))
     # No build isolation: the build backend (setuptools) is already here, and the network may not be.
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-          str(REPO)], cwd=dist)
+          str(src)], cwd=dist)
     (whl,) = dist.glob("tl_fast-*.whl")
     return whl
 
