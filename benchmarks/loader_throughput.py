@@ -223,6 +223,15 @@ def main(argv=None) -> None:
                                     for be in backends},
                        "public_rounds": rates["public"],
                        "fastest_vs_public": best / pub}, f, indent=1)
+        from plots import save_bars
+
+        png = save_bars(os.path.splitext(args.json)[0] + ".png",
+                        f"loader throughput, {args.image_size}px, batch {args.batch_size}, {args.workers} workers, "
+                        f"{dev_name}", "images/s", backends + ["public"],
+                        {"labels off": [stat(rates[(be, False)]) for be in backends] + [None],
+                         "labels on": [stat(rates[(be, True)]) for be in backends] + [pb]})
+        if png:
+            print(f"picture: {png}")
     print("paired = median over rounds of labels-on / labels-off run back to back; label share = label-side host "
           "time per batch / batch time at the labels-off rate; labels-on / labels-off is bounded below by "
           "1 / (1 + share) up to measurement noise")
