@@ -1,0 +1,240 @@
+"""tl_fast's loaders against the native pipelines users run today, in one run.
+
+Two recipes, each on the same images at the same size, batch and worker count:
+
+* ``crop-flip``: random resized crop + horizontal flip + normalization. tl_fast's three backends
+  (token labels off and on) against native FFCV (its own ``.beton`` from FFCV's writer, its
+  ``RandomResizedCropRGBImageDecoder`` and flip), native DALI (``fn.readers.file`` +
+  ``decoders.image_random_crop`` + ``resize`` + ``crop_mirror_normalize``) and torchvision
+  (``ImageFolder`` + ``transforms.v2`` in a ``DataLoader``), all without labels.
+* ``full``: the LV-ViT recipe (RandAugment ``rand-m9-mstd0.5-mmax9-inc1``, random erasing 0.25).
+  tl_fast's backends against timm's ``create_transform`` in a ``DataLoader`` and DALI's
+  ``auto_aug.rand_augment`` (n=2, m=9; DALI has no random erasing with timm's semantics, so that peer
+  does less work).
+
+Every configuration runs once per round, in reverse order every other round; each run skips
+``--warmup`` batches and times ``--batches``. Reported: median images/s with 20th/80th percentiles,
+and tl_fast with labels on over the native peer (target >= 1.0 for FFCV and DALI).
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/loader_peers.py --batch-size 32 --workers 2 --rounds 7 \\
+        --json peers.json                     # demo dataset; writes peers.json and peers.png
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see loader_throughput.py
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from loader_throughput import measure  # noqa: E402
+from tl_fast.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from tl_fast.loaders import TokenLabelLoader  # noqa: E402
+from tl_fast.plan import AugmentConfig  # noqa: E402
+
+RECIPES = ("crop-flip", "full")
+RAND_AUGMENT = "rand-m9-mstd0.5-mmax9-inc1"  # mmax9: Pillow >= 10 rejects posterize to 0 bits
+MEAN255 = [255 * m for m in IMAGENET_MEAN]
+STD255 = [255 * s for s in IMAGENET_STD]
+
+
+def ffcv_native(images: str, workdir: str, args):
+    """FFCV's own pipeline: its writer (JPEG, quality 90), random resized crop decoder, flip."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+    from ffcv.writer import DatasetWriter
+    from torchvision.datasets import ImageFolder
+
+    path = os.path.join(workdir, "native.beton")
+    if not os.path.exists(path):
+        writer = DatasetWriter(path, {"image": RGBImageField(write_mode="jpg", jpeg_quality=90), "label": IntField()},
+                               num_workers=args.workers)
+        writer.from_indexed_dataset(ImageFolder(images))
+    # NormalizeImage before ToTensor: the documented order (ToTensor, ToTorchImage, NormalizeImage)
+    # hangs while the pipeline is built on a CPU (FFCV issue 396).
+    pipelines = {
+        "image": [RandomResizedCropRGBImageDecoder((args.image_size, args.image_size)), RandomHorizontalFlip(),
+                  NormalizeImage(np.array(MEAN255), np.array(STD255), np.float32), ToTensor(), ToTorchImage()],
+        "label": [IntDecoder(), ToTensor(), Squeeze()],
+    }
+    loader = Loader(path, batch_size=args.batch_size, num_workers=args.workers, order=OrderOption.RANDOM,
+                    drop_last=True, pipelines=pipelines, os_cache=True)
+    return lambda: loader
+
+
+def dali_native(images: str, args, rand_augment: bool):
+    """DALI's own pipeline on the CPU: file reader, fused decode + random crop, resize, flip + normalize."""
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    @pipeline_def(batch_size=args.batch_size, num_threads=args.workers, device_id=None, seed=0,
+                  enable_conditionals=rand_augment)  # DALI's auto_aug selects operations by `if`
+    def pipe():
+        jpegs, labels = fn.readers.file(file_root=images, random_shuffle=True, name="Reader")
+        imgs = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB, random_area=[0.08, 1.0],
+                                             random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+        imgs = fn.resize(imgs, resize_x=args.image_size, resize_y=args.image_size)
+        if rand_augment:
+            from nvidia.dali.auto_aug import rand_augment as ra
+
+            imgs = ra.rand_augment(imgs, n=2, m=9)
+        imgs = fn.crop_mirror_normalize(imgs, dtype=types.FLOAT, output_layout="CHW", mean=MEAN255, std=STD255,
+                                        mirror=fn.random.coin_flip())
+        return imgs, labels
+
+    p = pipe()
+    p.build()
+    it = DALIGenericIterator(p, ["images", "labels"], reader_name="Reader", auto_reset=True,
+                             last_batch_policy=LastBatchPolicy.DROP)
+
+    def batches():
+        for out in it:
+            yield out[0]["images"], out[0]["labels"]
+
+    return batches
+
+
+def torchvision_native(images: str, args, full: bool):
+    """ImageFolder in a DataLoader: transforms.v2 (crop-flip) or timm's training transform (full)."""
+    from torchvision.datasets import ImageFolder
+
+    if full:
+        from timm.data import create_transform
+
+        transform = create_transform(args.image_size, is_training=True, auto_augment=RAND_AUGMENT,
+                                     interpolation="bilinear", re_prob=0.25, re_mode="pixel", re_count=1)
+    else:
+        from torchvision.transforms import v2
+
+        transform = v2.Compose([v2.RandomResizedCrop(args.image_size, antialias=True), v2.RandomHorizontalFlip(),
+                                v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+                                v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    dataset = ImageFolder(images, transform=transform)
+    return lambda: DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                              drop_last=True)
+
+
+def build(images: str, labels: str, beton: str, workdir: str, args) -> dict:
+    """``{(recipe, name): iterable factory}`` for every configuration of the run."""
+    runs = {}
+    common = dict(batch_size=args.batch_size, image_size=args.image_size, num_workers=args.workers, device="cpu")
+    for recipe in args.recipes:
+        extra = {} if recipe == "full" else dict(augment=AugmentConfig(randaugment=None), erase=None)
+        for be in args.backends:
+            for on in (False, True):
+                loader = TokenLabelLoader(beton if be == "ffcv" else images, None if be == "ffcv" else labels,
+                                          backend=be, token_labels=on, **common, **extra)
+                runs[(recipe, f"tl_fast {be}, labels {'on' if on else 'off'}")] = loader
+        if recipe == "crop-flip":
+            if "ffcv" in args.backends:
+                runs[(recipe, "FFCV native")] = ffcv_native(images, workdir, args)
+            if "dali" in args.backends:
+                runs[(recipe, "DALI native")] = dali_native(images, args, rand_augment=False)
+            runs[(recipe, "torchvision")] = torchvision_native(images, args, full=False)
+        else:
+            if "dali" in args.backends:
+                runs[(recipe, "DALI rand_augment")] = dali_native(images, args, rand_augment=True)
+            runs[(recipe, "timm")] = torchvision_native(images, args, full=True)
+    return runs
+
+
+PEERS = {("crop-flip", "ffcv"): "FFCV native", ("crop-flip", "dali"): "DALI native",
+         ("crop-flip", "torch"): "torchvision", ("full", "dali"): "DALI rand_augment", ("full", "torch"): "timm",
+         ("full", "ffcv"): "timm"}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", help="ImageFolder directory (default: the demo dataset's train split)")
+    p.add_argument("--labels", help="label store of --images")
+    p.add_argument("--backends", default="torch,dali,ffcv", help="tl_fast backends (their native peers follow)")
+    p.add_argument("--recipes", default=",".join(RECIPES), help="crop-flip, full, or both")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batches", type=int, default=16)
+    p.add_argument("--workdir", help="where the .beton files go (default: a temp dir)")
+    p.add_argument("--json", help="also write the figures to this JSON file (and a PNG beside it)")
+    args = p.parse_args(argv)
+    args.backends = [b for b in args.backends.split(",") if b]
+    args.recipes = [r for r in args.recipes.split(",") if r]
+    if bad := [r for r in args.recipes if r not in RECIPES]:
+        p.error(f"unknown recipe {bad[0]!r}; choose from {', '.join(RECIPES)}")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    if args.images is None:
+        from tl_fast.demo import prepare
+
+        demo = prepare()
+        images, labels = str(demo.train), str(demo.labels)
+    elif args.labels is None:
+        p.error("--labels is required with --images")
+    else:
+        images, labels = args.images, args.labels
+    workdir = args.workdir or tempfile.mkdtemp(prefix="tl_fast_peers_")
+    beton = os.path.join(workdir, "train.beton")
+    if "ffcv" in args.backends and not os.path.exists(beton):
+        from tl_fast.loaders.ffcv_pack import pack_ffcv
+
+        pack_ffcv(images, labels, beton, num_workers=args.workers, progress=False)
+
+    runs = build(images, labels, beton, workdir, args)
+    order = list(runs)
+    rates = {key: [] for key in order}
+    device = torch.device("cpu")
+    for r in tqdm(range(args.rounds), desc="rounds"):
+        for key in order if r % 2 == 0 else order[::-1]:
+            run = runs[key]
+            if isinstance(run, TokenLabelLoader):
+                run.set_epoch(1000 + r)
+                rates[key].append(measure(lambda: run, args.warmup, args.batches, device))
+            else:
+                rates[key].append(measure(run, args.warmup, args.batches, device))
+
+    def stat(v):
+        return statistics.median(v), float(np.percentile(v, 20)), float(np.percentile(v, 80))
+
+    print(f"\nloaders vs native pipelines, images/s (median [p20, p80] of {args.rounds} rounds x {args.batches} "
+          f"batches), batch {args.batch_size}, {args.image_size}px, {args.workers} workers, {os.cpu_count()} CPUs")
+    print(f"{'recipe':<10} {'pipeline':<28} {'images/s':>24} {'labels on / peer':>17}")
+    for recipe, name in order:
+        m, lo, hi = stat(rates[(recipe, name)])
+        ratio = ""
+        if name.startswith("tl_fast ") and name.endswith("labels on"):
+            peer = PEERS.get((recipe, name.split()[1].rstrip(",")))
+            if (recipe, peer) in rates:
+                ratio = f"{m / stat(rates[(recipe, peer)])[0]:.2f} vs {peer}"
+        print(f"{recipe:<10} {name:<28} {m:9.1f} [{lo:6.1f},{hi:6.1f}] {ratio:>17}")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "cpus": os.cpu_count(),
+                       "runs": [{"recipe": rc, "pipeline": nm, "stat": stat(rates[(rc, nm)]), "rounds": rates[(rc, nm)]}
+                                for rc, nm in order]}, f, indent=1)
+        from plots import save_bars
+
+        for recipe in args.recipes:
+            names = [nm for rc, nm in order if rc == recipe]
+            png = save_bars(f"{os.path.splitext(args.json)[0]}-{recipe}.png",
+                            f"{recipe}: loaders vs native pipelines, {args.image_size}px, batch {args.batch_size}, "
+                            f"{args.workers} workers", "images/s",
+                            [nm.replace("tl_fast ", "").replace(", labels ", "\nlabels ") for nm in names],
+                            {"images/s": [stat(rates[(recipe, nm)]) for nm in names]})
+            if png:
+                print(f"picture: {png}")
+
+
+if __name__ == "__main__":
+    main()
