@@ -7,6 +7,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from tl_fast import augment, geometry
+from tl_fast.augment import erase
 from tl_fast.plan import RA_OPS, AugmentConfig, plan_batch
 
 
@@ -181,8 +182,8 @@ def test_random_erase_cpu_and_gpu_strategies_agree():
     boxes[2] = 0  # none
     sel = np.flatnonzero(boxes[:, 2] > 0)
     noise = torch.randn(int((boxes[sel, 2] * boxes[sel, 3]).sum()) * 3)
-    by_copies = augment._erase_by_copies(x.clone(), boxes, sel, noise)
-    by_mask = augment._erase_by_mask(x.clone(), boxes, sel, noise)
+    by_copies = erase._erase_by_copies(x.clone(), boxes, sel, noise)
+    by_mask = erase._erase_by_mask(x.clone(), boxes, sel, noise)
     assert torch.equal(by_copies, by_mask) and not torch.equal(by_copies, x)
 
 

@@ -18,8 +18,10 @@ import torch
 
 from . import geometry, rng
 
-# Streams: one id per kind of draw, so adding a draw never shifts another.
-_S_CROP, _S_FLIP, _S_RA_OP, _S_RA_APPLY, _S_RA_MAG, _S_RA_SIGN, _S_MIX, _S_PHOTO = range(1, 9)
+from .rng import Stream
+
+# Plain ints of the plan's streams, for numba-compiled code that reads them as globals.
+_S_CROP, _S_FLIP = int(Stream.CROP), int(Stream.FLIP)
 
 # timm's ``rand-*-inc1`` operation list (``_RAND_INCREASING_TRANSFORMS``), in timm's order.
 RA_OPS = (
@@ -28,7 +30,7 @@ RA_OPS = (
     "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
 )
 RA_GEOMETRIC = frozenset({"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"})
-_OP = {name: i for i, name in enumerate(RA_OPS)}
+RA_OP_ID = {name: i for i, name in enumerate(RA_OPS)}
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,7 @@ def random_resized_crop(
     indices = np.asarray(indices, dtype=np.int64)
     sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
     height, width = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
-    u = rng.uniform(seed, epoch, indices, _S_CROP, 40).reshape(-1, 10, 4)
+    u = rng.uniform(seed, epoch, indices, Stream.CROP, 40).reshape(-1, 10, 4)
     area = (height * width)[:, None]
     target_area = area * (scale[0] + u[..., 0] * (scale[1] - scale[0]))
     log_r = (math.log(ratio[0]), math.log(ratio[1]))
@@ -141,22 +143,22 @@ def random_resized_crop(
 
 def _randaugment(seed: int, epoch: int, indices: np.ndarray, cfg: RandAugmentConfig):
     n, layers = len(indices), cfg.num_layers
-    op = np.floor(rng.uniform(seed, epoch, indices, _S_RA_OP, layers) * len(RA_OPS)).astype(np.int64)
-    apply = rng.uniform(seed, epoch, indices, _S_RA_APPLY, layers) < cfg.prob
-    mag = cfg.magnitude + cfg.magnitude_std * rng.normal(seed, epoch, indices, _S_RA_MAG, layers)
+    op = np.floor(rng.uniform(seed, epoch, indices, Stream.RA_OP, layers) * len(RA_OPS)).astype(np.int64)
+    apply = rng.uniform(seed, epoch, indices, Stream.RA_APPLY, layers) < cfg.prob
+    mag = cfg.magnitude + cfg.magnitude_std * rng.normal(seed, epoch, indices, Stream.RA_MAG, layers)
     if cfg.magnitude_std <= 0:
         mag = np.full((n, layers), cfg.magnitude)
     mag = np.clip(mag, 0.0, cfg.magnitude_max) / cfg.magnitude_max
-    sign = np.where(rng.uniform(seed, epoch, indices, _S_RA_SIGN, layers) > 0.5, -1.0, 1.0)
+    sign = np.where(rng.uniform(seed, epoch, indices, Stream.RA_SIGN, layers) > 0.5, -1.0, 1.0)
     # timm's level functions for the increasing set.
     level = np.zeros((n, layers))
-    level = np.where(op == _OP["Rotate"], 30.0 * mag * sign, level)
-    level = np.where((op == _OP["ShearX"]) | (op == _OP["ShearY"]), 0.3 * mag * sign, level)
-    level = np.where((op == _OP["TranslateXRel"]) | (op == _OP["TranslateYRel"]), 0.45 * mag * sign, level)
-    level = np.where(op == _OP["PosterizeIncreasing"], 4 - np.floor(mag * 4), level)
-    level = np.where(op == _OP["SolarizeIncreasing"], 256 - np.floor(mag * 256), level)
-    level = np.where(op == _OP["SolarizeAdd"], np.floor(mag * 110), level)
-    enhance = [_OP[k] for k in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing")]
+    level = np.where(op == RA_OP_ID["Rotate"], 30.0 * mag * sign, level)
+    level = np.where((op == RA_OP_ID["ShearX"]) | (op == RA_OP_ID["ShearY"]), 0.3 * mag * sign, level)
+    level = np.where((op == RA_OP_ID["TranslateXRel"]) | (op == RA_OP_ID["TranslateYRel"]), 0.45 * mag * sign, level)
+    level = np.where(op == RA_OP_ID["PosterizeIncreasing"], 4 - np.floor(mag * 4), level)
+    level = np.where(op == RA_OP_ID["SolarizeIncreasing"], 256 - np.floor(mag * 256), level)
+    level = np.where(op == RA_OP_ID["SolarizeAdd"], np.floor(mag * 110), level)
+    enhance = [RA_OP_ID[k] for k in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing")]
     level = np.where(np.isin(op, enhance), 1.0 + 0.9 * mag * sign, level)
     op = np.where(apply, op, -1)
 
@@ -166,11 +168,11 @@ def _randaugment(seed: int, epoch: int, indices: np.ndarray, cfg: RandAugmentCon
         m = geometry.identity(n)
         lv = level[:, j]
         for name, fn in (("Rotate", geometry.rotate), ("ShearX", geometry.shear_x), ("ShearY", geometry.shear_y)):
-            sel = op[:, j] == _OP[name]
+            sel = op[:, j] == RA_OP_ID[name]
             m[sel] = fn(lv[sel])
-        sel = op[:, j] == _OP["TranslateXRel"]
+        sel = op[:, j] == RA_OP_ID["TranslateXRel"]
         m[sel] = geometry.translate(lv[sel], np.zeros(sel.sum()))
-        sel = op[:, j] == _OP["TranslateYRel"]
+        sel = op[:, j] == RA_OP_ID["TranslateYRel"]
         m[sel] = geometry.translate(np.zeros(sel.sum()), lv[sel])
         ra_affine = geometry.compose(ra_affine, m)
     return op, level, ra_affine
@@ -190,7 +192,7 @@ def plan_batch(
     crop = random_resized_crop(seed, epoch, indices, sizes, config.scale, config.ratio)
     h, w = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
     box = np.stack([crop[:, 1] / w, crop[:, 0] / h, (crop[:, 1] + crop[:, 3]) / w, (crop[:, 0] + crop[:, 2]) / h], 1)
-    flip = rng.uniform(seed, epoch, indices, _S_FLIP, 1)[:, 0] < config.hflip
+    flip = rng.uniform(seed, epoch, indices, Stream.FLIP, 1)[:, 0] < config.hflip
     if config.randaugment is not None:
         ra_op, ra_level, ra_affine = _randaugment(seed, epoch, indices, config.randaugment)
     else:
@@ -234,7 +236,7 @@ def draw_mix_box(seed: int, epoch: int, keys, grid: tuple[int, int] = (14, 14)) 
     uniform centre, clipped, and ``lam`` recomputed from the clipped area."""
     keys = np.atleast_1d(np.asarray(keys, dtype=np.int64))
     gh, gw = grid
-    u = rng.uniform(seed, epoch, keys, _S_MIX, 3)
+    u = rng.uniform(seed, epoch, keys, Stream.MIX_BOX, 3)
     lam = u[:, 0]
     cut = np.sqrt(1.0 - lam)
     cut_h, cut_w = np.floor(gh * cut).astype(np.int64), np.floor(gw * cut).astype(np.int64)

@@ -7,7 +7,25 @@ written with plain uint64 arithmetic so numpy vectorizes it and numba compiles i
 """
 from __future__ import annotations
 
+import enum
+
 import numpy as np
+
+
+class Stream(enum.IntEnum):
+    """Every random stream of tl_fast, in one place: one id per kind of draw, so adding a draw never
+    shifts another. A new kind of draw takes a new number; a number is never reused."""
+
+    CROP = 1  # random resized crop attempts (plan)
+    FLIP = 2  # horizontal flip (plan)
+    RA_OP = 3  # RandAugment operation per layer (plan)
+    RA_APPLY = 4  # RandAugment apply test per layer (plan)
+    RA_MAG = 5  # RandAugment magnitude noise (plan)
+    RA_SIGN = 6  # RandAugment sign (plan)
+    MIX_BOX = 7  # MixToken box (plan)
+    SHUFFLE = 100  # the epoch's sample order (loader)
+    ERASE = 101  # random-erasing box (augment)
+    ERASE_NOISE = 102  # random-erasing noise seed (augment)
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)

@@ -27,7 +27,6 @@ from ..plan import AugmentConfig, draw_mix_box
 from .batch import Batch, LoaderConfig
 from .common import PlanMaker, StoreMaps
 
-SHUFFLE_STREAM = 100
 BACKENDS = ("dali", "ffcv", "torch")
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def epoch_order(seed: int, epoch: int, ids: np.ndarray, shuffle: bool) -> np.nda
     ids = np.asarray(ids, dtype=np.int64)
     if not shuffle:
         return ids
-    return ids[np.argsort(rng.hash_keys(seed, epoch, ids, SHUFFLE_STREAM), kind="stable")]
+    return ids[np.argsort(rng.hash_keys(seed, epoch, ids, rng.Stream.SHUFFLE), kind="stable")]
 
 
 class TokenLabelLoader:

@@ -9,15 +9,13 @@ batch-wide tensor operations (the only loop walks cache blocks, not samples).
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import math
-import sys
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ..memory import new_output
 
 # A token's sample count is ceil(extent); extents that are integers up to float noise must not
 # round up to an extra sample. RoI-Align computes extents in float32; this tolerance absorbs that.
@@ -207,45 +205,6 @@ def token_targets(
 
 
 _CHUNK_ROWS = 256  # rows of K floats per scratch block (about 1 MB for K = 1000)
-# glibc's largest dynamic mmap threshold on 64-bit Linux: smaller buffers, once freed, are reused from
-# the heap without page faults (huge pages gained nothing there); larger ones are fresh mmap pages
-# every time.
-_HUGE_PAGE_MIN_BYTES = 32 << 20
-_MADV_HUGEPAGE = 14
-
-
-@functools.cache
-def _libc_madvise():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialized output tensor; on Linux CPUs, above glibc's mmap ceiling, backed by transparent
-    huge pages if allowed.
-
-    A fresh 100 MB target tensor costs ~25k page faults on first write, which took longer than
-    computing the targets. ``madvise(MADV_HUGEPAGE)`` (what PyTorch's ``THP_MEM_ALLOC_ENABLE`` does
-    for all allocations) makes that ~50 faults. A no-op where THP is off or the call fails."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    nbytes = out.numel() * out.element_size()
-    madvise = _libc_madvise() if out.device.type == "cpu" and nbytes >= _HUGE_PAGE_MIN_BYTES else None
-    if madvise is not None:
-        page = 4096
-        start = (out.data_ptr() + page - 1) & ~(page - 1)
-        end = (out.data_ptr() + nbytes) & ~(page - 1)
-        madvise(start, end - start, _MADV_HUGEPAGE)
-    return out
-
-
 def _class_token_scores(values, indices, affine, num_classes: int) -> torch.Tensor:
     """Dense ``[B, K]`` class-token scores (one bin over the whole output), float64."""
     ids, vals = region_contributions(values, indices, affine, (1, 1))

@@ -3,13 +3,13 @@
 On a CPU the float path costs several full passes over ``[B, 3, S, S]`` float32 per batch (the
 conversion, each operation on its samples, three for normalization), and float buffers over 32 MB
 page-fault afresh on every batch (the output here asks for huge pages through
-:func:`tl_fast.ops.reference.new_output`). Most of timm's photometric operations are point
+:func:`tl_fast.memory.new_output`). Most of timm's photometric operations are point
 operations on each channel's uint8 levels, so here they compose into one 256-entry table per
 (sample, channel), normalization included, and the image is read once as uint8 and written once as
 float32 with OpenCV's ``LUT``:
 
 - fixed tables (invert, posterize, solarize, solarize-add, brightness) are the reference operations
-  of :mod:`tl_fast.augment` applied to a ramp of the 256 levels, so they agree by construction;
+  of :mod:`tl_fast.augment.photometric` applied to a ramp of the 256 levels, so they agree by construction;
 - auto-contrast and equalize take their table from the channel histogram of the current image,
   which is the source image's histogram pushed through the table composed so far;
 - contrast takes its degenerate level from the current image's grayscale mean;
@@ -23,8 +23,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import augment as ref
-from .ops.reference import new_output
+from ..memory import new_output
+from ..plan import RA_OP_ID
+from . import photometric as ref
+from .normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
+from .warp import opencv
 
 TABLE_OPS = {  # point operations whose table depends only on the level
     "Invert", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd", "BrightnessIncreasing"}
@@ -97,12 +100,12 @@ class _Samples:
 
 
 def augment_photometric_normalize(images: torch.Tensor, ra_op: np.ndarray, ra_level: np.ndarray,
-                                  mean=ref.IMAGENET_MEAN, std=ref.IMAGENET_STD,
+                                  mean=IMAGENET_MEAN, std=IMAGENET_STD,
                                   replaced: dict[int, torch.Tensor] | None = None) -> torch.Tensor | None:
     """:func:`tl_fast.augment.apply_photometric` then :func:`~tl_fast.augment.normalize` for uint8 CPU
     images ``[B, 3, S, S]``, as float32; None without OpenCV. ``replaced`` maps sample positions to
     images ``[3, S, S]`` that stand in for theirs (the warped ones), saving a copy of the batch."""
-    cv2 = ref.opencv()
+    cv2 = opencv()
     if cv2 is None:
         return None
     images = images.contiguous()
@@ -112,7 +115,7 @@ def augment_photometric_normalize(images: torch.Tensor, ra_op: np.ndarray, ra_le
     state = _Samples(images, replaced or {}, cv2)
     for j in range(ra_op.shape[1]):
         for name in ref.PHOTOMETRIC_OPS:
-            sel = np.flatnonzero(ra_op[:, j] == ref._OP[name])
+            sel = np.flatnonzero(ra_op[:, j] == RA_OP_ID[name])
             if not len(sel):
                 continue
             level = torch.from_numpy(ra_level[sel, j].astype(np.float32))
@@ -122,13 +125,13 @@ def augment_photometric_normalize(images: torch.Tensor, ra_op: np.ndarray, ra_le
                 state.compose(sel, HISTOGRAM_OPS[name](state.histograms(sel)).view(len(sel), 3, 256))
             elif name == "ContrastIncreasing":
                 degenerate = ref.contrast_mean(state.materialize(sel)).expand(len(sel), 3, 1, 256)
-                table = ref._blend(degenerate, _ramp(len(sel)), level)
+                table = ref.blend(degenerate, _ramp(len(sel)), level)
                 state.compose(sel, table.long().view(len(sel), 3, 256))
             else:
                 assert name in MATERIALIZE_OPS, name
                 state.replace(sel, ref.PHOTOMETRIC[name](state.materialize(sel), level))
     # Normalization as a float table on the levels, then one table look-up per plane.
-    norm = ref.normalize(_ramp(1), mean, std).view(1, 3, 256)
+    norm = normalize(_ramp(1), mean, std).view(1, 3, 256)
     tables = norm.expand(n, 3, 256).gather(-1, state.table).contiguous().numpy()
     out = new_output(tuple(images.shape), torch.float32, torch.device("cpu"))
     dst = out.numpy()
