@@ -80,8 +80,14 @@ def _check(model: torch.nn.Module, fixture: dict) -> None:
 def test_outputs_match_the_frozen_pre_port_model():
     from tl_fast.models import create_lvvit
 
-    torch.manual_seed(0)
     _check(create_lvvit("lvvit_demo", **CONFIG), _load_fixture())
+
+
+def test_timm_create_model_matches_the_frozen_pre_port_model():
+    timm = pytest.importorskip("timm")
+    import tl_fast.models  # noqa: F401  (registers LV-ViT with timm)
+
+    _check(timm.create_model("lvvit_demo", **CONFIG), _load_fixture())
 
 
 def test_fixture_is_sensitive():
