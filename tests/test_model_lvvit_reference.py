@@ -1,11 +1,13 @@
 """LV-ViT computes what it computed before the timm port.
 
-``tests/data/lvvit_reference.json`` holds the outputs of the pre-port model (tl_fast before LV-ViT
-became a timm model) for a small configuration. Its weights are not stored: every tensor is drawn
-from a generator seeded by the tensor's own name, so any model that keeps the key layout gets
-exactly the same weights. The fixture also lists the old keys and shapes, so this test loads a
-state dict in the old layout, which proves old checkpoints (and the public layout that shares
-them) still load, and into a model built through ``timm.create_model``.
+``tests/data/lvvit_reference.json`` holds the outputs of the pre-port model (``tl_fast/models/lvvit.py``
+at commit f104ce3, before LV-ViT became a timm model) for a small configuration, written once by
+``reference_outputs`` below. Never regenerate it from the current code: its point is to stay put.
+
+Its weights are not stored: every tensor is drawn from a generator seeded by the tensor's own name,
+so any model that keeps the key layout gets exactly the same weights. The fixture also lists the old
+keys and shapes, so this test loads a state dict in the old layout (which the public layout shares):
+old checkpoints still load, also into a model built through ``timm.create_model``.
 """
 import json
 import zlib
