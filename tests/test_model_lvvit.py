@@ -320,3 +320,20 @@ def test_layer_decay_groups_through_timm_optimizer_factory():
     assert len(scales) == len(model.blocks) + 2  # stem, each block, then norm and heads
     n = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n == _count(model)
+
+
+def test_forward_intermediates_and_features_only(model):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x, indices=2)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert len(maps) == 2 and maps[0].shape == (2, 96, 4, 4)
+        # The last block's map is its patch tokens, laid out on the token grid (row-major).
+        tokens = model.forward_intermediates(x, indices=[3], output_fmt="NLC", norm=True, intermediates_only=True)
+        torch.testing.assert_close(tokens[0], final[:, 1:])
+        torch.testing.assert_close(maps[1].flatten(2).transpose(1, 2), model.forward_intermediates(
+            x, indices=[3], output_fmt="NLC", intermediates_only=True)[0])
+        feats = timm.create_model("lvvit_demo", features_only=True, out_indices=(1, 3), img_size=32).eval()
+        out = feats(x)
+    assert [tuple(t.shape) for t in out] == [(2, 96, 4, 4)] * 2
+    assert feats.feature_info.channels() == [96, 96] and feats.feature_info.reduction() == [8, 8]

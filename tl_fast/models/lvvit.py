@@ -16,7 +16,7 @@ What sets LV-ViT apart from a plain ViT:
 
 Importing :mod:`tl_fast.models` registers every size with timm, so ``timm.create_model("lvvit_s")``
 works like any timm model (``pretrained_cfg``, ``forward_features`` / ``forward_head``,
-``reset_classifier``, ``num_classes=0`` for features). Attention, MLP, stochastic depth, the
+``reset_classifier``, ``num_classes=0`` for features, ``forward_intermediates`` / ``features_only``). Attention, MLP, stochastic depth, the
 truncated-normal init and position-embedding resampling are timm's layers; only what timm lacks is
 here: the convolutional stem, the scaled-residual block, MixToken and the token head.
 
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from timm.layers import Attention, DropPath, Mlp, resample_abs_pos_embed, to_2tuple
 from timm.layers import trunc_normal_ as _timm_trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 from ..ops.reference import mix_box_mask
 
@@ -194,6 +195,7 @@ class LVViT(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.aux_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
@@ -248,20 +250,57 @@ class LVViT(nn.Module):
             return self.pos_embed
         return resize_pos_embed(self.pos_embed, grid, self.grid)
 
-    def forward_features(self, x: torch.Tensor, mix_box=None) -> torch.Tensor:
-        """Normalized tokens ``[B, 1 + Gh*Gw, D]`` (class token first); MixToken if ``mix_box`` is given."""
+    def _tokens(self, x: torch.Tensor, mix_box=None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patch embedding (MixToken if ``mix_box``), class token, position embedding: ``[B, 1 + T, D]``."""
         x = self.patch_embed(x)
         grid = (x.shape[2], x.shape[3])
         if mix_box is not None:
             x = mix_tokens(x, mix_box)
         x = x.flatten(2).transpose(1, 2)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.pos_drop(x + self._pos_embed(grid))
+        return self.pos_drop(x + self._pos_embed(grid)), grid
+
+    def forward_features(self, x: torch.Tensor, mix_box=None) -> torch.Tensor:
+        """Normalized tokens ``[B, 1 + Gh*Gw, D]`` (class token first); MixToken if ``mix_box`` is given."""
+        x, _ = self._tokens(x, mix_box)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
         return self.norm(x)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's intermediate-feature interface (``features_only=True`` builds on it): the patch tokens
+        after the blocks in ``indices`` (last n if an int), as ``[B, D, Gh, Gw]`` maps (``"NCHW"``) or
+        ``[B, Gh*Gw, D]`` (``"NLC"``); with ``norm`` through the final LayerNorm. Returns the maps, or
+        ``(forward_features output, maps)`` unless ``intermediates_only``."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x, (gh, gw) = self._tokens(x)
+        b = x.shape[0]
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x = blk(x)
+            if i in take_indices:
+                y = (self.norm(x) if norm else x)[:, self.num_prefix_tokens:]
+                intermediates.append(y.transpose(1, 2).reshape(b, -1, gh, gw) if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and optionally the norm and heads)."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens from :meth:`forward_features` to the inference logits
@@ -436,6 +475,7 @@ def _create_lvvit(variant: str, pretrained: bool = False, **kwargs: Any) -> LVVi
     args: dict[str, Any] = dict(embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads,
                                 skip_lam=arch.skip_lam, stem_dim=arch.stem_dim, patch_size=arch.patch_size,
                                 img_size=arch.img_size)
+    out_indices = kwargs.pop("out_indices", 3)
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     if kwargs.get("img_size") is not None:
         # The config describes this model's input (what resolve_data_config reads); the channel
@@ -444,7 +484,8 @@ def _create_lvvit(variant: str, pretrained: bool = False, **kwargs: Any) -> LVVi
         overlay.setdefault("input_size", (chans, *to_2tuple(kwargs["img_size"])))
     args.update(kwargs)
     return build_model_with_cfg(LVViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                pretrained_cfg_overlay=overlay or None, **args)
+                                pretrained_cfg_overlay=overlay or None,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)
 
 
 def create_lvvit(name: str, pretrained: bool = False, **kwargs: Any) -> LVViT:
