@@ -1,11 +1,14 @@
-"""LV-ViT: sizes against the paper's table, inference rule, MixToken semantics, checkpoint loading."""
+"""LV-ViT: sizes against the paper's table, inference rule, MixToken semantics, checkpoint loading, and the
+timm model contract (registry, pretrained_cfg, forward_head, reset_classifier, pretrained loading)."""
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention as TimmAttention, DropPath as TimmDropPath, Mlp as TimmMlp
 
-from tl_fast.models import MODEL_NAMES, create_lvvit, load_checkpoint, lvvit_demo, resize_pos_embed
+from tl_fast.models import MODEL_NAMES, LVViT, create_lvvit, load_checkpoint, lvvit_demo, resize_pos_embed
 from tl_fast.models.lvvit import Attention, DropPath, mix_tokens
 
 
@@ -178,3 +181,159 @@ def test_drop_path_drops_whole_samples():
     assert (per_sample == per_sample[:, :1]).all()  # a sample is kept or dropped as a whole
     assert abs(y.mean().item() - 1.0) < 0.1
     assert torch.equal(dp.eval()(x), x)
+
+
+# --------------------------------------------------------------------------------------------
+# LV-ViT as a timm model
+# --------------------------------------------------------------------------------------------
+# Importing tl_fast.models (above) registered the family.
+
+def test_every_size_is_registered_with_timm():
+    assert set(timm.list_models("lvvit*")) == set(MODEL_NAMES)
+    assert {"lvvit_t", "lvvit_s", "lvvit_s_384", "lvvit_m", "lvvit_m_384", "lvvit_m_448", "lvvit_l_448",
+            "lvvit_l_512", "lvvit_demo"} <= set(MODEL_NAMES)
+
+
+@pytest.mark.parametrize("name,millions,size,crop", [
+    ("lvvit_s_384", 26.30, 384, 1.0), ("lvvit_m_384", 56.03, 384, 1.0), ("lvvit_m_448", 56.13, 448, 1.0),
+    ("lvvit_l_448", 150.47, 448, 1.0), ("lvvit_l_512", 150.66, 512, 1.0), ("lvvit_s", 26.15, 224, 0.9),
+])
+def test_resolution_variants_match_paper_table(name, millions, size, crop):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    assert round(_count(model) / 1e6, 2) == millions
+    cfg = timm.data.resolve_data_config(model=model)
+    assert cfg["input_size"] == (3, size, size) and cfg["crop_pct"] == crop
+    assert model.grid == (size // 16, size // 16)
+
+
+def test_create_model_passes_arguments_and_uses_timm_layers():
+    model = timm.create_model("lvvit_demo", num_classes=3, drop_path_rate=0.2)
+    assert isinstance(model, LVViT) and model.num_classes == 3 and model.head.out_features == 3
+    assert model.aux_head.out_features == 3
+    assert model.blocks[-1].drop_path.drop_prob == pytest.approx(0.2) and isinstance(model.blocks[0].drop_path,
+                                                                                  torch.nn.Identity)
+    blk = model.blocks[1]
+    assert isinstance(blk.attn, TimmAttention) and isinstance(blk.mlp, TimmMlp)
+    assert isinstance(blk.drop_path, TimmDropPath) and blk.attn.qkv.bias is None
+    assert blk.attn.scale == pytest.approx(blk.attn.head_dim ** -0.5)
+    with pytest.raises(RuntimeError, match="Unknown model"):
+        timm.create_model("lvvit_xl")
+
+
+def test_pretrained_cfg_and_data_config():
+    model = timm.create_model("lvvit_demo")
+    cfg = model.pretrained_cfg
+    assert model.default_cfg is cfg and cfg["architecture"] == "lvvit_demo"
+    assert cfg["input_size"] == (3, 64, 64) and cfg["crop_pct"] == 0.9 and cfg["interpolation"] == "bicubic"
+    assert cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN and cfg["std"] == timm.data.IMAGENET_DEFAULT_STD
+    assert cfg["first_conv"] == "patch_embed.conv1" and tuple(cfg["classifier"]) == ("head", "aux_head")
+    model.get_submodule(cfg["first_conv"])
+    assert timm.data.resolve_data_config(model=model)["input_size"] == (3, 64, 64)
+    # A model built at another resolution reports its own input size.
+    other = timm.create_model("lvvit_demo", img_size=96)
+    assert timm.data.resolve_data_config(model=other)["input_size"] == (3, 96, 96)
+    assert create_lvvit("lvvit_s", img_size=384).pretrained_cfg["input_size"] == (3, 384, 384)
+    with torch.device("meta"):
+        assert timm.data.resolve_data_config(model=timm.create_model("lvvit_m"))["crop_pct"] == 1.0
+
+
+def test_forward_head_and_features(model):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 17, 96)
+        torch.testing.assert_close(model.forward_head(feats, pre_logits=True), feats[:, 0])
+        cls, tok = model.forward_train(x)
+        torch.testing.assert_close(model.forward_head(feats), cls + 0.5 * tok.max(dim=1).values)
+        torch.testing.assert_close(model(x), model.forward_head(feats))
+    assert model.get_classifier() is model.head
+
+
+def test_num_classes_zero_gives_features_and_reset_classifier():
+    torch.manual_seed(5)
+    model = timm.create_model("lvvit_demo", num_classes=0, img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, model.num_features) == (2, 96)
+        torch.testing.assert_close(out, model.forward_features(x)[:, 0])
+    assert isinstance(model.get_classifier(), torch.nn.Identity)
+    model.reset_classifier(4)
+    assert model.num_classes == 4 and model.head.out_features == model.aux_head.out_features == 4
+    with torch.no_grad():
+        cls, tok = model.forward_train(x)
+        assert model(x).shape == (2, 4) and tok.shape == (2, 16, 4)
+    model.reset_classifier(0)
+    assert isinstance(model.aux_head, torch.nn.Identity) and model(x).shape == (2, 96)
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(3, global_pool="avg")
+
+
+def test_pretrained_without_weights_is_timms_error():
+    with pytest.raises(RuntimeError, match="No pretrained weights exist for lvvit_demo"):
+        timm.create_model("lvvit_demo", pretrained=True)
+
+
+def _public_layout(state):
+    """A state dict as the public code saves it under DDP: ``module.`` prefix, inside {"state_dict": ...}."""
+    return {"state_dict": {"module." + k: v for k, v in state.items()}}
+
+
+def test_pretrained_from_a_local_file_the_timm_way(tmp_path, model):
+    path = tmp_path / "lvvit_demo_public.pth"
+    torch.save(_public_layout(model.state_dict()), path)
+    x = torch.randn(2, 3, 32, 32)
+    loaded = timm.create_model("lvvit_demo", pretrained=True, num_classes=7, img_size=32,
+                               pretrained_cfg_overlay=dict(file=str(path), num_classes=7)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    # Another class count (the timm fine-tuning idiom): heads start fresh, the body is the checkpoint's.
+    tuned = timm.create_model("lvvit_demo", pretrained=True, num_classes=3, img_size=48,
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=7))
+    torch.testing.assert_close(tuned.blocks[3].mlp.fc1.weight, model.blocks[3].mlp.fc1.weight)
+    torch.testing.assert_close(tuned.pos_embed, resize_pos_embed(model.pos_embed, (6, 6)))
+    assert tuned.head.out_features == 3
+
+
+def test_grad_checkpointing_computes_the_same(model):
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    m = lvvit_demo(num_classes=7, img_size=32)
+    m.load_state_dict(model.state_dict())
+    m.eval()
+    plain = m(x)
+    (g_plain,) = torch.autograd.grad(plain.sum(), x)
+    m.set_grad_checkpointing(True)
+    ckpt = m(x)
+    (g_ckpt,) = torch.autograd.grad(ckpt.sum(), x)
+    torch.testing.assert_close(ckpt, plain)
+    torch.testing.assert_close(g_ckpt, g_plain)
+
+
+def test_layer_decay_groups_through_timm_optimizer_factory():
+    from timm.optim import create_optimizer_v2
+
+    model = timm.create_model("lvvit_demo", num_classes=3)
+    opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    scales = sorted({g["lr_scale"] for g in opt.param_groups})
+    assert len(scales) == len(model.blocks) + 2  # stem, each block, then norm and heads
+    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n == _count(model)
+
+
+def test_forward_intermediates_and_features_only(model):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x, indices=2)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert len(maps) == 2 and maps[0].shape == (2, 96, 4, 4)
+        # The last block's map is its patch tokens, laid out on the token grid (row-major).
+        tokens = model.forward_intermediates(x, indices=[3], output_fmt="NLC", norm=True, intermediates_only=True)
+        torch.testing.assert_close(tokens[0], final[:, 1:])
+        torch.testing.assert_close(maps[1].flatten(2).transpose(1, 2), model.forward_intermediates(
+            x, indices=[3], output_fmt="NLC", intermediates_only=True)[0])
+        feats = timm.create_model("lvvit_demo", features_only=True, out_indices=(1, 3), img_size=32).eval()
+        out = feats(x)
+    assert [tuple(t.shape) for t in out] == [(2, 96, 4, 4)] * 2
+    assert feats.feature_info.channels() == [96, 96] and feats.feature_info.reduction() == [8, 8]
