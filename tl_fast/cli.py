@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "tl_fast.annotate",  # annotate
     "tl_fast.demo.commands",  # demo prepare
     "tl_fast.loaders.ffcv_pack",  # pack-ffcv
+    "tl_fast.imagecheck",  # check
 )
 
 
