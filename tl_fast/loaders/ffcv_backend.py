@@ -328,8 +328,9 @@ class PlanCropDecoder(ResizedCropRGBImageDecoder):
 # --------------------------------------------------------------------------------------------
 
 class _PipelineFailure:
-    def __init__(self, error: BaseException) -> None:
+    def __init__(self, error: BaseException, samples) -> None:
         self.error = error
+        self.samples = samples  # the sample ids of the batch being built, or None
 
 
 class _GuardedEpochIterator(EpochIterator):
@@ -338,9 +339,10 @@ class _GuardedEpochIterator(EpochIterator):
         self.first_batch_done = threading.Event()
         super().__init__(loader, order)  # starts the thread
 
-    def run_pipeline(self, *args, **kwargs):
+    def run_pipeline(self, b_ix, batch_indices, *args, **kwargs):
+        self.current_samples = batch_indices  # named in the error if this batch fails
         try:
-            return super().run_pipeline(*args, **kwargs)
+            return super().run_pipeline(b_ix, batch_indices, *args, **kwargs)
         finally:
             self.first_batch_done.set()
 
@@ -350,7 +352,7 @@ class _GuardedEpochIterator(EpochIterator):
         except BaseException as err:  # forwarded to the consumer instead of dying silently
             while not self.terminate_event.is_set():
                 try:
-                    self.output_queue.put(_PipelineFailure(err), timeout=0.5)
+                    self.output_queue.put(_PipelineFailure(err, getattr(self, "current_samples", None)), timeout=0.5)
                     return
                 except Exception:
                     continue
@@ -377,7 +379,14 @@ class _GuardedEpochIterator(EpochIterator):
             raise StopIteration
         if isinstance(result, _PipelineFailure):
             self.close()
-            raise RuntimeError(f"FFCV pipeline failed: {type(result.error).__name__}: {result.error}") from result.error
+            where = ""
+            if result.samples is not None:
+                ids = [int(i) for i in np.asarray(result.samples).reshape(-1)]
+                name = getattr(self.loader, "sample_name", lambda i: f"sample {i}")
+                where = (f" on a batch of {len(ids)} images ({', '.join(name(i) for i in ids[:4])}"
+                         f"{', ...' if len(ids) > 4 else ''})")
+            raise RuntimeError(f"FFCV pipeline failed{where}: {type(result.error).__name__}: {result.error}") \
+                from result.error
         slot, result = result
         if torch.cuda.is_available():
             self.current_stream.wait_stream(self.cuda_streams[slot])
@@ -566,6 +575,7 @@ class FFCVBackend:
                 order=OrderOption.SEQUENTIAL, indices=order, pipelines=pipelines, drop_last=False,
                 custom_fields={"image": PlanRGBImageField}, batches_ahead=2, os_cache=True)
             self._loader.timeout_s = cfg.timeout_s
+            self._loader.sample_name = self.sample_name
             self._compiled_for = key
         elif key != self._compiled_for:
             raise ValueError("the FFCV decoder was compiled for another seed / augmentation")
