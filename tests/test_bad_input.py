@@ -495,3 +495,16 @@ def test_ffcv_pipeline_failure_names_the_batch_images(tmp_path):
     with pytest.raises(RuntimeError, match=r"failed on a batch of 2 images \(a/000.jpg, a/001.jpg\).*exploding"):
         for _ in loader:
             pass
+
+
+def test_store_command_argument_errors_are_one_line(tmp_path, capsys):
+    from tl_fast.cli import main
+
+    images = make_folder(tmp_path / "imgs", {"a": 2})
+    store = _quiet(make_store, images, tmp_path / "labels.tls")
+    for argv, words in [(["convert-pt", str(tmp_path), str(tmp_path / "o.tls"), "--workers", "-1"], "workers must be"),
+                        (["inspect", store, "--sample", "0"], "sample must be"),
+                        (["inspect", store, "--verify", str(tmp_path / "nope")], "does not exist")]:
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"tl-fast {argv[0]}: error:") and words in err and "\n" not in err, err

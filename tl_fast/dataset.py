@@ -412,7 +412,8 @@ def join_labels(index: ImageFolderIndex, store: "LabelStore", *, missing_labels:
     if missing and missing_labels == "error":
         listing = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
         raise KeyError(f"{len(missing)} image(s) under {index.root} have no label record: {listing}; "
-                       "annotate them, or pass missing_labels='one_hot' to fall back to one-hot maps")
+                       "annotate them (a store made before they were added, or by an annotator that could not "
+                       "decode them, lacks them), or pass missing_labels='one_hot' to fall back to one-hot maps")
     if missing:
         warnings.warn(f"{len(missing)} image(s) have no label record; using one-hot maps of their class for them "
                       f"(first: {missing[0]})", stacklevel=2)
@@ -437,7 +438,8 @@ def fingerprint_mismatches(index: ImageFolderIndex, store: "LabelStore", record:
     has = record >= 0
     rec = np.where(has, record, 0)
     known = has & store.has_fingerprint()[rec]
-    bad = np.flatnonzero(known & ((sizes[rec] != index.byte_sizes.astype(np.uint64)) | (hashes[rec] != index.fingerprints)))
+    differs = (sizes[rec] != index.byte_sizes.astype(np.uint64)) | (hashes[rec] != index.fingerprints)
+    bad = np.flatnonzero(known & differs)
     out = []
     for i in bad:
         r = rec[i]

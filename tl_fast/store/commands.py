@@ -66,6 +66,8 @@ def convert_pt(src: str | os.PathLike, dst: str | os.PathLike, *, num_classes: i
     from tqdm.auto import tqdm
 
     root = Path(src)
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0: load in this process), got {workers}")
     if not root.is_dir():
         raise StoreError(f"{root}: not a directory")
     files = sorted(p for p in root.rglob("*.pt") if p.is_file())
@@ -146,6 +148,10 @@ def inspect_store(path: str | os.PathLike, *, verify: bool = False, sample: int 
     """Print the header and statistics of a store; returns them as a dict. ``images``: also check the
     store against that image folder (:func:`verify_against_images`, under ``stats["images"]``)."""
     out = out or sys.stdout
+    if sample < 1:
+        raise ValueError(f"sample must be >= 1 record, got {sample}")
+    if images is not None and not os.path.isdir(images):
+        raise ValueError(f"image folder {images} does not exist or is not a directory")
     store = LabelStore.open(path)
     n = len(store)
     k, (h, w) = store.topk, store.map_size
