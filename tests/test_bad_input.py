@@ -508,3 +508,28 @@ def test_store_command_argument_errors_are_one_line(tmp_path, capsys):
         assert main(argv) == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"tl-fast {argv[0]}: error:") and words in err and "\n" not in err, err
+
+
+def test_fingerprint_command_binds_an_old_store_to_its_images(tmp_path, capsys):
+    from tl_fast.cli import main
+    from tl_fast.store import LabelStore
+
+    train = make_folder(tmp_path / "train", {"a": 3, "b": 3}, seed=0)
+    val = make_folder(tmp_path / "val", {"a": 3, "b": 3}, seed=1)
+    plain = _quiet(make_store, train, tmp_path / "plain.tls", drop={"b/002"})
+    kw = dict(backend="torch", batch_size=2, image_size=S, patch_size=P, num_workers=0, device="cpu",
+              missing_labels="one_hot")
+    _quiet(TokenLabelLoader, val, plain, **kw)  # by path alone, the train store loads against val
+    out = str(tmp_path / "fp.tls")
+    assert main(["fingerprint", plain, train, "--out", out, "--quiet"]) == 0
+    assert "5 of 5 records fingerprinted" in capsys.readouterr().out
+    old, new = LabelStore.open(plain), LabelStore.open(out)
+    assert new.keys == old.keys and new.has_fingerprint().all()
+    assert new.metadata["fingerprints_from"] == os.path.abspath(train)
+    assert torch.equal(new.read(range(5)).values, old.read(range(5)).values)
+    assert torch.equal(new.read(range(5)).indices, old.read(range(5)).indices)
+    _quiet(TokenLabelLoader, train, out, **kw)
+    with pytest.raises(ValueError, match="are not the images"):
+        _quiet(TokenLabelLoader, val, out, **kw)
+    assert main(["fingerprint", plain, str(make_folder(tmp_path / "other", {"x": 2}, seed=3))]) == 1
+    assert "tl-fast fingerprint: error: only 0 of 5 records" in capsys.readouterr().err

@@ -199,6 +199,32 @@ class StoreWriter:
         self._max_id = max(self._max_id, hi)
         return len(self._keys) - 1
 
+    def add_encoded(self, key: str, record: np.ndarray, checksum: int, *,
+                    fingerprint: tuple[int, int] | None = None) -> int:
+        """Append an already encoded record (e.g. copied from another store whose reader verified it,
+        with that store's index checksum); returns its record id. Needs an explicit ``num_classes``."""
+        if self._closed:
+            raise StoreError(f"{self.path}: writer is closed")
+        if self.num_classes is None or self.map_size is None:
+            raise StoreError(f"{self.path}: add_encoded needs num_classes and map_size given to the writer")
+        check_key(key)
+        if key in self._key_set:
+            raise StoreError(f"duplicate record key {key!r}")
+        record = np.ascontiguousarray(record, dtype=np.uint8).reshape(-1)
+        if record.shape[0] == 0 or record.shape[0] % 8:
+            raise StoreError(f"{key!r}: an encoded record is a positive multiple of 8 bytes, got {record.shape[0]}")
+        self._file.write(memoryview(record))
+        self._offsets.append(self._pos)
+        self._lengths.append(record.shape[0])
+        self._checksums.append(int(checksum))
+        size, digest = fingerprint if fingerprint is not None else (UNKNOWN_FINGERPRINT_SIZE, 0)
+        self._fp_sizes.append(int(size))
+        self._fp_hashes.append(int(digest))
+        self._pos += record.shape[0]
+        self._keys.append(key)
+        self._key_set.add(key)
+        return len(self._keys) - 1
+
     def add_batch(self, keys: Sequence[str], values, indices, *, fingerprints=None) -> None:
         """:meth:`add` for ``[B, k, H, W]`` values and indices (e.g. one annotator batch);
         ``fingerprints``: one ``(size, hash)`` (or None) per key."""
