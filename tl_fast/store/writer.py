@@ -121,8 +121,8 @@ class StoreWriter:
         self._offsets: list[int] = []
         self._lengths: list[int] = []
         self._checksums: list[int] = []
-        self._fp_sizes: list[int] = []
-        self._fp_hashes: list[int] = []
+        # record id -> its image's (size, hash); records without one are written as unknown
+        self.fingerprints: dict[int, tuple[int, int]] = {}
         self._max_id = -1
         self._pos = HEADER_SIZE
         directory = os.path.dirname(os.path.abspath(self.path))
@@ -190,9 +190,8 @@ class StoreWriter:
         self._offsets.append(self._pos)
         self._lengths.append(record.shape[0])
         self._checksums.append(checksum)
-        size, digest = fingerprint if fingerprint is not None else (UNKNOWN_FINGERPRINT_SIZE, 0)
-        self._fp_sizes.append(int(size))
-        self._fp_hashes.append(int(digest))
+        if fingerprint is not None:
+            self.fingerprints[len(self._keys)] = (int(fingerprint[0]), int(fingerprint[1]))
         self._pos += record.shape[0]
         self._keys.append(key)
         self._key_set.add(key)
@@ -217,23 +216,21 @@ class StoreWriter:
         self._offsets.append(self._pos)
         self._lengths.append(record.shape[0])
         self._checksums.append(int(checksum))
-        size, digest = fingerprint if fingerprint is not None else (UNKNOWN_FINGERPRINT_SIZE, 0)
-        self._fp_sizes.append(int(size))
-        self._fp_hashes.append(int(digest))
+        if fingerprint is not None:
+            self.fingerprints[len(self._keys)] = (int(fingerprint[0]), int(fingerprint[1]))
         self._pos += record.shape[0]
         self._keys.append(key)
         self._key_set.add(key)
         return len(self._keys) - 1
 
-    def add_batch(self, keys: Sequence[str], values, indices, *, fingerprints=None) -> None:
-        """:meth:`add` for ``[B, k, H, W]`` values and indices (e.g. one annotator batch);
-        ``fingerprints``: one ``(size, hash)`` (or None) per key."""
+    def add_batch(self, keys: Sequence[str], values, indices) -> None:
+        """:meth:`add` for ``[B, k, H, W]`` values and indices (e.g. one annotator batch)."""
         v = _as_numpy(values, "values", "batch")
         ids = _as_numpy(indices, "indices", "batch")
         if len(keys) != v.shape[0] or len(keys) != ids.shape[0]:
             raise StoreError(f"add_batch: {len(keys)} keys for values {v.shape} and indices {ids.shape}")
         for i, key in enumerate(keys):
-            self.add(key, v[i], ids[i], fingerprint=None if fingerprints is None else fingerprints[i])
+            self.add(key, v[i], ids[i])
 
     # ----------------------------------------------------------------------------------------
     def abort(self) -> None:
@@ -275,10 +272,14 @@ class StoreWriter:
         index_offset = self._pos
         manifest_offset = index_offset + len(index)
         meta_offset = manifest_offset + len(manifest)
-        with_fp = any(sz != UNKNOWN_FINGERPRINT_SIZE for sz in self._fp_sizes)
-        fp_offset = align8(meta_offset + len(meta_raw)) if with_fp else 0
-        fp_raw = (np.asarray(self._fp_sizes, dtype="<u8").tobytes() + np.asarray(self._fp_hashes, dtype="<u8").tobytes()
-                  if with_fp else b"")
+        fp_offset = align8(meta_offset + len(meta_raw)) if self.fingerprints else 0
+        fp_raw = b""
+        if self.fingerprints:
+            fp = np.zeros((2, n), dtype="<u8")
+            fp[0] = UNKNOWN_FINGERPRINT_SIZE
+            rid = np.fromiter(self.fingerprints, dtype=np.int64, count=len(self.fingerprints))
+            fp[:, rid] = np.array(list(self.fingerprints.values()), dtype=np.uint64).reshape(-1, 2).T
+            fp_raw = fp.tobytes()
         file_size = align8(meta_offset + len(meta_raw)) + len(fp_raw)
         fields = dict(version=VERSION, flags=FLAG_LOSSY if self.lossy else 0, num_classes=num_classes,
                       topk=self.topk, height=self.map_size[0], width=self.map_size[1], num_records=n,
