@@ -533,3 +533,16 @@ def test_fingerprint_command_binds_an_old_store_to_its_images(tmp_path, capsys):
         _quiet(TokenLabelLoader, val, out, **kw)
     assert main(["fingerprint", plain, str(make_folder(tmp_path / "other", {"x": 2}, seed=3))]) == 1
     assert "tl-fast fingerprint: error: only 0 of 5 records" in capsys.readouterr().err
+
+
+def test_without_libturbojpeg_pil_still_refuses_truncated_jpegs(tmp_path, monkeypatch):
+    import tl_fast.imagecheck as imagecheck
+
+    monkeypatch.setattr(imagecheck, "_TURBO", None)
+    good = _noisy_jpeg()
+    (tmp_path / "good.jpg").write_bytes(good)
+    (tmp_path / "cut.jpg").write_bytes(good[: len(good) // 2])
+    Image.new("CMYK", (30, 20)).save(tmp_path / "cmyk.jpg")
+    assert check_image(tmp_path / "good.jpg").problem == "" == check_image(tmp_path / "good.jpg", full=True).problem
+    assert "truncated" in check_image(tmp_path / "cut.jpg").problem
+    assert "CMYK" in check_image(tmp_path / "cmyk.jpg").problem

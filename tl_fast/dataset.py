@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .imagecheck import ImageCheck, check_image, file_kind
+from .imagecheck import ImageCheck, check_image, file_kind, jpeg_checker_available
 
 if TYPE_CHECKING:  # pragma: no cover
     from .store import LabelStore
@@ -203,6 +203,9 @@ class ImageFolderIndex:
         fingerprint = self._fingerprint(files, scan.byte_sizes, scan.mtimes_ns)
         cached = self._load_cache(fingerprint, cache_dir)
         if cached is None:
+            if not jpeg_checker_available():
+                log.warning("libturbojpeg not found: JPEGs are checked with PIL, which misses scans that end early "
+                            "(install libjpeg-turbo, e.g. apt-get install libturbojpeg0)")
             checks = _check_all([str(self.root / f) for f in files], False, num_threads,
                                 f"indexing {self.root.name}", progress)
             heights = np.array([c.height for c in checks], np.int64)

@@ -295,9 +295,7 @@ class TokenLabelLoader:
 
     def _read_maps(self, idx: np.ndarray, extras: dict):
         if self._packed_labels:
-            from ..store import decode_records
-
-            from ..store import RecordError, StoreError
+            from ..store import RecordError, StoreError, decode_records
 
             k_classes, topk, map_size = self._map_geometry
             try:
