@@ -9,20 +9,29 @@ the list of files or their byte sizes change.
 
 Bad input policy (SPEC section 6):
 
-* a file whose header cannot be parsed, or a JPEG without an end-of-image marker (truncated), is a
-  **counted skip**: it is left out of the index, listed in ``index.skipped`` and reported with one
-  warning (``bad_images="error"`` raises instead);
+* the folder walk (:func:`scan_image_folder`) cannot loop: it remembers every directory it entered
+  by ``(st_dev, st_ino)``, so a symlink back up the tree (``loop -> ..``) is entered once; FIFOs,
+  sockets, devices, dangling and looping file symlinks named like images are **counted skips**;
+* an image the validity rule of :mod:`tl_fast.imagecheck` refuses (unreadable header, corrupt or
+  truncated JPEG data, 16-bit samples, CMYK JPEG) is a **counted skip**: it is left out of the index,
+  listed in ``index.skipped`` with the reason and reported with one warning (``bad_images="error"``
+  raises instead). ``tl-fast check IMAGES`` runs the thorough check (full decodes) and caches its
+  verdicts beside the index; the index applies them too;
 * an empty class folder is an **error** naming the folder (``allow_empty_classes=True`` keeps it as a
   class without images, so class ids stay those of the sorted folder names);
 * an image without a label record is an **error** naming the image (``missing_labels="one_hot"`` makes
   it a counted fall-back to a one-hot map of the image's class);
-* a store from another dataset (class count differs, or too few images have a record) is an error.
+* a store from another dataset (class count differs, or too few images have a record) is an error;
+  so is a store whose recorded image fingerprints differ from the images' (``mismatched_images=
+  "accept"`` lets it load with a warning).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +41,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from .imagecheck import ImageCheck, check_image, file_kind, jpeg_checker_available
+
 if TYPE_CHECKING:  # pragma: no cover
     from .store import LabelStore
 
@@ -40,9 +51,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
 CACHE_NAME = ".tl_fast_index.npz"
-_CACHE_VERSION = 1
-# A JPEG must carry its end-of-image marker (FF D9) near its end; some writers pad after it.
-_EOI_TAIL = 4096
+_CACHE_VERSION = 2
 # Below this share of images with a record, a store is taken to describe another dataset.
 MIN_MATCH_FRACTION = 0.5
 # Score given to the image's class in a one-hot fall-back map: softmax over K <= 10^5 classes
@@ -60,36 +69,115 @@ def _default_cache_dir() -> Path:
     return Path(os.environ.get("TL_FAST_CACHE", Path.home() / ".cache" / "tl_fast")) / "index"
 
 
-def _read_header(path: str) -> tuple[int, int, str | None]:
-    """``(height, width, problem)`` of one image; ``problem`` is None for a usable file."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-            fmt = im.format
-    except Exception as err:  # PIL raises several types for unreadable headers
-        return 0, 0, f"unreadable header ({type(err).__name__}: {err})"
-    if width <= 0 or height <= 0:
-        return 0, 0, "zero-sized image"
-    if fmt == "JPEG":
-        try:
-            with open(path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                size = f.tell()
-                f.seek(max(0, size - _EOI_TAIL))
-                tail = f.read()
-        except OSError as err:
-            return 0, 0, f"unreadable file ({err})"
-        if b"\xff\xd9" not in tail:
-            return 0, 0, "truncated JPEG (no end-of-image marker)"
-    return height, width, None
-
-
 @dataclass
 class SkippedImage:
     path: str  # relative to the root
     reason: str
+
+
+@dataclass
+class FolderScan:
+    """What :func:`scan_image_folder` found: ``classes`` (sorted folder names), ``paths`` of the
+    image files (relative, '/'-separated, in ImageFolder order), their ``byte_sizes`` and
+    ``mtimes_ns``, and the entries it ``skipped`` (with the reason)."""
+
+    root: Path
+    classes: list[str]
+    paths: list[str]
+    byte_sizes: list[int]
+    mtimes_ns: list[int]
+    skipped: list[SkippedImage]
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def scan_image_folder(root: str | os.PathLike, *, allow_empty_classes: bool = False) -> FolderScan:
+    """List ``root/<class>/**/<image>`` like torchvision's ImageFolder, in a walk that cannot loop.
+
+    Classes are the sorted names of ``root``'s non-hidden sub-directories (symlinks to directories
+    count); within a class, a directory's image files come in name order, then its sub-directories in
+    name order, recursively. Directory symlinks are followed, but every directory is entered at most
+    once (by ``(st_dev, st_ino)``): a second way into one is a skip. Entries named like images that
+    are not regular files (FIFOs, sockets, devices) and file symlinks that are dangling or loop are
+    skips with the reason; nothing is opened, so a FIFO cannot block the walk."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
+    classes = sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and _is_dir(e))
+    if not classes:
+        raise ValueError(f"{root} has no class folders; expected the ImageFolder layout root/<class>/<image>")
+    root_st = os.stat(root)
+    visited: dict[tuple[int, int], str] = {(root_st.st_dev, root_st.st_ino): "."}
+    scan = FolderScan(root, classes, [], [], [], [])
+    empty = []
+    for c in classes:
+        before = len(scan.paths)
+        _walk(root, c, visited, scan)
+        if len(scan.paths) == before:
+            empty.append(c)
+    if empty and not allow_empty_classes:
+        raise ValueError(f"empty class folder(s) under {root}: {', '.join(empty[:5])}; remove them or pass "
+                         "allow_empty_classes=True to keep them as classes without images")
+    return scan
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks; False for dangling ones
+    except OSError:
+        return False
+
+
+def _walk(root: Path, rel_dir: str, visited: dict, scan: FolderScan) -> None:
+    path = os.path.join(root, rel_dir)
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        scan.skipped.append(SkippedImage(rel_dir, f"unreadable directory ({err.strerror or err})"))
+        return
+    key = (st.st_dev, st.st_ino)
+    if key in visited:
+        scan.skipped.append(SkippedImage(rel_dir, f"directory already listed as {visited[key]!r} "
+                                                  "(a symlink loop or a second link to it): not entered again"))
+        return
+    visited[key] = rel_dir
+    try:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+    except OSError as err:
+        scan.skipped.append(SkippedImage(rel_dir, f"unreadable directory ({err.strerror or err})"))
+        return
+    subdirs = []
+    for e in entries:
+        rel = f"{rel_dir}/{e.name}"
+        if _is_dir(e):
+            subdirs.append(rel)
+            continue
+        if not _is_image_name(e.name):
+            continue
+        try:
+            est = e.stat()  # follows a symlink
+        except OSError as err:
+            if e.is_symlink():
+                reason = "symlink loop" if err.errno == errno.ELOOP else "dangling symlink"
+                scan.skipped.append(SkippedImage(rel, f"{reason} ({os.readlink(os.path.join(path, e.name))!r})"))
+            else:
+                scan.skipped.append(SkippedImage(rel, f"cannot stat file ({err.strerror or err})"))
+            continue
+        if not stat.S_ISREG(est.st_mode):
+            scan.skipped.append(SkippedImage(rel, f"not a regular file ({file_kind(est.st_mode)})"))
+            continue
+        scan.paths.append(rel)
+        scan.byte_sizes.append(int(est.st_size))
+        scan.mtimes_ns.append(int(est.st_mtime_ns))
+    for sub in subdirs:
+        _walk(root, sub, visited, scan)
+
+
+def _summary(items: Sequence[SkippedImage]) -> str:
+    listing = "; ".join(f"{s.path}: {s.reason}" for s in items[:5])
+    return listing + (f" (and {len(items) - 5} more)" if len(items) > 5 else "")
 
 
 class ImageFolderIndex:
@@ -97,7 +185,9 @@ class ImageFolderIndex:
 
     Attributes: ``root``, ``classes`` (sorted folder names), ``paths`` (relative, '/'-separated),
     ``targets`` (int64 class ids), ``sizes`` (int64 ``[N, 2]`` = (height, width)), ``keys`` (store keys),
-    ``skipped`` (files left out, with the reason).
+    ``byte_sizes`` and ``fingerprints`` (int64 ``[N]`` file sizes, uint64 ``[N]`` content hashes, see
+    :func:`tl_fast.imagecheck.fingerprint_bytes`), ``skipped`` (entries left out, with the reason:
+    those of the folder walk, then those the validity rule refused).
     """
 
     def __init__(
@@ -107,29 +197,41 @@ class ImageFolderIndex:
         if bad_images not in ("skip", "error"):
             raise ValueError(f"bad_images must be 'skip' or 'error', got {bad_images!r}")
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root} does not exist or is not a directory")
-        self.classes, files, byte_sizes = self._scan(allow_empty_classes)
-        fingerprint = self._fingerprint(files, byte_sizes)
+        scan = scan_image_folder(self.root, allow_empty_classes=allow_empty_classes)
+        self.classes = scan.classes
+        files = scan.paths
+        fingerprint = self._fingerprint(files, scan.byte_sizes, scan.mtimes_ns)
         cached = self._load_cache(fingerprint, cache_dir)
         if cached is None:
-            heights, widths, problems = self._read_sizes(files, num_threads, progress)
-            self._save_cache(fingerprint, files, heights, widths, problems, cache_dir)
+            if not jpeg_checker_available():
+                log.warning("libturbojpeg not found: JPEGs are checked with PIL, which misses scans that end early "
+                            "(install libjpeg-turbo, e.g. apt-get install libturbojpeg0)")
+            checks = _check_all([str(self.root / f) for f in files], False, num_threads,
+                                f"indexing {self.root.name}", progress)
+            heights = np.array([c.height for c in checks], np.int64)
+            widths = np.array([c.width for c in checks], np.int64)
+            problems = [c.problem for c in checks]
+            hashes = np.array([c.fingerprint for c in checks], np.uint64)
+            self._save_cache(fingerprint, files, heights, widths, problems, hashes, cache_dir)
         else:
-            heights, widths, problems = cached
+            heights, widths, problems, hashes = cached
+        thorough = load_full_check(self.root, files, scan.byte_sizes, scan.mtimes_ns, cache_dir)
+        problems = [p or t for p, t in zip(problems, thorough)]
         ok = np.array([p == "" for p in problems], dtype=bool)
-        self.skipped = [SkippedImage(f, p) for f, p in zip(files, problems) if p]
+        refused = [SkippedImage(f, p) for f, p in zip(files, problems) if p]
+        self.skipped = scan.skipped + refused
         if self.skipped:
-            listing = "; ".join(f"{s.path}: {s.reason}" for s in self.skipped[:5])
-            more = f" (and {len(self.skipped) - 5} more)" if len(self.skipped) > 5 else ""
             if bad_images == "error":
-                raise ValueError(f"{len(self.skipped)} unusable image(s) under {self.root}: {listing}{more}")
-            warnings.warn(f"skipping {len(self.skipped)} unusable image(s) under {self.root}: {listing}{more}",
-                          stacklevel=2)
+                raise ValueError(f"{len(self.skipped)} unusable image(s) under {self.root}: {_summary(self.skipped)}")
+            msg = f"skipping {len(self.skipped)} unusable image(s) under {self.root}: {_summary(self.skipped)}"
+            log.warning(msg)
+            warnings.warn(msg, stacklevel=2)
         self.paths = [f for f, good in zip(files, ok) if good]
         class_of = {c: i for i, c in enumerate(self.classes)}
         self.targets = np.array([class_of[p.split("/", 1)[0]] for p in self.paths], dtype=np.int64)
         self.sizes = np.stack([np.asarray(heights)[ok], np.asarray(widths)[ok]], 1).astype(np.int64).reshape(-1, 2)
+        self.byte_sizes = np.asarray(scan.byte_sizes, np.int64)[ok] if files else np.zeros(0, np.int64)
+        self.fingerprints = np.asarray(hashes, np.uint64)[ok] if files else np.zeros(0, np.uint64)
         self.keys = [image_key(p) for p in self.paths]
         if not self.paths:
             raise ValueError(f"no usable images under {self.root}")
@@ -150,43 +252,16 @@ class ImageFolderIndex:
     def abspath(self, i: int) -> str:
         return str(self.root / self.paths[i])
 
-    # -- scanning and caching -------------------------------------------------------------------
-    def _scan(self, allow_empty: bool) -> tuple[list[str], list[str], list[int]]:
-        classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
-        if not classes:
-            raise ValueError(f"{self.root} has no class folders; expected the ImageFolder layout root/<class>/<image>")
-        files: list[str] = []
-        byte_sizes: list[int] = []
-        empty = []
-        for c in classes:
-            found = []
-            for dirpath, dirnames, filenames in os.walk(self.root / c, followlinks=True):
-                dirnames.sort()
-                rel_dir = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
-                for name in sorted(filenames):
-                    if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
-                        rel = f"{rel_dir}/{name}"
-                        found.append(rel)
-                        byte_sizes.append(os.stat(os.path.join(dirpath, name)).st_size)
-            if not found:
-                empty.append(c)
-            files.extend(found)
-        if empty and not allow_empty:
-            raise ValueError(f"empty class folder(s) under {self.root}: {', '.join(empty[:5])}; remove them or pass "
-                             "allow_empty_classes=True to keep them as classes without images")
-        return classes, files, byte_sizes
-
+    # -- caching ----------------------------------------------------------------------------------
     @staticmethod
-    def _fingerprint(files: Sequence[str], byte_sizes: Sequence[int]) -> str:
+    def _fingerprint(files: Sequence[str], byte_sizes: Sequence[int], mtimes: Sequence[int]) -> str:
         h = hashlib.sha1()
-        for f, s in zip(files, byte_sizes):
-            h.update(f"{f}\0{s}\n".encode())
+        for f, s, m in zip(files, byte_sizes, mtimes):
+            h.update(f"{f}\0{s}\0{m}\n".encode())
         return h.hexdigest()
 
     def _cache_paths(self, cache_dir) -> list[Path]:
-        tag = hashlib.sha1(str(self.root.resolve()).encode()).hexdigest()[:16]
-        fallback = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
-        return [self.root / CACHE_NAME, fallback / f"{tag}.npz"]
+        return _cache_paths(self.root, CACHE_NAME, cache_dir)
 
     def _load_cache(self, fingerprint: str, cache_dir):
         for path in self._cache_paths(cache_dir):
@@ -196,42 +271,102 @@ class ImageFolderIndex:
                 with np.load(path, allow_pickle=False) as z:
                     if int(z["version"]) != _CACHE_VERSION or str(z["fingerprint"]) != fingerprint:
                         continue
-                    return z["heights"], z["widths"], [str(p) for p in z["problems"]]
+                    return z["heights"], z["widths"], [str(p) for p in z["problems"]], z["hashes"]
             except Exception as err:  # a damaged cache is rebuilt, never trusted
                 log.warning("ignoring unreadable image index cache %s (%s)", path, err)
         return None
 
-    def _save_cache(self, fingerprint, files, heights, widths, problems, cache_dir) -> None:
-        for path in self._cache_paths(cache_dir):
+    def _save_cache(self, fingerprint, files, heights, widths, problems, hashes, cache_dir) -> None:
+        if not _save_npz(self._cache_paths(cache_dir), version=_CACHE_VERSION, fingerprint=fingerprint,
+                         files=np.array(files, dtype=str), heights=np.asarray(heights, np.int64),
+                         widths=np.asarray(widths, np.int64), problems=np.array(problems, dtype=str),
+                         hashes=np.asarray(hashes, np.uint64)):
+            log.warning("could not write an image index cache for %s (read-only everywhere?)", self.root)
+
+
+def _cache_paths(root: Path, name: str, cache_dir) -> list[Path]:
+    """Beside the images, else under ``cache_dir`` / ``$TL_FAST_CACHE`` (a read-only image root)."""
+    tag = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:16]
+    fallback = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    return [root / name, fallback / f"{tag}{name.replace('.tl_fast', '')}"]
+
+
+def _save_npz(paths: Sequence[Path], **arrays) -> bool:
+    """Write ``arrays`` atomically to the first of ``paths`` that is writable."""
+    for path in paths:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tl_fast_cache.", suffix=".tmp.npz")
+            os.close(fd)
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tl_fast_index.", suffix=".tmp.npz")
-                os.close(fd)
-                try:
-                    np.savez(tmp, version=_CACHE_VERSION, fingerprint=fingerprint, files=np.array(files, dtype=str),
-                             heights=np.asarray(heights, np.int64), widths=np.asarray(widths, np.int64),
-                             problems=np.array(problems, dtype=str))
-                    os.replace(tmp, path)
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-                return
-            except OSError:
-                continue
-        log.warning("could not write an image index cache for %s (read-only everywhere?)", self.root)
+                np.savez(tmp, **arrays)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return True
+        except OSError:
+            continue
+    return False
 
-    def _read_sizes(self, files, num_threads: int, progress: bool):
-        from tqdm import tqdm
 
-        paths = [str(self.root / f) for f in files]
-        with ThreadPoolExecutor(max(1, num_threads)) as pool:
-            it = pool.map(_read_header, paths, chunksize=64)
-            res = list(tqdm(it, total=len(paths), desc=f"indexing {self.root.name}", unit="img",
-                            disable=not progress or len(paths) < 2000))
-        heights = np.array([r[0] for r in res], dtype=np.int64)
-        widths = np.array([r[1] for r in res], dtype=np.int64)
-        problems = [r[2] or "" for r in res]
-        return heights, widths, problems
+def _check_all(paths: Sequence[str], full: bool, num_threads: int, desc: str, progress: bool) -> list[ImageCheck]:
+    """:func:`tl_fast.imagecheck.check_image` of every path, in threads (the decoders release the GIL)."""
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+        it = pool.map(lambda p: check_image(p, full=full), paths, chunksize=64)
+        return list(tqdm(it, total=len(paths), desc=desc, unit="img", disable=not progress or len(paths) < 2000))
+
+
+# -- the thorough check (tl-fast check) -------------------------------------------------------------
+
+FULL_CHECK_NAME = ".tl_fast_check.npz"
+
+
+def _file_keys(files, byte_sizes, mtimes) -> np.ndarray:
+    return np.array([f"{f}\0{s}\0{m}" for f, s, m in zip(files, byte_sizes, mtimes)], dtype=str)
+
+
+def load_full_check(root: str | os.PathLike, files, byte_sizes, mtimes, cache_dir=None) -> list[str]:
+    """Problems the thorough check (``tl-fast check``) found for ``files`` (``""``: none, or not
+    checked), from its cache; a file whose size or mtime changed since is taken as not checked."""
+    verdict = _read_full_check(Path(root), cache_dir)
+    if not verdict:
+        return [""] * len(files)
+    return [verdict.get(k, "") for k in _file_keys(files, byte_sizes, mtimes)]
+
+
+def _read_full_check(root: Path, cache_dir) -> dict[str, str]:
+    for path in _cache_paths(root, FULL_CHECK_NAME, cache_dir):
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    return dict(zip((str(k) for k in z["keys"]), (str(p) for p in z["problems"])))
+            except Exception as err:
+                log.warning("ignoring unreadable check cache %s (%s)", path, err)
+    return {}
+
+
+def full_check(root: str | os.PathLike, *, num_threads: int | None = None, cache_dir=None,
+               progress: bool = True) -> tuple[int, list[SkippedImage]]:
+    """Decode every image under ``root`` in full (libjpeg-turbo for JPEGs, PIL otherwise), in
+    parallel, and cache the verdicts beside the index (only files changed since the last check are
+    decoded again). Returns the number of entries looked at (image files and the walk's skips) and
+    the unusable ones; every loader built on ``root`` afterwards skips them."""
+    root = Path(root)
+    scan = scan_image_folder(root, allow_empty_classes=True)
+    keys = _file_keys(scan.paths, scan.byte_sizes, scan.mtimes_ns)
+    known = _read_full_check(root, cache_dir)
+    todo = [i for i, k in enumerate(keys) if k not in known]
+    checks = _check_all([str(root / scan.paths[i]) for i in todo], True, num_threads or (os.cpu_count() or 1),
+                        f"checking {root.name}", progress)
+    verdict = {k: known[k] for k in keys if k in known}
+    verdict.update({keys[i]: c.problem for i, c in zip(todo, checks)})
+    _save_npz(_cache_paths(root, FULL_CHECK_NAME, cache_dir), keys=np.array(list(verdict), dtype=str),
+              problems=np.array(list(verdict.values()), dtype=str))
+    bad = [SkippedImage(scan.paths[i], verdict[k]) for i, k in enumerate(keys) if verdict[k]]
+    return len(keys) + len(scan.skipped), scan.skipped + bad
 
 
 @dataclass
@@ -241,20 +376,27 @@ class LabelJoin:
 
     record: np.ndarray
     missing: list[str]
+    num_mismatched: int = 0  # images whose fingerprint differs from the store's (accepted)
 
     @property
     def num_missing(self) -> int:
         return len(self.missing)
 
 
-def join_labels(index: ImageFolderIndex, store: "LabelStore", *, missing_labels: str = "error") -> LabelJoin:
+def join_labels(index: ImageFolderIndex, store: "LabelStore", *, missing_labels: str = "error",
+                mismatched_images: str = "error") -> LabelJoin:
     """Match every image of ``index`` to its record in ``store`` by key (relative path, no extension).
 
     Raises ``ValueError`` for a store that belongs to another dataset, ``KeyError`` naming the first
-    images without a record (unless ``missing_labels="one_hot"``, a counted fall-back).
+    images without a record (unless ``missing_labels="one_hot"``, a counted fall-back), and
+    ``ValueError`` naming the first images whose content fingerprint differs from the one the store
+    recorded for them (unless ``mismatched_images="accept"``: a warning). Stores without
+    fingerprints (written before version 2, or without them) are joined by key alone.
     """
     if missing_labels not in ("error", "one_hot"):
         raise ValueError(f"missing_labels must be 'error' or 'one_hot', got {missing_labels!r}")
+    if mismatched_images not in ("error", "accept"):
+        raise ValueError(f"mismatched_images must be 'error' or 'accept', got {mismatched_images!r}")
     if store.num_classes != index.num_classes:
         raise ValueError(
             f"label store has K={store.num_classes} classes but {index.root} has {index.num_classes} class folders: "
@@ -273,8 +415,40 @@ def join_labels(index: ImageFolderIndex, store: "LabelStore", *, missing_labels:
     if missing and missing_labels == "error":
         listing = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
         raise KeyError(f"{len(missing)} image(s) under {index.root} have no label record: {listing}; "
-                       "annotate them, or pass missing_labels='one_hot' to fall back to one-hot maps")
+                       "annotate them (a store made before they were added, or by an annotator that could not "
+                       "decode them, lacks them), or pass missing_labels='one_hot' to fall back to one-hot maps")
     if missing:
         warnings.warn(f"{len(missing)} image(s) have no label record; using one-hot maps of their class for them "
                       f"(first: {missing[0]})", stacklevel=2)
-    return LabelJoin(record, missing)
+    mismatched = fingerprint_mismatches(index, store, record)
+    if mismatched:
+        listing = "; ".join(mismatched[:3]) + (f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else "")
+        msg = (f"{len(mismatched)} image(s) under {index.root} are not the images the label store {store.path} was "
+               f"made for: {listing}")
+        if mismatched_images == "error":
+            raise ValueError(msg + "; use the store made for these images (tl-fast inspect STORE --verify IMAGES "
+                             "lists every difference), or pass mismatched_images='accept' to load it anyway")
+        warnings.warn(msg + " (accepted: mismatched_images='accept')", stacklevel=2)
+    return LabelJoin(record, missing, len(mismatched))
+
+
+def fingerprint_mismatches(index: ImageFolderIndex, store: "LabelStore", record: np.ndarray) -> list[str]:
+    """``"path: why"`` for every image of ``index`` whose record (``record[i]``, -1: none) carries a
+    content fingerprint other than the image's. One vectorized comparison per join."""
+    if store.fingerprints is None:
+        return []
+    sizes, hashes = store.fingerprints
+    has = record >= 0
+    rec = np.where(has, record, 0)
+    known = has & store.has_fingerprint()[rec]
+    differs = (sizes[rec] != index.byte_sizes.astype(np.uint64)) | (hashes[rec] != index.fingerprints)
+    bad = np.flatnonzero(known & differs)
+    out = []
+    for i in bad:
+        r = rec[i]
+        if int(sizes[r]) != int(index.byte_sizes[i]):
+            why = f"{int(index.byte_sizes[i])} bytes, the store's image had {int(sizes[r])}"
+        else:
+            why = "same size, different content"
+        out.append(f"{index.paths[i]} ({why})")
+    return out

@@ -32,10 +32,22 @@ class LoaderConfig:
     bad_images: str = "skip"  # or "error": unreadable/truncated files found while indexing
     timeout_s: float = 300.0  # a backend that delivers nothing for this long raises
     token_labels: bool = True  # False: deliver no maps even when labels are available (plain labels)
+    mismatched_images: str = "error"  # or "accept": images whose fingerprint differs from the store's
 
     def __post_init__(self) -> None:
-        if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        for name in ("batch_size", "image_size", "patch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, (int, np.integer)) \
+                or self.num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s!r}")
+        for name, allowed in (("missing_labels", ("error", "one_hot")), ("bad_images", ("skip", "error")),
+                              ("mismatched_images", ("error", "accept"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if not 0.0 <= self.smoothing < 1.0:
@@ -104,6 +116,11 @@ class Batch:
         from .. import ops
         from ..ops.class_loss import mixed_label_loss
 
+        for name, logits in (("cls_logits", cls_logits), ("token_logits", token_logits)):
+            if logits is not None and (logits.dim() < 2 or logits.shape[-1] != self.num_classes):
+                raise ValueError(f"{name} has shape {tuple(logits.shape)}: the model predicts "
+                                 f"{logits.shape[-1] if logits.dim() else 0} classes but the loader's labels have "
+                                 f"K={self.num_classes}; build the model with num_classes={self.num_classes}")
         if self.maps is None:
             return mixed_label_loss(cls_logits, self.labels, self.mix_box, self.grid, self.smoothing)
         if token_logits is None:

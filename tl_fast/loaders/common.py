@@ -61,6 +61,7 @@ class StoreMaps:
     def __call__(self, idx: np.ndarray):
         from ..store import TopKMaps
 
+        self.store.check_unchanged()  # one stat per batch: a shrunken map is an error, not SIGBUS
         rec = self.record[np.asarray(idx, dtype=np.int64)]
         missing = rec < 0
         if not missing.any():

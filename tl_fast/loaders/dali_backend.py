@@ -84,7 +84,9 @@ class DALIBackend:
                 dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT64])
             images = fn.decoders.image_slice(
                 jpegs, anchor, shape, normalized_anchor=False, normalized_shape=False, axis_names="WH",
-                device="mixed" if gpu else "cpu", output_type=types.RGB)
+                device="mixed" if gpu else "cpu", output_type=types.RGB,
+                # The plan, the index and the other backends take the stored pixel grid as is.
+                adjust_orientation=False)
             images = fn.resize(images, resize_x=size, resize_y=size, antialias=True, interp_type=types.INTERP_LINEAR)
             if normalize:
                 images = fn.crop_mirror_normalize(
@@ -117,11 +119,29 @@ class DALIBackend:
         source = _EpochSource(self.paths, batches, plan)
         pipe = self._build(source, max(len(b) for b in batches))
         try:
-            for _ in range(len(batches)):
+            for step in range(len(batches)):
                 try:
                     images, ids = pipe.run()
                 except StopIteration:
                     raise RuntimeError("DALI pipeline ended before the epoch's last batch") from None
+                except RuntimeError as err:
+                    raise self._explain(err, batches[step:step + 3]) from err
                 yield self._to_torch(images), np.array(ids.as_tensor()).reshape(-1).astype(np.int64), {}
         finally:
             del pipe
+
+    def _explain(self, err: RuntimeError, suspects: Sequence[np.ndarray]) -> RuntimeError:
+        """DALI's decoder errors do not name the file ("nvImageCodec failure: '#4'"): find it by
+        checking the images of the failed batch and of those DALI may have prefetched."""
+        from ..imagecheck import check_image
+
+        said = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        for idx in suspects:
+            for j in np.asarray(idx, dtype=np.int64):
+                verdict = check_image(self.paths[j], full=True)
+                if verdict.problem:
+                    return RuntimeError(f"DALI failed on image {self.paths[j]}: {verdict.problem} (the file changed "
+                                        f"after indexing?); DALI said: {said}")
+        first = self.paths[int(np.asarray(suspects[0])[0])] if len(suspects) and len(suspects[0]) else "?"
+        return RuntimeError(f"DALI pipeline failed on a batch starting at {first} (every image of it decodes "
+                            f"elsewhere): {said}")

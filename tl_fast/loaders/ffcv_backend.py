@@ -33,6 +33,7 @@ geometry plan.
 """
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -46,6 +47,7 @@ import numba
 import numpy as np
 import torch
 
+from ..imagecheck import packed_fingerprints
 from ..optional import require
 from ..plan import _S_CROP, _S_FLIP
 from .batch import LoaderConfig
@@ -53,7 +55,9 @@ from .common import PlanMaker
 
 META_SUFFIX = ".json"
 FORMAT = "tl_fast-ffcv"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+# Version 2 files (no image fingerprints, no paths) still load, without the per-batch byte check.
+READABLE_FORMAT_VERSIONS = (2, 3)
 # Field order in the file (the combined metadata names them f0, f1, ... in this order); a file packed
 # without labels has the first three only.
 FIELDS = ("image", "label", "index", "record")
@@ -317,8 +321,9 @@ class PlanCropDecoder(ResizedCropRGBImageDecoder):
 # --------------------------------------------------------------------------------------------
 
 class _PipelineFailure:
-    def __init__(self, error: BaseException) -> None:
+    def __init__(self, error: BaseException, samples) -> None:
         self.error = error
+        self.samples = samples  # the sample ids of the batch being built, or None
 
 
 class _GuardedEpochIterator(EpochIterator):
@@ -327,9 +332,10 @@ class _GuardedEpochIterator(EpochIterator):
         self.first_batch_done = threading.Event()
         super().__init__(loader, order)  # starts the thread
 
-    def run_pipeline(self, *args, **kwargs):
+    def run_pipeline(self, b_ix, batch_indices, *args, **kwargs):
+        self.current_samples = batch_indices  # named in the error if this batch fails
         try:
-            return super().run_pipeline(*args, **kwargs)
+            return super().run_pipeline(b_ix, batch_indices, *args, **kwargs)
         finally:
             self.first_batch_done.set()
 
@@ -339,7 +345,7 @@ class _GuardedEpochIterator(EpochIterator):
         except BaseException as err:  # forwarded to the consumer instead of dying silently
             while not self.terminate_event.is_set():
                 try:
-                    self.output_queue.put(_PipelineFailure(err), timeout=0.5)
+                    self.output_queue.put(_PipelineFailure(err, getattr(self, "current_samples", None)), timeout=0.5)
                     return
                 except Exception:
                     continue
@@ -366,7 +372,14 @@ class _GuardedEpochIterator(EpochIterator):
             raise StopIteration
         if isinstance(result, _PipelineFailure):
             self.close()
-            raise RuntimeError(f"FFCV pipeline failed: {type(result.error).__name__}: {result.error}") from result.error
+            where = ""
+            if result.samples is not None:
+                ids = [int(i) for i in np.asarray(result.samples).reshape(-1)]
+                name = getattr(self.loader, "sample_name", lambda i: f"sample {i}")
+                where = (f" on a batch of {len(ids)} images ({', '.join(name(i) for i in ids[:4])}"
+                         f"{', ...' if len(ids) > 4 else ''})")
+            raise RuntimeError(f"FFCV pipeline failed{where}: {type(result.error).__name__}: {result.error}") \
+                from result.error
         slot, result = result
         if torch.cuda.is_available():
             self.current_stream.wait_stream(self.cuda_streams[slot])
@@ -419,6 +432,10 @@ class PackedInfo:
     record_lengths: np.ndarray | None  # [N]; None without records
     num_invalid: int
     num_one_hot: int
+    skipped: list  # [(relative path, reason)]: left out at indexing or pack time
+    paths: list[str] | None  # relative source path of every sample (None: an older file)
+    image_hashes: np.ndarray | None  # uint64 [N] fingerprint hashes of the packed image bytes
+    image_spans: tuple[np.ndarray, np.ndarray]  # (offset, size) of every sample's image bytes in the file
 
 
 def read_packed(path: str | os.PathLike) -> PackedInfo:
@@ -436,8 +453,9 @@ def read_packed(path: str | os.PathLike) -> PackedInfo:
     except FileNotFoundError:
         raise ValueError(f"{path} has no {os.path.basename(meta_path)} beside it: was it written by tl-fast "
                          "pack-ffcv? (repack it)") from None
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: not a {FORMAT} v{FORMAT_VERSION} description")
+    if meta.get("format") != FORMAT or meta.get("version") not in READABLE_FORMAT_VERSIONS:
+        raise ValueError(f"{meta_path}: not a {FORMAT} description of version "
+                         f"{' or '.join(map(str, READABLE_FORMAT_VERSIONS))} (repack it with this tl_fast)")
     reader = Reader(path, custom_handlers={"image": PlanRGBImageField})
     md = reader.metadata
     if len(md) != meta["num_samples"]:
@@ -460,7 +478,25 @@ def read_packed(path: str | os.PathLike) -> PackedInfo:
         stored_sizes=np.stack([img["height"], img["width"]], 1).astype(np.int64),
         targets=np.asarray(label, dtype=np.int64).reshape(-1), valid_ids=np.flatnonzero(valid_mask).astype(np.int64),
         record_lengths=record_lengths, num_invalid=int((~valid_mask).sum()),
-        num_one_hot=int(meta.get("num_one_hot", 0)))
+        num_one_hot=int(meta.get("num_one_hot", 0)),
+        skipped=[tuple(s) for s in meta.get("skipped", [])], paths=meta.get("paths"),
+        image_hashes=(np.frombuffer(base64.b64decode(meta["image_hashes"]), "<u8").astype(np.uint64)
+                      if "image_hashes" in meta else None),
+        image_spans=packed_image_spans(reader))
+
+
+def packed_image_spans(reader) -> tuple[np.ndarray, np.ndarray]:
+    """``(offsets, sizes)`` (int64 ``[N]``) of every sample's image bytes in a ``.beton``, from its
+    image metadata and allocation table."""
+    md = reader.metadata[f"f{FIELDS.index('image')}"]
+    ptrs = np.asarray(md["data_ptr"], dtype=np.int64)
+    table = reader.alloc_table
+    order = np.argsort(table["ptr"], kind="stable")
+    sorted_ptrs = np.asarray(table["ptr"], dtype=np.int64)[order]
+    pos = np.clip(np.searchsorted(sorted_ptrs, ptrs), 0, max(len(sorted_ptrs) - 1, 0))
+    if len(sorted_ptrs) == 0 or np.any(sorted_ptrs[pos] != ptrs):
+        raise ValueError(f"{reader.file_name}: image pointers missing from the allocation table; the file is damaged")
+    return ptrs, np.asarray(table["size"], dtype=np.int64)[order][pos]
 
 
 class FFCVBackend:
@@ -475,9 +511,44 @@ class FFCVBackend:
         self.config = config
         self.device = device
         self.with_records = with_records
+        st = os.stat(self.path)
+        self._identity = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+        self._bytes = np.memmap(self.path, dtype=np.uint8, mode="r") if self.info.image_hashes is not None else None
         self._loader: _GuardedLoader | None = None
         self._compiled_for: tuple | None = None
         self._active: _GuardedEpochIterator | None = None
+
+    def sample_name(self, i: int) -> str:
+        """The source image of sample ``i`` (its relative path, when the file records it)."""
+        return self.info.paths[i] if self.info.paths is not None else f"sample {i}"
+
+    def check_unchanged(self) -> None:
+        """Raise if the ``.beton`` was modified, truncated or replaced since it was opened."""
+        try:
+            st = os.stat(self.path)
+        except OSError as err:
+            raise RuntimeError(f"{self.path}: the packed file is gone ({err.strerror}): it was deleted or moved "
+                               "under a running loader") from None
+        now = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+        if now != self._identity:
+            what = (f"its size went from {self._identity[0]} to {now[0]} bytes" if now[0] != self._identity[0]
+                    else "it was replaced" if now[2:] != self._identity[2:] else "it was rewritten in place")
+            raise RuntimeError(f"{self.path}: the packed file changed since the loader opened it ({what}): do not "
+                               "rewrite a .beton under a running loader; restart the loader on the new file")
+
+    def check_images(self, idx: np.ndarray) -> None:
+        """Raise naming the images whose packed bytes no longer match their pack-time fingerprints
+        (one hash of two 2 KB windows per image, off the decoder threads)."""
+        if self._bytes is None:
+            return
+        self.check_unchanged()  # hashing a shrunken map would be SIGBUS
+        offsets, sizes = self.info.image_spans
+        got = packed_fingerprints(self._bytes, offsets[idx], sizes[idx])
+        bad = np.flatnonzero(got != self.info.image_hashes[idx])
+        if bad.size:
+            names = ", ".join(self.sample_name(int(idx[b])) for b in bad[:3])
+            raise RuntimeError(f"{self.path}: the packed bytes of {bad.size} image(s) in this batch changed since "
+                               f"pack time ({names}): the file was modified; repack it with tl-fast pack-ffcv")
 
     def _ffcv_loader(self, maker: PlanMaker, order: np.ndarray) -> _GuardedLoader:
         """The FFCV loader, built (and compiled) on first use, then re-pointed at each epoch's order."""
@@ -497,6 +568,7 @@ class FFCVBackend:
                 order=OrderOption.SEQUENTIAL, indices=order, pipelines=pipelines, drop_last=False,
                 custom_fields={"image": PlanRGBImageField}, batches_ahead=2, os_cache=True)
             self._loader.timeout_s = cfg.timeout_s
+            self._loader.sample_name = self.sample_name
             self._compiled_for = key
         elif key != self._compiled_for:
             raise ValueError("the FFCV decoder was compiled for another seed / augmentation")
@@ -525,6 +597,7 @@ class FFCVBackend:
             for out in it:
                 images = torch.from_numpy(out[0]).permute(0, 3, 1, 2).contiguous()  # copy out of FFCV's buffer
                 idx = np.asarray(out[1], dtype=np.int64).reshape(-1)
+                self.check_images(idx)
                 extras = {}
                 if self.with_records:
                     extras["records"] = np.array(out[2])

@@ -19,9 +19,11 @@ so an interrupted pack leaves no ``.beton`` that loads.
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import os
+import sys
 import tempfile
 import warnings
 
@@ -96,13 +98,23 @@ def _one_hot_record(cls: int, topk: int, map_size) -> np.ndarray:
 
 
 def pack_ffcv(images: str, store_path: str | None, out: str, *, max_side: int | None = None, jpeg_quality: int = 90,
-              num_workers: int = 4, missing_labels: str = "error", progress: bool = True) -> dict:
+              num_workers: int = 4, missing_labels: str = "error", mismatched_images: str = "error",
+              progress: bool = True) -> dict:
     """Write ``out`` (+ ``out.json``); returns the description written to the JSON.
 
     ``store_path=None`` packs no label records (``missing_labels`` is then unused): the file serves
     loaders without token labels (``train=False``, ``token_labels=False`` or plain class labels)."""
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must lie in [1, 100], got {jpeg_quality}")
+    if num_workers < 1:
+        raise ValueError(f"the number of writer processes must be >= 1, got {num_workers}")
+
+    from ..imagecheck import packed_fingerprints
     from ..store import LabelStore
-    from .ffcv_backend import FORMAT, FORMAT_VERSION, META_SUFFIX, PlanRGBImageField  # checks FFCV is installed
+    from .ffcv_backend import (  # first: it checks that FFCV is installed
+        FORMAT, FORMAT_VERSION, META_SUFFIX, PlanRGBImageField, packed_image_spans)
 
     from ffcv.fields import BytesField, IntField
     from ffcv.writer import DatasetWriter
@@ -112,7 +124,7 @@ def pack_ffcv(images: str, store_path: str | None, out: str, *, max_side: int | 
     num_one_hot = 0
     if store_path is not None:
         store = LabelStore.open(store_path)
-        join = join_labels(index, store, missing_labels=missing_labels)
+        join = join_labels(index, store, missing_labels=missing_labels, mismatched_images=mismatched_images)
         records = [store.record_bytes(int(r)) if r >= 0
                    else _one_hot_record(int(index.targets[i]), store.topk, store.map_size)
                    for i, r in enumerate(join.record)]
@@ -131,8 +143,11 @@ def pack_ffcv(images: str, store_path: str | None, out: str, *, max_side: int | 
         writer.from_indexed_dataset(source, chunksize=64)
         from ffcv.reader import Reader
 
-        md = Reader(tmp, custom_handlers={"image": PlanRGBImageField}).metadata["f0"]
+        reader = Reader(tmp, custom_handlers={"image": PlanRGBImageField})
+        md = reader.metadata["f0"]
         invalid = np.flatnonzero(md["orig_height"] == 0).tolist()
+        offsets, sizes = packed_image_spans(reader)
+        hashes = packed_fingerprints(np.memmap(tmp, dtype=np.uint8, mode="r"), offsets, sizes)
         meta = {
             "format": FORMAT, "version": FORMAT_VERSION, "source": os.path.abspath(images),
             "store": None if store is None else os.path.abspath(store_path), "num_samples": len(index),
@@ -141,6 +156,9 @@ def pack_ffcv(images: str, store_path: str | None, out: str, *, max_side: int | 
             "has_records": store is not None, "max_side": max_side, "jpeg_quality": jpeg_quality, "invalid": invalid,
             "invalid_paths": [index.paths[i] for i in invalid], "num_one_hot": num_one_hot,
             "skipped_at_index": [s.path for s in index.skipped],
+            "paths": index.paths, "image_hashes": base64.b64encode(hashes.astype("<u8").tobytes()).decode(),
+            "skipped": [[s.path, s.reason] for s in index.skipped]
+            + [[index.paths[i], "failed to decode at pack time"] for i in invalid],
         }
         meta_tmp = tmp + ".json"
         with open(meta_tmp, "w") as f:
@@ -163,8 +181,18 @@ def _run(args: argparse.Namespace) -> int:
     if not args.no_labels and args.store is None:
         args.parser.error("missing STORE: pack-ffcv IMAGES STORE OUT.beton, or IMAGES OUT.beton --no-labels "
                           "for a file without token labels")
-    meta = pack_ffcv(args.images, args.store, args.out, max_side=args.max_side, jpeg_quality=args.jpeg_quality,
-                     num_workers=args.workers, missing_labels=args.missing_labels)
+    from ..store import StoreError
+
+    try:
+        meta = pack_ffcv(args.images, args.store, args.out, max_side=args.max_side, jpeg_quality=args.jpeg_quality,
+                         num_workers=args.workers, missing_labels=args.missing_labels,
+                         mismatched_images="accept" if args.accept_mismatched_images else "error")
+    except KeyError as err:  # a missing record: KeyError's str() would quote the message
+        print(f"tl-fast pack-ffcv: error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, StoreError) as err:
+        print(f"tl-fast pack-ffcv: error: {err}", file=sys.stderr)
+        return 1
     n_bad = len(meta["invalid"]) + len(meta["skipped_at_index"])
     labels = f"{meta['num_one_hot']} one-hot fall-backs" if meta["has_records"] else "no label records"
     print(f"wrote {args.out}: {meta['num_samples'] - len(meta['invalid'])} samples, {len(meta['classes'])} classes, "
@@ -190,4 +218,6 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="writer processes")
     p.add_argument("--missing-labels", choices=("error", "one_hot"), default="error",
                    help="images without a record: error (default) or a one-hot map of their class")
+    p.add_argument("--accept-mismatched-images", action="store_true",
+                   help="pack even if images differ from the ones the store recorded (size/content fingerprint)")
     p.set_defaults(func=_run, parser=p)

@@ -22,7 +22,7 @@ import torch
 
 from .. import rng
 from ..augment import augment_batch
-from ..dataset import ImageFolderIndex, join_labels
+from ..dataset import ImageFolderIndex, SkippedImage, join_labels
 from ..plan import AugmentConfig, draw_mix_box
 from .batch import Batch, LoaderConfig
 from .common import PlanMaker, StoreMaps
@@ -89,7 +89,7 @@ class TokenLabelLoader:
         channels_last: deliver images in channels_last memory format.
         rank, world_size: shard (default: from ``torch.distributed`` when initialized).
         **options: further :class:`LoaderConfig` fields (``missing_labels``, ``bad_images``,
-            ``erase``, ``crop_pct``, ``timeout_s``).
+            ``mismatched_images``, ``erase``, ``crop_pct``, ``timeout_s``).
     """
 
     def __init__(
@@ -125,7 +125,13 @@ class TokenLabelLoader:
             packed = read_packed(images)
             self.classes = packed.classes
             self._sizes, self._targets, self._ids = packed.sizes, packed.targets, packed.valid_ids
-            self.num_skipped = packed.num_invalid
+            self.skipped = [SkippedImage(path, reason) for path, reason in packed.skipped]
+            self.num_skipped = max(len(self.skipped), packed.num_invalid)
+            if self.skipped:
+                listing = "; ".join(f"{s.path}: {s.reason}" for s in self.skipped[:5])
+                warnings.warn(f"{images}: {len(self.skipped)} image(s) were skipped when it was packed: {listing}"
+                              + (f" (and {len(self.skipped) - 5} more)" if len(self.skipped) > 5 else ""),
+                              stacklevel=2)
             self._map_geometry = (packed.num_classes, packed.topk, packed.map_size) if packed.has_records else None
             self.num_classes = packed.num_classes
             self.num_missing_labels = packed.num_one_hot
@@ -158,7 +164,8 @@ class TokenLabelLoader:
             self._map_geometry = None
             if labels is not None:
                 store = self._open_store(labels)
-                join = join_labels(index, store, missing_labels=self.config.missing_labels)
+                join = join_labels(index, store, missing_labels=self.config.missing_labels,
+                                   mismatched_images=self.config.mismatched_images)
                 self._store_maps = StoreMaps(store, join.record, self._targets)
                 self.num_missing_labels = join.num_missing
                 self.num_classes = store.num_classes
@@ -254,11 +261,36 @@ class TokenLabelLoader:
                          cfg.augment if cfg.augmenting else None, cfg.crop_pct)
 
     # -- iteration -------------------------------------------------------------------------------
+    def check_files_unchanged(self) -> None:
+        """Raise if a mapped file this loader reads (the label store, the ``.beton``) changed since it
+        was opened: run at every epoch start, so a rewritten file is an error naming it, not SIGBUS."""
+        if self._store_maps is not None:
+            self._store_maps.store.check_unchanged()
+        check = getattr(self._backend, "check_unchanged", None)
+        if check is not None:
+            check()
+
+    def _iterate(self, batches, plan):
+        """The backend's stream, with a failure explained by a changed file when one changed (a
+        worker killed by SIGBUS on a shrunken map says nothing of the cause)."""
+        stream = self._backend.iterate(batches, plan)
+        try:
+            yield from stream
+        except Exception as err:
+            try:
+                self.check_files_unchanged()
+            except Exception as changed:
+                raise changed from err
+            raise
+        finally:
+            stream.close()
+
     def __iter__(self) -> Iterator[Batch]:
         epoch, start = self._epoch, self._step
         batches = self._batches(epoch)
         plan = self.plan_maker(epoch)
-        stream = self._backend.iterate(batches[start:], plan)
+        self.check_files_unchanged()
+        stream = self._iterate(batches[start:], plan)
         try:
             step = start
             for images, idx, extras in stream:
@@ -279,10 +311,15 @@ class TokenLabelLoader:
 
     def _read_maps(self, idx: np.ndarray, extras: dict):
         if self._packed_labels:
-            from ..store import decode_records
+            from ..store import RecordError, StoreError, decode_records
 
             k_classes, topk, map_size = self._map_geometry
-            return decode_records(extras["records"], k_classes, topk, map_size, lengths=extras["record_lengths"])
+            try:
+                return decode_records(extras["records"], k_classes, topk, map_size, lengths=extras["record_lengths"])
+            except RecordError as err:
+                name = self._backend.sample_name(int(idx[err.position]))
+                raise StoreError(f"{self._backend.path}: the label record packed for {name} is damaged ({err.reason}): "
+                                 "repack the file with tl-fast pack-ffcv") from None
         return self._store_maps(idx)
 
     def _finish(self, images: torch.Tensor, idx: np.ndarray, extras: dict, plan_maker: PlanMaker, epoch: int,

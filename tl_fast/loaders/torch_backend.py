@@ -39,7 +39,10 @@ def decode_rgb(path: str) -> torch.Tensor:
     try:
         if decode_image is None:
             return decode_rgb_pil(path)
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        data = read_file(path)
+        if bytes(data[:2].numpy()) == b"BM":  # BMP, which the index accepts and torchvision cannot decode
+            return decode_rgb_pil(path)
+        return decode_image(data, mode=ImageReadMode.RGB)
     except Exception as err:  # torchvision raises RuntimeError for bad data; say which file
         raise RuntimeError(f"cannot decode image {path}: {err}") from err
 

@@ -66,6 +66,8 @@ def convert_pt(src: str | os.PathLike, dst: str | os.PathLike, *, num_classes: i
     from tqdm.auto import tqdm
 
     root = Path(src)
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0: load in this process), got {workers}")
     if not root.is_dir():
         raise StoreError(f"{root}: not a directory")
     files = sorted(p for p in root.rglob("*.pt") if p.is_file())
@@ -102,10 +104,54 @@ def convert_pt(src: str | os.PathLike, dst: str | os.PathLike, *, num_classes: i
     return LabelStore.open(dst)
 
 
-def inspect_store(path: str | os.PathLike, *, verify: bool = False, sample: int = 4096,
-                  out=None) -> dict[str, Any]:
-    """Print the header and statistics of a store; returns them as a dict."""
+def verify_against_images(store: LabelStore, images: str | os.PathLike, out=None) -> dict[str, Any]:
+    """Check ``store`` against the image folder ``images``: every usable image has a record, every
+    record an image, and every recorded content fingerprint is the image's. Prints what differs;
+    returns the counts and ``ok``."""
+    from ..dataset import ImageFolderIndex, fingerprint_mismatches
+
     out = out or sys.stdout
+    index = ImageFolderIndex(images, allow_empty_classes=True, progress=out is sys.stdout)
+    position = {k: i for i, k in enumerate(store.keys)}
+    record = np.array([position.get(k, -1) for k in index.keys], dtype=np.int64)
+    no_record = [index.paths[i] for i in np.flatnonzero(record < 0)]
+    no_image = sorted(set(store.keys) - set(index.keys))
+    mismatched = fingerprint_mismatches(index, store, record)
+    with_fp = int(store.has_fingerprint()[record[record >= 0]].sum()) if (record >= 0).any() else 0
+    res = {"images": len(index), "skipped_images": len(index.skipped), "no_record": len(no_record),
+           "no_image": len(no_image), "mismatched": len(mismatched), "fingerprinted": with_fp,
+           "class_count_differs": store.num_classes != index.num_classes}
+    res["ok"] = not (no_record or no_image or mismatched or res["class_count_differs"])
+
+    def show(what: str, items: list[str]) -> None:
+        if items:
+            print(f"            {len(items)} {what}: " + "; ".join(items[:5]) + (" ..." if len(items) > 5 else ""),
+                  file=out)
+
+    print(f"images      {len(index)} usable under {images} ({len(index.skipped)} skipped), "
+          f"{len(index) - len(no_record)} with a record, {with_fp} of them fingerprinted", file=out)
+    if res["class_count_differs"]:
+        print(f"            the store has K={store.num_classes} but {images} has {index.num_classes} class folders",
+              file=out)
+    show("image(s) without a record", no_record)
+    show("record(s) without an image", no_image)
+    show("image(s) differing from the one the store was made for", mismatched)
+    if store.fingerprints is None:
+        print("            the store records no image fingerprints (older format or writer): only paths compared",
+              file=out)
+    print(f"verify      {'store matches the images' if res['ok'] else 'store does NOT match the images'}", file=out)
+    return res
+
+
+def inspect_store(path: str | os.PathLike, *, verify: bool = False, sample: int = 4096,
+                  out=None, images: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Print the header and statistics of a store; returns them as a dict. ``images``: also check the
+    store against that image folder (:func:`verify_against_images`, under ``stats["images"]``)."""
+    out = out or sys.stdout
+    if sample < 1:
+        raise ValueError(f"sample must be >= 1 record, got {sample}")
+    if images is not None and not os.path.isdir(images):
+        raise ValueError(f"image folder {images} does not exist or is not a directory")
     store = LabelStore.open(path)
     n = len(store)
     k, (h, w) = store.topk, store.map_size
@@ -150,17 +196,19 @@ def inspect_store(path: str | os.PathLike, *, verify: bool = False, sample: int 
               f"{stats['value_max']:.4g}, mean top-1 {stats['top1_mean']:.4g}", file=out)
         print(f"classes     {stats['classes_seen']} of {store.num_classes} appear; most frequent top-1: "
               + ", ".join(f"{c} ({cnt})" for c, cnt in stats["common_top1"]), file=out)
+    if images is not None:
+        stats["images"] = verify_against_images(store, images, out)
     store.close()
     return stats
 
 
 def _run(func, name: str, *args, **kwargs) -> int:
     try:
-        func(*args, **kwargs)
-    except (StoreError, OSError) as err:
+        result = func(*args, **kwargs)
+    except (StoreError, OSError, ValueError) as err:
         print(f"tl-fast {name}: error: {err}", file=sys.stderr)
         return 1
-    return 0
+    return 1 if isinstance(result, dict) and not result.get("images", {"ok": True})["ok"] else 0
 
 
 def _convert_cmd(args: argparse.Namespace) -> int:
@@ -184,7 +232,12 @@ def _convert_cmd(args: argparse.Namespace) -> int:
 
 
 def _inspect_cmd(args: argparse.Namespace) -> int:
-    return _run(inspect_store, "inspect", args.store, verify=args.verify, sample=args.sample)
+    store, images = args.store, args.verify if isinstance(args.verify, str) else None
+    if store is None and images is not None:  # `inspect --verify STORE`: the flag took the store
+        store, images = images, None
+    if store is None:
+        args.parser.error("missing STORE: tl-fast inspect STORE [--verify [IMAGES]]")
+    return _run(inspect_store, "inspect", store, verify=bool(args.verify), sample=args.sample, images=images)
 
 
 def register(subparsers) -> None:
@@ -204,8 +257,11 @@ def register(subparsers) -> None:
 
     q = subparsers.add_parser("inspect", help="print a label store's header and statistics",
                               description="Print a label store's header, sizes, value statistics and a class "
-                              "histogram summary; --verify checks every record's checksum.")
-    q.add_argument("store", help="label store file")
-    q.add_argument("--verify", action="store_true", help="decode and check every record")
+                              "histogram summary; --verify checks every record's checksum; --verify IMAGES also "
+                              "checks the store against that image folder (every image has a record, every record "
+                              "an image, recorded content fingerprints match) and exits 1 if they differ.")
+    q.add_argument("store", nargs="?", help="label store file")
+    q.add_argument("--verify", nargs="?", const=True, default=False, metavar="IMAGES",
+                   help="decode and check every record; with IMAGES, also check the store against that folder")
     q.add_argument("--sample", type=int, default=4096, help="records sampled for the statistics (default 4096)")
-    q.set_defaults(func=_inspect_cmd)
+    q.set_defaults(func=_inspect_cmd, parser=q)

@@ -1,4 +1,4 @@
-"""On-disk format of a tl_fast label store (version 1).
+"""On-disk format of a tl_fast label store (version 2; version 1 is still read).
 
 A store is ONE file holding every image's compressed top-k score map. It is read through a memory
 map, so opening is O(header + index + manifest) and reading a record touches only that record.
@@ -14,7 +14,11 @@ File layout::
     manifest_offset   manifest_bytes  keys (record -> image path relative to the image root, without
                                       extension, '/'-separated), UTF-8, joined by '\\n'
     meta_offset       meta_bytes    JSON object: free-form metadata (tool, annotator, ...)
-    (zero padding to a multiple of 8 = file_size)
+    (zero padding to a multiple of 8)
+    fingerprint_offset  16 * N      version 2, optional: per record the content fingerprint of its
+                                    image, sizes u64[N] then hashes u64[N] (size 2**64-1: unknown);
+                                    see :func:`tl_fast.imagecheck.fingerprint_bytes`
+    = file_size
 
 Header (128 bytes)::
 
@@ -28,8 +32,13 @@ Header (128 bytes)::
     56   u64 index_offset           64  u64 manifest_offset
     72   u64 manifest_bytes         80  u64 meta_offset
     88   u64 meta_bytes             96  u64 file_size
-    104  u32 crc32 (zlib) of: header with this field zeroed, index, manifest, meta
-    108  u32 reserved (0)           112-127 reserved (0)
+    104  u32 crc32 (zlib) of: header with this field zeroed, index, manifest, meta, fingerprints
+    108  u32 reserved (0)
+    112  u64 fingerprint_offset (version 2; 0: the store records no fingerprints)
+    120-127 reserved (0)
+
+Version 1 is version 2 without the fingerprint section (bytes 112-127 are zero): it is read as a
+store without fingerprints. Writers write version 2.
 
 A reader checks magic, version, ``file_size`` against the real size (truncation), the section
 bounds, the crc32, and that every index entry lies inside the data section. A writer streams
@@ -88,7 +97,9 @@ from __future__ import annotations
 import struct
 
 MAGIC = b"TLFSTORE"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+UNKNOWN_FINGERPRINT_SIZE = 2**64 - 1
 HEADER_SIZE = 128
 FLAG_LOSSY = 1
 
@@ -101,14 +112,14 @@ LOSSY_CODE_BITS = 8
 MIN_FINITE_KEY = 0x0400
 MAX_FINITE_KEY = 0xFBFF
 
-HEADER_STRUCT = struct.Struct("<8sIIIIIIQQQQQQQQQII")
+HEADER_STRUCT = struct.Struct("<8sIIIIIIQQQQQQQQQIIQ")
 HEADER_FIELDS = (
     "magic", "version", "flags", "num_classes", "topk", "height", "width", "num_records",
     "data_offset", "data_bytes", "index_offset", "manifest_offset", "manifest_bytes",
-    "meta_offset", "meta_bytes", "file_size", "crc", "reserved",
+    "meta_offset", "meta_bytes", "file_size", "crc", "reserved", "fingerprint_offset",
 )
 CRC_OFFSET = 104
-assert HEADER_STRUCT.size == 112 and HEADER_STRUCT.size <= HEADER_SIZE
+assert HEADER_STRUCT.size == 120 and HEADER_STRUCT.size <= HEADER_SIZE
 
 
 def align8(n: int) -> int:
@@ -125,7 +136,7 @@ def index_dtype_for(num_classes: int):
 
 def pack_header(**fields) -> bytes:
     """The 128-byte header for ``fields`` (every name in :data:`HEADER_FIELDS` but ``magic``)."""
-    values = [MAGIC] + [int(fields[name]) for name in HEADER_FIELDS[1:]]
+    values = [MAGIC] + [int(fields.get(name, 0)) for name in HEADER_FIELDS[1:]]
     raw = HEADER_STRUCT.pack(*values)
     return raw + bytes(HEADER_SIZE - len(raw))
 

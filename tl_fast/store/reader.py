@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from .codec import RecordError, StoreError, TopKMaps, _gather_bytes, decode_into
-from .format import CRC_OFFSET, HEADER_SIZE, MAGIC, VERSION, FLAG_LOSSY, unpack_header
+from .format import (CRC_OFFSET, FLAG_LOSSY, HEADER_SIZE, MAGIC, READABLE_VERSIONS, UNKNOWN_FINGERPRINT_SIZE, align8,
+                     unpack_header)
 
 
 def _as_ids(ids) -> np.ndarray:
@@ -58,9 +59,11 @@ class LabelStore:
         if hdr["magic"] != MAGIC:
             raise StoreError(f"{path}: not a tl_fast label store (bad magic {hdr['magic']!r}); an interrupted "
                              "write leaves a zeroed header like this")
-        if hdr["version"] != VERSION:
+        if hdr["version"] not in READABLE_VERSIONS:
             raise StoreError(f"{path}: store format version {hdr['version']} is not supported (this tl_fast "
-                             f"reads version {VERSION})")
+                             f"reads versions {', '.join(map(str, READABLE_VERSIONS))}): upgrade tl_fast")
+        if hdr["version"] == 1:
+            hdr["fingerprint_offset"] = 0  # bytes 112-119 were reserved
         if hdr["file_size"] != size:
             raise StoreError(f"{path}: file is {size} bytes but its header says {hdr['file_size']}: "
                              "the store is truncated or was modified")
@@ -70,6 +73,9 @@ class LabelStore:
               and hdr["manifest_offset"] == hdr["index_offset"] + 16 * n
               and hdr["meta_offset"] == hdr["manifest_offset"] + hdr["manifest_bytes"]
               and hdr["meta_offset"] + hdr["meta_bytes"] <= size
+              and (hdr["fingerprint_offset"] == 0
+                   or (hdr["fingerprint_offset"] == align8(hdr["meta_offset"] + hdr["meta_bytes"])
+                       and hdr["fingerprint_offset"] + 16 * n == size))
               and hdr["index_offset"] % 8 == 0
               and hdr["num_classes"] >= 1 and hdr["topk"] >= 1 and hdr["height"] >= 1 and hdr["width"] >= 1)
         if not ok:
@@ -79,6 +85,9 @@ class LabelStore:
         zeroed[CRC_OFFSET:CRC_OFFSET + 4] = bytes(4)
         crc = zlib.crc32(bytes(zeroed))
         crc = zlib.crc32(mm[hdr["index_offset"]:hdr["meta_offset"] + hdr["meta_bytes"]], crc)
+        fo = hdr["fingerprint_offset"]
+        if fo:
+            crc = zlib.crc32(mm[fo:fo + 16 * n], crc)
         if crc != hdr["crc"]:
             raise StoreError(f"{path}: header/index/manifest checksum mismatch; the store is corrupted")
         io = hdr["index_offset"]
@@ -96,7 +105,15 @@ class LabelStore:
         keys = manifest.split("\n") if n else []
         if len(keys) != n:
             raise StoreError(f"{path}: manifest has {len(keys)} keys for {n} records")
-        return cls(path, mm, hdr, keys, metadata, offsets, lengths, checksums)
+        fingerprints = None
+        if fo:
+            fingerprints = (np.frombuffer(mm, dtype="<u8", count=n, offset=fo).astype(np.uint64),
+                            np.frombuffer(mm, dtype="<u8", count=n, offset=fo + 8 * n).astype(np.uint64))
+        st = os.stat(path)
+        store = cls(path, mm, hdr, keys, metadata, offsets, lengths, checksums)
+        store.fingerprints = fingerprints
+        store._identity = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+        return store
 
     def __reduce__(self):
         # Pickle by path (DataLoader workers reopen the map) instead of copying the mapped bytes.
@@ -152,6 +169,35 @@ class LabelStore:
     def nbytes(self) -> int:
         """Size of the store file in bytes."""
         return int(self.header["file_size"])
+
+    _identity: tuple | None = None
+    fingerprints: tuple[np.ndarray, np.ndarray] | None = None
+    """Per record the content fingerprint of its image, ``(sizes, hashes)`` (uint64 ``[N]`` each; a
+    size of ``2**64 - 1`` means unknown), or None for a store that records none (e.g. version 1)."""
+
+    def has_fingerprint(self) -> np.ndarray:
+        """bool ``[N]``: which records carry their image's fingerprint."""
+        if self.fingerprints is None:
+            return np.zeros(len(self), bool)
+        return self.fingerprints[0] != np.uint64(UNKNOWN_FINGERPRINT_SIZE)
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`StoreError` if the file was modified, truncated or replaced since it was
+        opened: a mapped file that shrinks kills a reader with SIGBUS instead of an error, so the
+        loaders call this at each epoch start (and before each batch read)."""
+        if getattr(self, "_identity", None) is None:
+            return
+        try:
+            st = os.stat(self.path)
+            now = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+        except OSError as err:
+            raise StoreError(f"{self.path}: the label store is gone since it was opened ({err.strerror}); "
+                             "it was deleted or moved under a running loader") from None
+        if now != self._identity:
+            what = (f"its size went from {self._identity[0]} to {now[0]} bytes" if now[0] != self._identity[0]
+                    else "it was replaced" if now[2:] != self._identity[2:] else "it was rewritten in place")
+            raise StoreError(f"{self.path}: the label store file changed since it was opened ({what}): a store must "
+                             "not be rewritten under a running loader; restart the loader on the new file")
 
     @property
     def record_lengths(self) -> np.ndarray:

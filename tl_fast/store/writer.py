@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .codec import StoreError, encode_record
-from .format import FLAG_LOSSY, HEADER_SIZE, VERSION, align8, pack_header
+from .format import FLAG_LOSSY, HEADER_SIZE, UNKNOWN_FINGERPRINT_SIZE, VERSION, align8, pack_header
 
 _MAX_CLASSES = 2**31 - 1
 
@@ -34,6 +34,48 @@ def check_key(key: str) -> str:
     if key.startswith("/"):
         raise StoreError(f"record key {key!r} must be relative to the image root (no leading '/')")
     return key
+
+
+def _lock(fd: int) -> bool:
+    """Take an exclusive advisory lock on ``fd`` without waiting; False if another process holds one."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no stale-temporary detection
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Delete the temporaries an interrupted (killed) writer of ``path`` left beside it: files
+    ``.<name>.*.tmp`` that no live writer holds locked. Returns the removed paths."""
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(path)
+    removed = []
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return removed
+    for entry in entries:
+        if not (entry.startswith(f".{name}.") and entry.endswith(".tmp")):
+            continue
+        candidate = os.path.join(directory, entry)
+        try:
+            fd = os.open(candidate, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            continue
+        try:
+            if _lock(fd):
+                os.unlink(candidate)
+                removed.append(candidate)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 class StoreWriter:
@@ -79,11 +121,15 @@ class StoreWriter:
         self._offsets: list[int] = []
         self._lengths: list[int] = []
         self._checksums: list[int] = []
+        # record id -> its image's (size, hash); records without one are written as unknown
+        self.fingerprints: dict[int, tuple[int, int]] = {}
         self._max_id = -1
         self._pos = HEADER_SIZE
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
+        remove_stale_temporaries(self.path)
         fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=directory)
+        _lock(fd)  # held while writing: a temporary nobody holds is a dead writer's
         self._file = os.fdopen(fd, "wb")
         self._file.write(bytes(HEADER_SIZE))  # zero header until close: a partial file never opens
         self._closed = False
@@ -101,10 +147,13 @@ class StoreWriter:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def add(self, key: str, values, indices) -> int:
+    def add(self, key: str, values, indices, *, fingerprint: tuple[int, int] | None = None) -> int:
         """Append the map of image ``key``; returns its record id. Rejects (naming ``key``) duplicate
         keys, shape mismatches, non-finite values, values that overflow float16, non-integer ids and
-        ids outside ``[0, K)``. Nothing is written for a rejected record."""
+        ids outside ``[0, K)``. Nothing is written for a rejected record.
+
+        ``fingerprint``: the image's ``(size, hash)`` (:func:`tl_fast.imagecheck.file_fingerprint`),
+        checked by the loaders when they join images and records."""
         if self._closed:
             raise StoreError(f"{self.path}: writer is closed")
         check_key(key)
@@ -141,10 +190,37 @@ class StoreWriter:
         self._offsets.append(self._pos)
         self._lengths.append(record.shape[0])
         self._checksums.append(checksum)
+        if fingerprint is not None:
+            self.fingerprints[len(self._keys)] = (int(fingerprint[0]), int(fingerprint[1]))
         self._pos += record.shape[0]
         self._keys.append(key)
         self._key_set.add(key)
         self._max_id = max(self._max_id, hi)
+        return len(self._keys) - 1
+
+    def add_encoded(self, key: str, record: np.ndarray, checksum: int, *,
+                    fingerprint: tuple[int, int] | None = None) -> int:
+        """Append an already encoded record (e.g. copied from another store whose reader verified it,
+        with that store's index checksum); returns its record id. Needs an explicit ``num_classes``."""
+        if self._closed:
+            raise StoreError(f"{self.path}: writer is closed")
+        if self.num_classes is None or self.map_size is None:
+            raise StoreError(f"{self.path}: add_encoded needs num_classes and map_size given to the writer")
+        check_key(key)
+        if key in self._key_set:
+            raise StoreError(f"duplicate record key {key!r}")
+        record = np.ascontiguousarray(record, dtype=np.uint8).reshape(-1)
+        if record.shape[0] == 0 or record.shape[0] % 8:
+            raise StoreError(f"{key!r}: an encoded record is a positive multiple of 8 bytes, got {record.shape[0]}")
+        self._file.write(memoryview(record))
+        self._offsets.append(self._pos)
+        self._lengths.append(record.shape[0])
+        self._checksums.append(int(checksum))
+        if fingerprint is not None:
+            self.fingerprints[len(self._keys)] = (int(fingerprint[0]), int(fingerprint[1]))
+        self._pos += record.shape[0]
+        self._keys.append(key)
+        self._key_set.add(key)
         return len(self._keys) - 1
 
     def add_batch(self, keys: Sequence[str], values, indices) -> None:
@@ -196,27 +272,37 @@ class StoreWriter:
         index_offset = self._pos
         manifest_offset = index_offset + len(index)
         meta_offset = manifest_offset + len(manifest)
-        file_size = align8(meta_offset + len(meta_raw))
+        fp_offset = align8(meta_offset + len(meta_raw)) if self.fingerprints else 0
+        fp_raw = b""
+        if self.fingerprints:
+            fp = np.zeros((2, n), dtype="<u8")
+            fp[0] = UNKNOWN_FINGERPRINT_SIZE
+            rid = np.fromiter(self.fingerprints, dtype=np.int64, count=len(self.fingerprints))
+            fp[:, rid] = np.array(list(self.fingerprints.values()), dtype=np.uint64).reshape(-1, 2).T
+            fp_raw = fp.tobytes()
+        file_size = align8(meta_offset + len(meta_raw)) + len(fp_raw)
         fields = dict(version=VERSION, flags=FLAG_LOSSY if self.lossy else 0, num_classes=num_classes,
                       topk=self.topk, height=self.map_size[0], width=self.map_size[1], num_records=n,
                       data_offset=HEADER_SIZE, data_bytes=data_bytes, index_offset=index_offset,
                       manifest_offset=manifest_offset, manifest_bytes=len(manifest), meta_offset=meta_offset,
-                      meta_bytes=len(meta_raw), file_size=file_size, crc=0, reserved=0)
+                      meta_bytes=len(meta_raw), file_size=file_size, crc=0, reserved=0,
+                      fingerprint_offset=fp_offset)
         crc = zlib.crc32(pack_header(**fields))
-        for part in (index, manifest, meta_raw):
+        for part in (index, manifest, meta_raw, fp_raw):
             crc = zlib.crc32(part, crc)
         fields["crc"] = crc
         f = self._file
         f.write(index)
         f.write(manifest)
         f.write(meta_raw)
-        f.write(bytes(file_size - (meta_offset + len(meta_raw))))
+        f.write(bytes(file_size - len(fp_raw) - (meta_offset + len(meta_raw))))
+        f.write(fp_raw)
         f.seek(0)
         f.write(pack_header(**fields))
         f.flush()
         os.fsync(f.fileno())
+        os.replace(self._tmp, self.path)  # still locked: no cleanup can take it for a dead writer's
         f.close()
-        os.replace(self._tmp, self.path)
         try:  # make the rename durable
             dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
             try:

@@ -1,0 +1,301 @@
+"""The image-validity rule, decided once at indexing and applied by every backend and the annotator.
+
+One function, :func:`check_image`, decides whether an image file is usable. Its verdict is cached
+in the image index (:mod:`tl_fast.dataset`), and every consumer (the DALI, FFCV and torch loaders,
+``tl-fast pack-ffcv``, ``tl-fast annotate``) takes its list of images from that index, so no backend
+is handed a file another backend would refuse.
+
+A file is **unusable** (a counted skip, with the reason) when:
+
+* it is empty, not a regular file, or its header does not parse;
+* it is a JPEG that libjpeg-turbo cannot decode *without a warning*: bad markers, a scan that ends
+  early (a truncated file, also with ``FF D9`` appended), corrupt entropy-coded data. libjpeg only
+  warns about these and fills the rest with grey; DALI, FFCV, torchvision and PIL then each
+  deliver something different, so the warning is an error here. The quick check (the default)
+  decodes at 1/8 scale: the entropy-coded data, where these errors are found, is decoded in full,
+  the inverse DCT is skipped. ``full=True`` decodes at full size;
+* it is a CMYK/YCCK JPEG (decoders disagree on the colour conversion; FFCV's cannot do it);
+* it has more than 8 bits per sample (16-bit PNG, ``I``/``F`` modes): DALI, torchvision and PIL map
+  16-bit levels to 8 bits differently (correct, wrong levels, saturated white), so it is refused
+  everywhere — convert such files to 8-bit;
+* it is another format (PNG, BMP, WebP) that PIL cannot fully decode.
+
+Without libjpeg-turbo's ``libturbojpeg`` (it ships with FFCV's system dependencies) the JPEG check
+falls back to PIL at reduced scale plus an end-of-image marker test, which misses scans that end
+early; :func:`jpeg_checker_available` says which one runs.
+
+The image's content **fingerprint** (:func:`fingerprint_bytes`) is computed from the same read: its
+size in bytes and a 64-bit hash of its first and last :data:`FINGERPRINT_WINDOW` bytes. Label stores
+and ``.beton`` files record it, so labels stay bound to the images they were made for.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import io
+import os
+import stat
+import threading
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+FINGERPRINT_WINDOW = 2048
+_TJFLAG_FASTDCT = 2048
+_TJFLAG_STOPONWARNING = 8192
+_TJCS_CMYK, _TJCS_YCCK = 3, 4
+_ALLOWED_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "YCbCr")
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """Verdict on one file: ``problem`` is ``""`` for a usable image."""
+
+    height: int
+    width: int
+    problem: str
+    nbytes: int = 0
+    fingerprint: int = 0  # uint64 as a Python int (0 when the file could not be read)
+
+
+# -- fingerprint -----------------------------------------------------------------------------------
+
+@numba.njit(cache=True, nogil=True)
+def _mix_bytes(h: np.uint64, part: np.ndarray) -> np.uint64:
+    word = np.uint64(0)
+    shift = np.uint64(0)
+    for i in range(part.shape[0]):
+        word |= np.uint64(part[i]) << shift
+        shift += np.uint64(8)
+        if shift == np.uint64(64):
+            h = (h ^ word) * np.uint64(0xFF51AFD7ED558CCD)
+            h ^= h >> np.uint64(32)
+            word = np.uint64(0)
+            shift = np.uint64(0)
+    h = (h ^ word ^ (shift << np.uint64(56))) * np.uint64(0xC4CEB9FE1A85EC53)
+    return h ^ (h >> np.uint64(29))
+
+
+@numba.njit(cache=True, nogil=True)
+def _windows_hash(head: np.ndarray, tail: np.ndarray, n: int) -> np.uint64:
+    """The hash of a file of ``n`` bytes from its head window and its tail window (the bytes after
+    the head, at most ``FINGERPRINT_WINDOW`` of them)."""
+    h = np.uint64(0x9E3779B97F4A7C15) ^ np.uint64(n)
+    return _mix_bytes(_mix_bytes(h, head), tail)
+
+
+@numba.njit(cache=True, nogil=True)
+def _bytes_hash(data: np.ndarray) -> np.uint64:
+    n = data.shape[0]
+    head = min(n, FINGERPRINT_WINDOW)
+    return _windows_hash(data[:head], data[max(head, n - FINGERPRINT_WINDOW):], n)
+
+
+def fingerprint_bytes(data) -> tuple[int, int]:
+    """``(size, hash)`` of a file's bytes: the content fingerprint stores and ``.beton`` files record
+    (the hash reads only the first and last ``FINGERPRINT_WINDOW`` bytes)."""
+    arr = data.reshape(-1) if isinstance(data, np.ndarray) else np.frombuffer(data, dtype=np.uint8)
+    return int(arr.shape[0]), int(_bytes_hash(arr))
+
+
+def file_fingerprint(path: str | os.PathLike) -> tuple[int, int]:
+    """:func:`fingerprint_bytes` of the file at ``path``, reading only its two windows."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = np.frombuffer(f.read(FINGERPRINT_WINDOW), np.uint8)
+        tail_start = max(len(head), size - FINGERPRINT_WINDOW)
+        f.seek(tail_start)
+        tail = np.frombuffer(f.read(size - tail_start), np.uint8)
+    return size, int(_windows_hash(head, tail, size))
+
+
+@numba.njit(cache=True, nogil=True)
+def packed_fingerprints(buf: np.ndarray, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Hashes of the byte ranges ``buf[offsets[i]:offsets[i] + sizes[i]]`` (e.g. JPEGs in a mapped
+    ``.beton``), as :func:`fingerprint_bytes` computes them."""
+    out = np.empty(offsets.shape[0], np.uint64)
+    for i in range(offsets.shape[0]):
+        o = offsets[i]
+        out[i] = _bytes_hash(buf[o:o + sizes[i]])
+    return out
+
+
+# -- libjpeg-turbo ---------------------------------------------------------------------------------
+
+class _TurboJPEG:
+    """The few libturbojpeg calls the check needs (ctypes releases the GIL: checks run in threads)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+        lib.tjInitDecompress.restype = ctypes.c_void_p
+        lib.tjDestroy.argtypes = [ctypes.c_void_p]
+        lib.tjGetErrorStr2.restype = ctypes.c_char_p
+        lib.tjGetErrorStr2.argtypes = [ctypes.c_void_p]
+        lib.tjDecompressHeader3.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong] + \
+            [ctypes.POINTER(ctypes.c_int)] * 4
+        lib.tjDecompress2.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p,
+                                      ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self._local = threading.local()
+
+    def _handle(self):
+        h = getattr(self._local, "handle", None)
+        if h is None:
+            h = self._local.handle = self.lib.tjInitDecompress()
+        return h
+
+    def problem(self, data: bytes, full: bool) -> str:
+        """``""`` when ``data`` decodes without error or warning, else what libjpeg-turbo said."""
+        h = self._handle()
+        w, ht, sub, cs = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        if self.lib.tjDecompressHeader3(h, data, len(data), ctypes.byref(w), ctypes.byref(ht), ctypes.byref(sub),
+                                        ctypes.byref(cs)):
+            return f"corrupt JPEG header (libjpeg-turbo: {self.lib.tjGetErrorStr2(h).decode(errors='replace')})"
+        if cs.value in (_TJCS_CMYK, _TJCS_YCCK):
+            return "CMYK/YCCK JPEG: decoders disagree on its colours (convert it to RGB)"
+        scale = 1 if full else 8
+        ow, oh = -(-w.value // scale), -(-ht.value // scale)
+        out = np.empty(ow * oh * 3, np.uint8)
+        if self.lib.tjDecompress2(h, data, len(data), out.ctypes.data, ow, 0, oh, 0,
+                                  _TJFLAG_STOPONWARNING | _TJFLAG_FASTDCT):
+            msg = self.lib.tjGetErrorStr2(h).decode(errors="replace")
+            if "premature end" in msg.lower():
+                return f"truncated or corrupt JPEG: its scan data ends early (libjpeg-turbo: {msg})"
+            return f"corrupt JPEG data (libjpeg-turbo: {msg})"
+        return ""
+
+
+def _load_turbojpeg() -> _TurboJPEG | None:
+    for name in (ctypes.util.find_library("turbojpeg"), "libturbojpeg.so.0", "libturbojpeg.dylib"):
+        if not name:
+            continue
+        try:
+            return _TurboJPEG(ctypes.CDLL(name))
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+_TURBO = _load_turbojpeg()
+
+
+def jpeg_checker_available() -> bool:
+    """Whether JPEGs are checked by libjpeg-turbo (else the weaker PIL fall-back)."""
+    return _TURBO is not None
+
+
+# -- the rule --------------------------------------------------------------------------------------
+
+def _read_regular_file(path: str) -> bytes:
+    """The bytes of ``path``; refuses anything but a regular file without blocking on it (a FIFO)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"not a regular file ({file_kind(mode)})")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def file_kind(mode: int) -> str:
+    """A short name for a non-regular file type (FIFO, socket, device...)."""
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def check_image(path: str | os.PathLike, *, full: bool = False) -> ImageCheck:
+    """The verdict of the validity rule (module docstring) on the file at ``path``."""
+    from PIL import Image
+
+    path = os.fspath(path)
+    try:
+        data = _read_regular_file(path)
+    except OSError as err:
+        return ImageCheck(0, 0, f"unreadable file ({err.strerror or err})")
+    nbytes, fp = fingerprint_bytes(data)
+    if not data:
+        return ImageCheck(0, 0, "empty file", nbytes, fp)
+
+    def bad(problem: str, h: int = 0, w: int = 0) -> ImageCheck:
+        return ImageCheck(h, w, problem, nbytes, fp)
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            fmt, mode = im.format, im.mode
+            if width <= 0 or height <= 0:
+                return bad("zero-sized image")
+            if fmt == "PNG" and len(data) > 24 and data[24] > 8:
+                return bad(f"{data[24]}-bit PNG: backends convert it to 8 bits differently (convert it to 8-bit)")
+            if mode not in _ALLOWED_MODES and not (fmt == "JPEG" and mode == "CMYK"):
+                return bad(f"image mode {mode} (more than 8 bits per sample?): convert it to 8-bit RGB")
+            if fmt != "JPEG":
+                im.load()  # PNG/BMP/WebP: rare in training sets, so fully decoded here
+    except Image.UnidentifiedImageError:
+        return bad("not an image (unknown format or unreadable header)")
+    except Exception as err:  # PIL raises many types for unreadable files
+        return bad(f"unreadable image ({type(err).__name__}: {err})")
+    if fmt == "JPEG":
+        if _TURBO is not None:
+            problem = _TURBO.problem(data, full)
+        else:
+            problem = _pil_jpeg_problem(data, full)
+        if problem:
+            return bad(problem)
+    return ImageCheck(height, width, "", nbytes, fp)
+
+
+def _pil_jpeg_problem(data: bytes, full: bool) -> str:
+    from PIL import Image
+
+    if b"\xff\xd9" not in data[-4096:]:
+        return "truncated JPEG (no end-of-image marker)"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode == "CMYK":
+                return "CMYK/YCCK JPEG: decoders disagree on its colours (convert it to RGB)"
+            if not full:
+                im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+            im.load()
+    except Exception as err:
+        return f"corrupt JPEG data ({type(err).__name__}: {err})"
+    return ""
+
+
+# -- tl-fast check ---------------------------------------------------------------------------------
+
+def _check_cmd(args) -> int:
+    import sys
+
+    from .dataset import full_check
+
+    try:
+        checked, bad = full_check(args.images, num_threads=args.workers, progress=not args.quiet)
+    except (OSError, ValueError) as err:
+        print(f"tl-fast check: error: {err}", file=sys.stderr)
+        return 1
+    for s in bad:
+        print(f"{s.path}: {s.reason}")
+    print(f"{len(bad)} of {checked} entries unusable under {args.images}" if bad
+          else f"all {checked} images under {args.images} decode cleanly")
+    return 1 if bad else 0
+
+
+def register(subparsers) -> None:
+    """Add ``tl-fast check``."""
+    p = subparsers.add_parser(
+        "check", help="decode every image of a folder in full and cache the verdicts for the loaders",
+        description="The thorough image check: decode every image under IMAGES (ImageFolder layout) in full "
+        "(libjpeg-turbo for JPEGs, failing on its warnings; PIL for the rest), in parallel. Verdicts are cached "
+        "beside the image index (IMAGES/.tl_fast_check.npz), so a rerun decodes only changed files, and every "
+        "loader, pack-ffcv and annotate run on IMAGES afterwards skips the images it found unusable. Prints "
+        "one line per unusable entry; exits 1 if there is any.")
+    p.add_argument("images", metavar="IMAGES", help="ImageFolder-layout directory (root/<class>/<image>)")
+    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_check_cmd)
