@@ -246,7 +246,7 @@ def test_resume_after_interruption_gives_the_same_store(tmp_path, stop_at):
     with pytest.raises(_Stop):
         annotate(root, tmp_path / "part.tls", on_batch=interrupt, **kw)
     assert not (tmp_path / "part.tls").exists()
-    assert len(list((tmp_path / "part.tls.partial").glob("part-*.npz"))) == stop_at // 4
+    assert len(list((tmp_path / "part.tls.partial").glob("block-*.tls"))) == stop_at // 4
     res = annotate(root, tmp_path / "part.tls", **kw)
     assert res.resumed == (stop_at // 4) * 4
     assert not (tmp_path / "part.tls.partial").exists()
