@@ -101,6 +101,7 @@ class BatchResult:
 
     block: int
     positions: np.ndarray  # image indices into the full list
+    num_classes: int  # K of the model
     values: torch.Tensor  # [B, k, h, w] float16
     indices: torch.Tensor  # [B, k, h, w] int16 / int32
     pred: torch.Tensor  # [B, PRED_TOPK] image-level top classes
@@ -118,11 +119,11 @@ class BlockWriter:
     complete and discards the one in progress."""
 
     def __init__(self, partial: PartialResults, block_ranges: dict[int, tuple[int, int]], keys: Sequence[str],
-                 paths: Sequence[str], fingerprint: str, *, num_classes: int, topk: int,
-                 map_size: tuple[int, int], lossy: bool, model_name: str, max_pending: int = 8):
+                 paths: Sequence[str], fingerprint: str, *, topk: int, lossy: bool, model_name: str,
+                 max_pending: int = 8):
         self.partial, self.block_ranges, self.keys, self.paths = partial, block_ranges, keys, paths
         self.fingerprint, self.model_name = fingerprint, model_name
-        self.store_args = dict(num_classes=num_classes, topk=topk, map_size=map_size, lossy=lossy)
+        self.topk, self.lossy = topk, lossy
         self.error: BaseException | None = None
         self.busy_seconds = 0.0
         self.blocks_written = 0
@@ -191,7 +192,9 @@ class BlockWriter:
             start, stop = self.block_ranges[item.block]
             self._open = {"block": item.block, "start": start, "count": stop - start, "seen": 0,
                           "pred": np.zeros((stop - start, PRED_TOPK), np.int64), "skipped": [],
-                          "writer": StoreWriter(self.partial.block_path(item.block), **self.store_args)}
+                          "writer": StoreWriter(self.partial.block_path(item.block), num_classes=item.num_classes,
+                                                topk=self.topk, map_size=tuple(item.values.shape[-2:]),
+                                                lossy=self.lossy)}
         blk = self._open
         values, indices = item.values.numpy(), item.indices.numpy()
         writer = blk["writer"]

@@ -189,9 +189,6 @@ def _annotate(ranks: Ranks, start: float, images, store, *, model, checkpoint, n
     dense_net = DenseClassifier(net).to(dev)
     if channels_last:
         dense_net = dense_net.to(memory_format=torch.channels_last)
-    num_k, map_size = _probe(dense_net, size, dev, amp, channels_last)
-    if topk > num_k:
-        raise ValueError(f"--topk {topk} exceeds the model's {num_k} classes")
 
     # The partial folder: rank 0 creates or checks it and lists the finished blocks.
     partial = PartialResults(partial_folder(store))
@@ -239,7 +236,7 @@ def _annotate(ranks: Ranks, start: float, images, store, *, model, checkpoint, n
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                                  pin_memory=dev.type == "cuda")
             writer = BlockWriter(partial, {j: sampler.block_range(j) for j in mine}, keys, imgs.paths, fingerprint,
-                                 num_classes=num_k, topk=topk, map_size=map_size, lossy=lossy, model_name=model_name)
+                                 topk=topk, lossy=lossy, model_name=model_name)
             rank_images = _loop(loader, sampler, dense_net, writer, bar, timer, dcfg, dev, topk=topk, amp=amp,
                                 channels_last=channels_last, model_name=model_name, on_batch=on_batch,
                                 resumed=resumed, total=n_images)
@@ -259,8 +256,8 @@ def _annotate(ranks: Ranks, start: float, images, store, *, model, checkpoint, n
     problem: Exception | None = None
     if ranks.is_main:
         try:
-            result = _assemble(partial, store, imgs, fingerprint, block_size, n_blocks, num_k=num_k, topk=topk,
-                               map_size=map_size, lossy=lossy, size=size, model_name=model_name,
+            result = _assemble(partial, store, imgs, fingerprint, block_size, n_blocks, topk=topk,
+                               lossy=lossy, size=size, model_name=model_name,
                                checkpoint=checkpoint, metadata=metadata, resumed=resumed)
         except (RuntimeError, ValueError, OSError) as err:
             problem = err
@@ -278,21 +275,6 @@ def _annotate(ranks: Ranks, start: float, images, store, *, model, checkpoint, n
                             "writer": writer.busy_seconds if writer is not None else 0.0}
     log.info(_summary(result, len(mine)))
     return result
-
-
-@torch.inference_mode()
-def _probe(dense_net: DenseClassifier, size: int, dev: torch.device, amp: bool,
-           channels_last: bool) -> tuple[int, tuple[int, int]]:
-    """K and the map size ``(h, w)`` of the model at this input size: one forward of a blank image."""
-    x = torch.zeros(1, 3, size, size, device=dev)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp and dev.type == "cuda"):
-        dense, logits = dense_net(x)
-    if dense.ndim != 4 or logits.ndim != 2 or dense.shape[:2] != logits.shape:
-        raise RuntimeError(f"dense output {tuple(dense.shape)} and logits {tuple(logits.shape)} do not fit "
-                           "([B, K, h, w] and [B, K])")
-    return int(logits.shape[1]), (int(dense.shape[2]), int(dense.shape[3]))
 
 
 @torch.inference_mode()
@@ -327,9 +309,11 @@ def _loop(loader, sampler: BlockBatches, dense_net: DenseClassifier, writer: Blo
             if dense.ndim != 4 or logits.ndim != 2 or dense.shape[:2] != logits.shape:
                 raise RuntimeError(f"{model_name}: dense output {tuple(dense.shape)} and logits "
                                    f"{tuple(logits.shape)} do not fit ([B, K, h, w] and [B, K])")
+        num_k = dense.shape[1]
+        if topk > num_k:
+            raise ValueError(f"--topk {topk} exceeds the model's {num_k} classes")
         with timer("top-k"):
             dense = dense.float()
-            num_k = dense.shape[1]
             vals, cls = dense.topk(topk, dim=1)  # sorted, largest first
             pred = logits.float().topk(min(PRED_TOPK, num_k), dim=1).indices
             if pred.shape[1] < PRED_TOPK:
@@ -345,7 +329,7 @@ def _loop(loader, sampler: BlockBatches, dense_net: DenseClassifier, writer: Blo
                 ready = torch.cuda.Event()
                 ready.record()
                 out = host
-            writer.put(BatchResult(block, positions, *out, ok=ok, ready=ready))
+            writer.put(BatchResult(block, positions, num_k, *out, ok=ok, ready=ready))
         done += len(positions)
         batches += 1
         bar.step(batches, done, len(positions))
@@ -355,7 +339,7 @@ def _loop(loader, sampler: BlockBatches, dense_net: DenseClassifier, writer: Blo
 
 
 def _assemble(partial: PartialResults, store: Path, imgs: ImageList, fingerprint: str, block_size: int,
-              n_blocks: int, *, num_k: int, topk: int, map_size, lossy: bool, size: int, model_name: str,
+              n_blocks: int, *, topk: int, lossy: bool, size: int, model_name: str,
               checkpoint, metadata, resumed: int) -> AnnotateResult:
     """Check every block, compute the image-level accuracy, and copy the blocks into ``store``."""
     n = len(imgs)
@@ -364,6 +348,8 @@ def _assemble(partial: PartialResults, store: Path, imgs: ImageList, fingerprint
         raise RuntimeError(f"{len(missing)} of {n_blocks} finished blocks are not visible to rank 0 in {partial.folder} "
                            f"(e.g. {partial.block_path(missing[0]).name}): STORE must be on a filesystem that every "
                            "node shares")
+    with LabelStore.open(partial.block_path(0)) as first:  # the model's K and map size, as the blocks hold them
+        num_k, map_size = first.num_classes, first.map_size
     pred = np.zeros((n, PRED_TOPK), np.int64)
     skipped = np.zeros(n, bool)
     for j in range(n_blocks):
