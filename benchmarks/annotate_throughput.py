@@ -19,7 +19,9 @@ loop. On CUDA the shares come from an extra profiled round (a synchronize after 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -58,6 +60,36 @@ def make_images(root: Path, n: int, classes: int = 10, seed: int = 0) -> Path:
         Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(folder / f"img{i:06d}.jpg", quality=90)
     done.write_text(f"{n} {classes} {seed}")
     return root
+
+
+def disk_table(num_classes: int = 1000, topk: int = 5, n: int = 256) -> list[dict]:
+    """Bytes per image of the store for common annotator map sizes, from real encodings: annotator-like
+    (smooth) maps and, as the worst case, maps without spatial structure. Whole file (records,
+    index, manifest with ImageNet-style keys) over the number of records."""
+    from benchmarks.common import smooth_topk_maps
+    from tl_fast.store import StoreWriter
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for side in (12, 14, 18, 24, 32):
+            values, indices = smooth_topk_maps(n, num_classes, topk, side)
+            gen = torch.Generator().manual_seed(1)
+            rand_v = torch.randn(n, topk, side, side, generator=gen).sort(1, descending=True).values.half()
+            rand_i = torch.randint(0, num_classes, (n, topk, side, side), generator=gen)
+            row = {"map": f"{side}x{side}", "public_pt_bytes": None}
+            for kind, (v, i) in {"smooth": (values, indices), "random": (rand_v, rand_i)}.items():
+                for lossy in (False, True):
+                    path = os.path.join(tmp, f"{kind}{side}{lossy}.tls")
+                    keys = [f"n{j // 1300:08d}/n{j // 1300:08d}_{j:05d}" for j in range(n)]
+                    with StoreWriter(path, num_classes=num_classes, topk=topk, map_size=(side, side),
+                                     lossy=lossy) as w:
+                        w.add_batch(keys, v, i)
+                    row[f"{kind}_{'lossy' if lossy else 'lossless'}"] = os.path.getsize(path) / n
+            buf = io.BytesIO()
+            torch.save(torch.stack([values[0].float(), indices[0].float()]).half(), buf)
+            row["public_pt_bytes"] = len(buf.getvalue())
+            rows.append(row)
+    return rows
 
 
 @torch.inference_mode()
@@ -100,10 +132,24 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--disk", action="store_true", help="only print the store's bytes per image by map size")
     args = p.parse_args(argv)
+    if args.disk:
+        rows = disk_table(args.num_classes, args.topk)
+        print(f"store bytes per image, top-{args.topk} of K={args.num_classes} (whole file / records; GB per million "
+              "images = bytes / 1000)")
+        print("map     public .pt  smooth lossless  smooth lossy  random lossless  random lossy")
+        for r in rows:
+            print(f"{r['map']:6s} {r['public_pt_bytes']:10,d} {r['smooth_lossless']:15,.0f} {r['smooth_lossy']:13,.0f} "
+                  f"{r['random_lossless']:16,.0f} {r['random_lossy']:13,.0f}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return {"disk": rows}
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # K=1000 over a folder of a few classes is intended here (speed only): no accuracy warning.
+    logging.getLogger("tl_fast.annotate").setLevel(logging.ERROR)
     dev = torch.device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # both runs: what a plain GPU inference loop sets
