@@ -8,13 +8,14 @@ final store. Rounds alternate which of the two runs first; the figures are media
 the ratio is the median of the per-round ratios (the machine is shared and noisy).
 
 ``annotate`` is timed end to end (the library call: listing from the index cache, weights digest,
-probe, loop, assembly of the store); ``loop`` is its inference loop alone. Stage shares are the
+the loop, assembly of the store); ``loop`` is its inference loop alone. Stage shares are the
 annotator's loop time per stage; ``writer`` is the writer thread's busy time, which overlaps the
 loop. On CUDA the shares come from an extra profiled round (a synchronize after each stage).
 
-    python benchmarks/annotate_throughput.py                        # CPU, resnet18 at 128 px, K=1000
-    python benchmarks/annotate_throughput.py --device cuda --amp --channels-last --img-size 224 \\
-        --batch-size 128 --workers 8 --num-images 4096               # GPU variant
+    python benchmarks/annotate_throughput.py --threads 1 --img-size 96 --rounds 9   # CPU (BENCHMARKS.md)
+    python benchmarks/annotate_throughput.py --device cuda --amp --channels-last --model convnextv2_large \\
+        --img-size 384 --batch-size 64 --workers 12 --num-images 4096 --rounds 5      # GPU variant
+    python benchmarks/annotate_throughput.py --disk       # store bytes per image by map size
 """
 from __future__ import annotations
 
