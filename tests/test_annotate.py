@@ -421,3 +421,39 @@ def test_store_writer_copy_from_checks_the_layout(tmp_path):
         with StoreWriter(tmp_path / "c.tls", num_classes=8, topk=2, map_size=(4, 4)) as w:
             w.copy_from(LabelStore.open(tmp_path / "a.tls"))
     assert not (tmp_path / "c.tls").exists()
+
+
+def test_channels_last_gives_the_same_maps(tmp_path):
+    root = _image_folder(tmp_path / "imgs")
+    torch.manual_seed(0)
+    model = build_model("resnet10t", num_classes=3)
+    kw = dict(model=model, img_size=64, topk=2, batch_size=4, num_workers=0, progress=False, device="cpu")
+    annotate(root, tmp_path / "nchw.tls", **kw)
+    annotate(root, tmp_path / "nhwc.tls", channels_last=True, **kw)
+    _, v1, i1 = _store_arrays(tmp_path / "nchw.tls")
+    _, v2, i2 = _store_arrays(tmp_path / "nhwc.tls")
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(v1.astype(np.float32), v2.astype(np.float32), rtol=0, atol=2e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_run_matches_the_cpu_store(tmp_path):
+    """fp32 on the GPU (pinned copies, writer thread waiting on events) writes the CPU's maps; bf16
+    autocast + channels-last writes a valid store whose top-1 class agrees almost everywhere."""
+    root = _image_folder(tmp_path / "imgs", per_class=6)
+    torch.manual_seed(0)
+    model = build_model("resnet10t", num_classes=3)
+    kw = dict(model=model, img_size=96, topk=2, batch_size=4, num_workers=2, flush_every=8, progress=False)
+    cpu = annotate(root, tmp_path / "cpu.tls", device="cpu", **kw)
+    gpu = annotate(root, tmp_path / "gpu.tls", device="cuda", profile=True, **kw)
+    _, v1, i1 = _store_arrays(tmp_path / "cpu.tls")
+    _, v2, i2 = _store_arrays(tmp_path / "gpu.tls")
+    assert (gpu.num_images, gpu.map_size) == (cpu.num_images, cpu.map_size)
+    np.testing.assert_allclose(v1.astype(np.float32), v2.astype(np.float32), rtol=0, atol=2e-2)
+    assert (i1[:, 0] == i2[:, 0]).mean() > 0.99
+    assert set(gpu.stage_seconds) >= {"data", "forward", "dense head", "top-k", "hand-off", "writer"}
+    annotate(root, tmp_path / "bf16.tls", device="cuda", amp=True, channels_last=True, **kw)
+    store, v3, i3 = _store_arrays(tmp_path / "bf16.tls")
+    store.verify()
+    assert (i1[:, 0] == i3[:, 0]).mean() > 0.9
