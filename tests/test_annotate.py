@@ -246,7 +246,7 @@ def test_resume_after_interruption_gives_the_same_store(tmp_path, stop_at):
     with pytest.raises(_Stop):
         annotate(root, tmp_path / "part.tls", on_batch=interrupt, **kw)
     assert not (tmp_path / "part.tls").exists()
-    assert len(list((tmp_path / "part.tls.partial").glob("part-*.npz"))) == stop_at // 4
+    assert len(list((tmp_path / "part.tls.partial").glob("block-*.tls"))) == stop_at // 4
     res = annotate(root, tmp_path / "part.tls", **kw)
     assert res.resumed == (stop_at // 4) * 4
     assert not (tmp_path / "part.tls.partial").exists()
@@ -284,3 +284,176 @@ def test_unreadable_image_is_a_counted_skip(tmp_path):
     store = LabelStore.open(tmp_path / "k.tls")
     assert "cat/zz.jpg" in res.skipped
     assert "cat/zz" not in store.keys and len(store) == res.num_images == 10 - len(res.skipped)
+
+
+# ------------------------------------------------------------------------------------------------
+# Several ranks (gloo on CPU, loopback only)
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranked_setup(tmp_path_factory):
+    """16 images, a resnet10t checkpoint, and the one-process store (one thread, as in every rank)."""
+    tmp = tmp_path_factory.mktemp("ranks")
+    root = _image_folder(tmp / "imgs", per_class=5)
+    (root / "cat" / "img9.jpg").write_bytes((root / "cat" / "img0.jpg").read_bytes())  # 16 images
+    torch.manual_seed(0)
+    ckpt = tmp / "r10.pt"
+    torch.save(build_model("resnet10t", num_classes=3).state_dict(), ckpt)
+    kw = dict(model="resnet10t", checkpoint=str(ckpt), img_size=64, topk=3, batch_size=2, num_workers=0,
+              flush_every=4, progress=False, device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = annotate(root, tmp / "one.tls", **kw)
+    finally:
+        torch.set_num_threads(threads)
+    return tmp, root, kw, ref
+
+
+def _same_records(a: Path, b: Path) -> None:
+    sa, sb = LabelStore.open(a), LabelStore.open(b)
+    assert sa.keys == sb.keys  # manifest order
+    ra, la = sa.raw_records(np.arange(len(sa)))
+    rb, lb = sb.raw_records(np.arange(len(sb)))
+    np.testing.assert_array_equal(la, lb)
+    np.testing.assert_array_equal(ra, rb)  # same bytes per record
+    assert a.read_bytes() == b.read_bytes()  # and the same file (metadata holds no world size or time)
+
+
+def test_two_ranks_under_torchrun_write_the_one_process_store(ranked_setup):
+    import os
+    import subprocess
+    import sys
+
+    tmp, root, kw, ref = ranked_setup
+    assert ref.num_images == 16 and ref.map_size == (2, 2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "tl_fast.cli", "annotate",
+           str(root), str(tmp / "two.tls"), "--model", "resnet10t", "--checkpoint", kw["checkpoint"],
+           "--img-size", "64", "--topk", "3", "--batch-size", "2", "--num-workers", "0", "--flush-every", "4",
+           "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _same_records(tmp / "one.tls", tmp / "two.tls")
+    assert proc.stdout.count("wrote ") == 1 and "top-1" in proc.stdout  # rank 0 reports, rank 1 is quiet
+    for rank in (0, 1):  # one summary line per rank in the log
+        assert f"annotate rank {rank}/2: 8 images in 2 blocks" in proc.stderr
+    assert not (tmp / "two.tls.partial").exists()
+
+
+def _rank_worker(rank: int, world: int, port: int, root, store, kw: dict, kill_at) -> None:
+    """One rank as torchrun would start it (environment). ``kill_at = (rank, batch, block file)``:
+    that rank SIGKILLs itself after that batch, once its writer thread has renamed that block file
+    into place (the first block also waits for numba to load the encoder)."""
+    import os
+    import signal
+    import time
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    batches = [0]
+
+    def on_batch(done, total):
+        batches[0] += 1
+        if kill_at is not None and (rank, batches[0]) == kill_at[:2]:
+            deadline = time.monotonic() + 120
+            while not Path(kill_at[2]).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    annotate(root, store, on_batch=on_batch, **kw)
+
+
+def test_rank_killed_mid_run_resumes_with_the_same_records(ranked_setup, monkeypatch):
+    import torch.multiprocessing as mp
+
+    tmp, root, kw, ref = ranked_setup
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))  # this tl_fast in the children
+    store = tmp / "killed.tls"
+    partial = tmp / "killed.tls.partial"
+    # 4 blocks of 4 images: rank 0 gets blocks 0 and 2, rank 1 blocks 1 and 3. Rank 1 dies on the
+    # first batch of block 3, after handing over all of block 1.
+    with pytest.raises((mp.ProcessExitedException, mp.ProcessRaisedException)):
+        mp.spawn(_rank_worker, args=(2, _free_port(), root, store, kw, (1, 3, partial / "block-00000001.tls")),
+                 nprocs=2, join=True)
+    assert not store.exists()
+    done = sorted(p.name for p in partial.glob("block-*.tls"))
+    assert "block-00000001.tls" in done and "block-00000003.tls" not in done
+    # Resume with another world size: one process does what is left.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = annotate(root, store, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert res.resumed == 4 * len(done) and res.rank_images == 16 - res.resumed
+    assert (res.top1, res.top5) == (ref.top1, ref.top5)
+    _same_records(tmp / "one.tls", store)
+    assert not partial.exists()
+
+
+def test_store_writer_copy_from_checks_the_layout(tmp_path):
+    from tl_fast.store import StoreError, StoreWriter
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(3, 2, 4, 4)).astype(np.float16)
+    i = rng.integers(0, 7, size=(3, 2, 4, 4))
+    with StoreWriter(tmp_path / "a.tls", num_classes=7, topk=2, map_size=(4, 4)) as w:
+        w.add_batch(["x/0", "x/1", "x/2"], v, i)
+    with StoreWriter(tmp_path / "b.tls", num_classes=7, topk=2, map_size=(4, 4)) as w:
+        w.add("y/0", v[0], i[0])
+        with LabelStore.open(tmp_path / "a.tls") as a:
+            w.copy_from(a)
+    b = LabelStore.open(tmp_path / "b.tls")
+    assert b.keys == ["y/0", "x/0", "x/1", "x/2"]
+    maps = b.read(np.arange(4))
+    np.testing.assert_array_equal(maps.values.numpy()[1:], v)
+    np.testing.assert_array_equal(maps.indices.numpy()[1:], i)
+    with pytest.raises(StoreError, match="differs"):
+        with StoreWriter(tmp_path / "c.tls", num_classes=8, topk=2, map_size=(4, 4)) as w:
+            w.copy_from(LabelStore.open(tmp_path / "a.tls"))
+    assert not (tmp_path / "c.tls").exists()
+
+
+def test_channels_last_gives_the_same_maps(tmp_path):
+    root = _image_folder(tmp_path / "imgs")
+    torch.manual_seed(0)
+    model = build_model("resnet10t", num_classes=3)
+    kw = dict(model=model, img_size=64, topk=2, batch_size=4, num_workers=0, progress=False, device="cpu")
+    annotate(root, tmp_path / "nchw.tls", **kw)
+    annotate(root, tmp_path / "nhwc.tls", channels_last=True, **kw)
+    _, v1, i1 = _store_arrays(tmp_path / "nchw.tls")
+    _, v2, i2 = _store_arrays(tmp_path / "nhwc.tls")
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(v1.astype(np.float32), v2.astype(np.float32), rtol=0, atol=2e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_run_matches_the_cpu_store(tmp_path):
+    """fp32 on the GPU (pinned copies, writer thread waiting on events) writes the CPU's maps; bf16
+    autocast + channels-last writes a valid store whose top-1 class agrees almost everywhere."""
+    root = _image_folder(tmp_path / "imgs", per_class=6)
+    torch.manual_seed(0)
+    model = build_model("resnet10t", num_classes=3)
+    kw = dict(model=model, img_size=96, topk=2, batch_size=4, num_workers=2, flush_every=8, progress=False)
+    cpu = annotate(root, tmp_path / "cpu.tls", device="cpu", **kw)
+    gpu = annotate(root, tmp_path / "gpu.tls", device="cuda", profile=True, **kw)
+    _, v1, i1 = _store_arrays(tmp_path / "cpu.tls")
+    _, v2, i2 = _store_arrays(tmp_path / "gpu.tls")
+    assert (gpu.num_images, gpu.map_size) == (cpu.num_images, cpu.map_size)
+    np.testing.assert_allclose(v1.astype(np.float32), v2.astype(np.float32), rtol=0, atol=2e-2)
+    assert (i1[:, 0] == i2[:, 0]).mean() > 0.99
+    assert set(gpu.stage_seconds) >= {"data", "forward", "dense head", "top-k", "hand-off", "writer"}
+    annotate(root, tmp_path / "bf16.tls", device="cuda", amp=True, channels_last=True, **kw)
+    store, v3, i3 = _store_arrays(tmp_path / "bf16.tls")
+    store.verify()
+    assert (i1[:, 0] == i3[:, 0]).mean() > 0.9

@@ -232,6 +232,31 @@ class StoreWriter:
         for i, key in enumerate(keys):
             self.add(key, v[i], ids[i])
 
+    def copy_from(self, store) -> None:
+        """Append every record of the open :class:`~tl_fast.store.LabelStore` ``store`` as encoded
+        (no decode and re-encode: how ``tl-fast annotate`` joins the blocks its ranks wrote). The
+        stores must agree on K, k, H, W and mode; every record is first verified (checksum, bounds)."""
+        if self._closed:
+            raise StoreError(f"{self.path}: writer is closed")
+        want = (self.num_classes, self.topk, self.map_size, self.lossy)
+        got = (store.num_classes, store.topk, store.map_size, store.lossy)
+        if want != got:
+            raise StoreError(f"{store.path}: (K, k, (H, W), lossy) = {got} differs from {self.path}'s {want}")
+        store.verify()
+        for key in store.keys:
+            check_key(key)
+            if key in self._key_set:
+                raise StoreError(f"duplicate record key {key!r} (from {store.path})")
+        start, size = int(store.header["data_offset"]), int(store.header["data_bytes"])
+        self._file.write(memoryview(store._mm[start:start + size]))
+        self._offsets.extend((store._offsets - start + self._pos).tolist())
+        self._lengths.extend(store.record_lengths.tolist())
+        self._checksums.extend(store._checksums.tolist())
+        self._pos += size
+        self._keys.extend(store.keys)
+        self._key_set.update(store.keys)
+        self._max_id = max(self._max_id, store.num_classes - 1)
+
     # ----------------------------------------------------------------------------------------
     def abort(self) -> None:
         """Discard everything written; ``path`` is left as it was."""
