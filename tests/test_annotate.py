@@ -457,3 +457,25 @@ def test_cuda_run_matches_the_cpu_store(tmp_path):
     store, v3, i3 = _store_arrays(tmp_path / "bf16.tls")
     store.verify()
     assert (i1[:, 0] == i3[:, 0]).mean() > 0.9
+
+
+def test_store_binds_records_to_the_annotated_images(tmp_path):
+    """Every record carries its image's fingerprint (one rank, and after the blocks are assembled),
+    so the same store joined with other images of the same names is refused."""
+    from tl_fast.dataset import ImageFolderIndex, join_labels
+
+    root = _image_folder(tmp_path / "imgs")
+    torch.manual_seed(0)
+    annotate(root, tmp_path / "l.tls", model=build_model("resnet10t", num_classes=len(CLASSES)), img_size=64,
+             topk=2, batch_size=2, num_workers=0, flush_every=4, progress=False)
+    store = LabelStore.open(tmp_path / "l.tls")
+    index = ImageFolderIndex(root, progress=False)
+    assert store.has_fingerprint().all()
+    ids = store.lookup(index.keys)
+    np.testing.assert_array_equal(store.fingerprints[0][ids], index.byte_sizes)
+    np.testing.assert_array_equal(store.fingerprints[1][ids], index.fingerprints)
+    assert (join_labels(index, store).record == ids).all()
+
+    other = _image_folder(tmp_path / "other", seed=1)  # same relative paths, other pixels
+    with pytest.raises(ValueError, match="are not the images the label store"):
+        join_labels(ImageFolderIndex(other, progress=False), store)

@@ -38,6 +38,8 @@ class ImageList:
     labels: list[int]
     keys: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # per image (size in bytes, content hash): recorded in the store, checked when loaders join
+    fingerprints: list[tuple[int, int]] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -59,8 +61,9 @@ def list_images(root: str | os.PathLike, *, progress: bool = False, quiet: bool 
         dup = next(k for k in keys if k in seen or seen.add(k))  # type: ignore[func-returns-value]
         raise ValueError(f"two images under {index.root} share the store key {dup!r} (same name, different "
                          "extension); rename one")
+    fingerprints = [(int(n), int(h)) for n, h in zip(index.byte_sizes, index.fingerprints)]
     return ImageList(Path(index.root), list(index.classes), list(index.paths), [int(t) for t in index.targets],
-                     keys, [(s.path, s.reason) for s in index.skipped])
+                     keys, [(s.path, s.reason) for s in index.skipped], fingerprints)
 
 
 class ResizedImages(torch.utils.data.Dataset):

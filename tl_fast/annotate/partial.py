@@ -120,8 +120,9 @@ class BlockWriter:
 
     def __init__(self, partial: PartialResults, block_ranges: dict[int, tuple[int, int]], keys: Sequence[str],
                  paths: Sequence[str], fingerprint: str, *, topk: int, lossy: bool, model_name: str,
-                 max_pending: int = 8):
+                 image_fingerprints: Sequence[tuple[int, int]] | None = None, max_pending: int = 8):
         self.partial, self.block_ranges, self.keys, self.paths = partial, block_ranges, keys, paths
+        self.image_fingerprints = image_fingerprints
         self.fingerprint, self.model_name = fingerprint, model_name
         self.topk, self.lossy = topk, lossy
         self.error: BaseException | None = None
@@ -201,7 +202,8 @@ class BlockWriter:
         for i, pos in enumerate(item.positions):
             local = int(pos) - blk["start"]
             if ok[i]:
-                writer.add(self.keys[int(pos)], values[i], indices[i])
+                image_fp = None if self.image_fingerprints is None else self.image_fingerprints[int(pos)]
+                writer.add(self.keys[int(pos)], values[i], indices[i], fingerprint=image_fp)
             else:
                 blk["skipped"].append(local)
         blk["pred"][item.positions - blk["start"]] = item.pred.numpy()

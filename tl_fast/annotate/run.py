@@ -236,7 +236,8 @@ def _annotate(ranks: Ranks, start: float, images, store, *, model, checkpoint, n
             loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                                  pin_memory=dev.type == "cuda")
             writer = BlockWriter(partial, {j: sampler.block_range(j) for j in mine}, keys, imgs.paths, fingerprint,
-                                 topk=topk, lossy=lossy, model_name=model_name)
+                                 topk=topk, lossy=lossy, model_name=model_name,
+                                 image_fingerprints=imgs.fingerprints)
             rank_images = _loop(loader, sampler, dense_net, writer, bar, timer, dcfg, dev, topk=topk, amp=amp,
                                 channels_last=channels_last, model_name=model_name, on_batch=on_batch,
                                 resumed=resumed, total=n_images)

@@ -235,7 +235,8 @@ class StoreWriter:
     def copy_from(self, store) -> None:
         """Append every record of the open :class:`~tl_fast.store.LabelStore` ``store`` as encoded
         (no decode and re-encode: how ``tl-fast annotate`` joins the blocks its ranks wrote). The
-        stores must agree on K, k, H, W and mode; every record is first verified (checksum, bounds)."""
+        stores must agree on K, k, H, W and mode; every record is first verified (checksum, bounds). The
+        images' fingerprints, where ``store`` records them, are kept."""
         if self._closed:
             raise StoreError(f"{self.path}: writer is closed")
         want = (self.num_classes, self.topk, self.map_size, self.lossy)
@@ -247,6 +248,12 @@ class StoreWriter:
             check_key(key)
             if key in self._key_set:
                 raise StoreError(f"duplicate record key {key!r} (from {store.path})")
+        base = len(self._keys)
+        if store.fingerprints is not None:  # the images' fingerprints travel with their records
+            known = np.flatnonzero(store.has_fingerprint())
+            sizes, hashes = store.fingerprints
+            for j in known.tolist():
+                self.fingerprints[base + j] = (int(sizes[j]), int(hashes[j]))
         start, size = int(store.header["data_offset"]), int(store.header["data_bytes"])
         self._file.write(memoryview(store._mm[start:start + size]))
         self._offsets.extend((store._offsets - start + self._pos).tolist())
