@@ -16,20 +16,21 @@ so results agree with the reference to float32 rounding. bfloat16 and float16 ro
 float32 to nearest even, as ``Tensor.copy_`` does.
 
 Work is split over the batch: each task owns a range of samples and their MixToken partners
-(sample ``b`` pairs with ``B - 1 - b``), so a task needs no other task's class rows. Tasks run on a
-small pool of Python threads (the compiled code releases the GIL), as many as ``torch.get_num_threads()``,
-pulled from a queue: one synchronisation per call and no spinning, so a busy core slows only the
-tasks that land on it. Inputs the fast path does not cover bit for bit — non-finite scores or
+(sample ``b`` pairs with ``B - 1 - b``), so a task needs no other task's class rows. The calling
+thread and ``torch.get_num_threads() - 1`` pool threads (the compiled code releases the GIL) claim
+tasks from a shared counter: no spinning, no barrier per operation, and a thread on a busy core
+simply ends up doing fewer tasks. Inputs the fast path does not cover bit for bit — non-finite scores or
 affines, class ids out of range, output dtypes other than float32/bfloat16/float16 — are handed to
 the reference, which defines what they produce (NaN rows, or its error message).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numba
 import numpy as np
@@ -324,18 +325,54 @@ def _targets_task(lo, hi, vals16, vals32, use16, table, idx, h, w, affine, boxes
 # host side
 
 _POOL_LOCK = threading.Lock()
-_POOL: dict = {}  # (pid, threads) -> ThreadPoolExecutor; a forked child builds its own
+_POOL: dict = {}  # (pid, helpers) -> ThreadPoolExecutor; a forked child builds its own
 _COMPILED: set = set()  # argument type keys already compiled in this process
-TASKS_PER_THREAD = 4  # small tasks so a thread on a busy core takes fewer of them
+TASKS_PER_THREAD = 4  # small tasks, so a thread on a busy core ends up doing fewer of them
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
-    key = (os.getpid(), threads)
+def _pool(helpers: int) -> ThreadPoolExecutor:
+    key = (os.getpid(), helpers)
     with _POOL_LOCK:
         pool = _POOL.get(key)
         if pool is None:
-            pool = _POOL[key] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tl_fast_cpu")
+            pool = _POOL[key] = ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="tl_fast_cpu")
         return pool
+
+
+def _run_tasks(run: Callable[[int], int], n_tasks: int, threads: int) -> list[int]:
+    """``run(i)`` for every task ``i``, on the calling thread plus ``threads - 1`` pool threads.
+
+    Tasks are claimed from a shared counter; the caller works too and then waits only for tasks a
+    helper has claimed, never for a helper to wake up: on a loaded host a helper that is scheduled
+    late finds nothing left and the call does not wait for it."""
+    status: list = [0] * n_tasks
+    done = [threading.Event() for _ in range(n_tasks)]
+    claims = itertools.count()  # next() on it is atomic under the GIL
+
+    def work() -> None:
+        while True:
+            i = next(claims)
+            if i >= n_tasks:
+                return
+            try:
+                status[i] = run(i)
+            except BaseException as exc:  # re-raised in the caller
+                status[i] = exc
+            finally:
+                done[i].set()
+
+    helpers = min(threads, n_tasks) - 1
+    if helpers > 0:
+        pool = _pool(helpers)
+        for _ in range(helpers):
+            pool.submit(work)
+    work()
+    for event in done:
+        event.wait()
+    for s in status:
+        if isinstance(s, BaseException):
+            raise s
+    return status
 
 
 def _mix_boxes(mix_box, bsz: int) -> Optional[np.ndarray]:
@@ -392,12 +429,9 @@ def token_targets(
         _COMPILED.add(key)
     half = (bsz + 1) // 2
     threads = max(1, torch.get_num_threads() if threads is None else int(threads))
-    if threads == 1 or half == 1:
-        status = [task(0, half)]
-    else:
-        step = max(1, -(-half // (threads * TASKS_PER_THREAD)))
-        jobs = [_pool(threads).submit(task, lo, min(lo + step, half)) for lo in range(0, half, step)]
-        status = [job.result() for job in jobs]
+    step = half if threads == 1 else max(1, -(-half // (threads * TASKS_PER_THREAD)))
+    starts = range(0, half, step)
+    status = _run_tasks(lambda i: task(starts[i], min(starts[i] + step, half)), len(starts), threads)
     if any(status):  # a non-finite score or a class id out of range: the reference's behaviour
         return _reference(values.view(bsz, topk, h, w), indices.view(bsz, topk, h, w), affine, num_classes, grid,
                           smoothing, mix_box, out_dtype)
