@@ -330,6 +330,17 @@ _COMPILED: set = set()  # argument type keys already compiled in this process
 TASKS_PER_THREAD = 4  # small tasks, so a thread on a busy core ends up doing fewer of them
 
 
+def _forget_parent_pools() -> None:
+    """In a forked child (a data-loader worker) the parent's pool threads do not exist; start afresh."""
+    global _POOL_LOCK
+    _POOL_LOCK = threading.Lock()
+    _POOL.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parent_pools)
+
+
 def _pool(helpers: int) -> ThreadPoolExecutor:
     key = (os.getpid(), helpers)
     with _POOL_LOCK:
