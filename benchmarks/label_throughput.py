@@ -7,7 +7,9 @@ smoothing, MixToken) against tl_fast's two CPU implementations — the numba pat
 14x14 grid, crop + flip + MixToken. The three run interleaved, one call each per round, and the
 table gives medians, at each ``--threads`` count and each ``--load`` level (busy-loop processes run
 beside them, to stand for a loaded host). Then the label store's batched gather against one
-``torch.load`` per sample (``benchmarks/store_throughput.py``).
+``torch.load`` per sample (``benchmarks/store_throughput.py``). "CPU ms" is the CPU time the process
+used per call, all threads together (OpenMP spin-waiting counts): on a shared host it shows the work
+apart from the waiting.
 
 GPU (``--device cuda``): the same public path on the GPU against the Triton kernels and the fused
 loss (``benchmarks/kernel_throughput.py``).
@@ -65,19 +67,23 @@ def busy_load(procs: int, seconds: float):
 
 
 def interleaved(fns: dict, repeats: int) -> dict:
-    """Median and 20th/80th percentile seconds of each function, timed round-robin after one warm-up."""
+    """Wall-clock median and 20th/80th percentile seconds of each function, timed round-robin after one
+    warm-up, and the median CPU seconds the whole process used per call (all threads, spinning included)."""
     for fn in fns.values():
         fn()
     times: dict = {name: [] for name in fns}
+    cpu_times: dict = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t0)
+            cpu_times[name].append(time.process_time() - c0)
     out = {}
     for name, ts in times.items():
         q = np.percentile(ts, [20, 80])
-        out[name] = {"median": statistics.median(ts), "p20": float(q[0]), "p80": float(q[1]), "all": ts}
+        out[name] = {"median": statistics.median(ts), "p20": float(q[0]), "p80": float(q[1]), "all": ts,
+                     "cpu_median": statistics.median(cpu_times[name])}
     return out
 
 
@@ -112,13 +118,14 @@ def print_cpu_table(args, runs: list[dict]) -> None:
     print(f"B={args.batch_size} K={args.num_classes} maps {args.map_size}x{args.map_size} top-{args.topk} "
           f"grid {args.grid}x{args.grid}, crop+flip+MixToken, smoothing {args.smoothing}; interleaved, "
           f"median of {args.repeats} (p20-p80); OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
-    print(f"{'threads':>7}{'busy':>5}{'loadavg':>8}  {'path':<32}{'ms':>9}{'p20-p80 ms':>18}{'vs public':>11}")
+    print(f"{'threads':>7}{'busy':>5}{'loadavg':>8}  {'path':<32}{'ms':>9}{'p20-p80 ms':>18}{'vs public':>11}"
+          f"{'CPU ms':>9}")
     for r in runs:
         for key, name in PATHS:
             t = r["times_s"][key]
             ratio = r["times_s"]["public"]["median"] / t["median"]
             print(f"{r['threads']:>7}{r['load_procs']:>5}{r['load_average']:>8.1f}  {name:<32}{t['median'] * 1e3:>9.1f}"
-                  f"{t['p20'] * 1e3:>9.1f}-{t['p80'] * 1e3:<8.1f}{ratio:>10.2f}x")
+                  f"{t['p20'] * 1e3:>9.1f}-{t['p80'] * 1e3:<8.1f}{ratio:>10.2f}x{t['cpu_median'] * 1e3:>9.1f}")
     worst = min(r["speedup"]["cpu"] for r in runs)
     diff = max(max(r["max_abs_diff_vs_public"].values()) for r in runs)
     print(f"cpu path, lowest ratio {worst:.2f}x: target >= {CPU_TARGET:.0f}x "

@@ -327,7 +327,7 @@ def _targets_task(lo, hi, vals16, vals32, use16, table, idx, h, w, affine, boxes
 _POOL_LOCK = threading.Lock()
 _POOL: dict = {}  # (pid, helpers) -> ThreadPoolExecutor; a forked child builds its own
 _COMPILED: set = set()  # argument type keys already compiled in this process
-TASKS_PER_THREAD = 4  # small tasks, so a thread on a busy core ends up doing fewer of them
+TASKS_PER_THREAD = 8  # small tasks, so a thread on a busy core ends up doing fewer of them
 
 
 def _forget_parent_pools() -> None:
