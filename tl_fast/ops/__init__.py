@@ -1,10 +1,11 @@
-"""Token-label ops with one signature and two implementations (SPEC section 4).
+"""Token-label ops with one signature and three implementations (SPEC section 4).
 
-``impl="auto"`` runs the Triton kernels (``tl_fast.kernels``) for CUDA tensors and the PyTorch
-reference (:mod:`tl_fast.ops.reference`) otherwise; ``impl="triton"`` forces the kernels (on CPU
-tensors they need Triton's interpreter: ``TRITON_INTERPRET=1`` set before ``tl_fast.kernels`` is first
-imported); ``impl="torch"`` forces the reference. Triton is imported lazily, so importing this module
-never needs a GPU or a working Triton install.
+``impl="auto"`` runs the Triton kernels (``tl_fast.kernels``) for CUDA tensors and the numba CPU path
+(:mod:`tl_fast.ops.cpu`) for CPU tensors; ``impl="triton"`` forces the kernels (on CPU tensors they
+need Triton's interpreter: ``TRITON_INTERPRET=1`` set before ``tl_fast.kernels`` is first imported);
+``impl="cpu"`` forces the numba path (CPU tensors only); ``impl="torch"`` forces the PyTorch reference
+(:mod:`tl_fast.ops.reference`, the oracle the other two are tested against). Triton is imported
+lazily, so importing this module never needs a GPU or a working Triton install.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from . import reference
 
-_IMPLS = ("auto", "triton", "torch")
+_IMPLS = ("auto", "triton", "torch", "cpu")
 
 
 def _interpreting() -> bool:
@@ -25,7 +26,7 @@ def _interpreting() -> bool:
 def _use_triton(impl: str, device: torch.device) -> bool:
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS}; got {impl!r}")
-    if impl == "torch":
+    if impl in ("torch", "cpu"):
         return False
     if impl == "auto":
         if device.type != "cuda":
@@ -40,6 +41,22 @@ def _use_triton(impl: str, device: torch.device) -> bool:
             f"impl='triton' on {device} tensors needs Triton's interpreter: set TRITON_INTERPRET=1 before "
             "tl_fast.kernels is imported, or use impl='auto' / 'torch' (the PyTorch reference)")
     return True
+
+
+def _use_cpu_path(impl: str, device: torch.device) -> bool:
+    """Whether the numba CPU path (:mod:`tl_fast.ops.cpu`) computes the targets; call after _use_triton."""
+    if impl == "cpu" and device.type != "cpu":
+        raise RuntimeError(f"impl='cpu' needs CPU tensors, got {device}; use impl='auto' or 'triton'")
+    return impl == "cpu" or (impl == "auto" and device.type == "cpu")
+
+
+def _targets_fallback(impl: str, device: torch.device):
+    """The non-Triton token-targets function for ``impl`` on ``device``."""
+    if _use_cpu_path(impl, device):
+        from . import cpu
+
+        return cpu.token_targets
+    return reference.token_targets
 
 
 def _kernels_interpreted() -> bool:
@@ -84,8 +101,9 @@ def token_targets(
 
         return triton_targets(values, indices, affine.to(values.device), num_classes=num_classes, grid=grid,
                               smoothing=smoothing, mix_box=mix_box, out_dtype=out_dtype)
-    return reference.token_targets(values, indices, affine.to(values.device), num_classes=num_classes, grid=grid,
-                                   smoothing=smoothing, mix_box=mix_box, out_dtype=out_dtype)
+    targets_fn = _targets_fallback(impl, values.device)
+    return targets_fn(values, indices, affine.to(values.device), num_classes=num_classes, grid=grid,
+                      smoothing=smoothing, mix_box=mix_box, out_dtype=out_dtype)
 
 
 def token_label_loss(
@@ -99,7 +117,7 @@ def token_label_loss(
     Give either ``targets [B, 1 + T, K]`` (plain soft-target loss) or ``maps`` (TopKMaps or a
     ``(values, indices)`` pair) + ``affine`` (+ ``mix_box``): then the loss is computed from the
     compressed maps — by the fused Triton kernel, which never materializes the targets, or by the
-    reference targets followed by the plain loss."""
+    targets of the CPU path (or the reference, ``impl="torch"``) followed by the plain loss."""
     if targets is not None:
         if maps is not None:
             raise ValueError("give either targets or maps + affine, not both")
@@ -124,8 +142,9 @@ def token_label_loss(
         return fused_loss(cls_logits, token_logits, values, indices, affine.to(values.device),
                           num_classes=num_classes, grid=grid, smoothing=smoothing, mix_box=mix_box,
                           cls_weight=cls_weight, dense_weight=dense_weight)
-    targets = reference.token_targets(values, indices, affine.to(values.device), num_classes=num_classes,
-                                      grid=grid, smoothing=smoothing, mix_box=mix_box)
+    targets_fn = _targets_fallback(impl, values.device)
+    targets = targets_fn(values, indices, affine.to(values.device), num_classes=num_classes, grid=grid,
+                         smoothing=smoothing, mix_box=mix_box)
     return reference.token_label_loss(cls_logits, token_logits, targets, cls_weight=cls_weight,
                                       dense_weight=dense_weight)
 

@@ -132,15 +132,21 @@ def mix_box_mask(mix_box, batch: int, grid: tuple[int, int], device=None) -> tor
     """Boolean ``[B, Gh, Gw]``: True inside each sample's MixToken box (rows ``[r1, r2)``, columns
     ``[c1, c2)``). ``mix_box`` is ``(r1, c1, r2, c2)`` for the whole batch or ``[B, 4]`` per sample.
     The model mixes its tokens and the ops mix their targets with this one mask."""
+    box = mix_boxes(mix_box, batch, device)
+    r = torch.arange(grid[0], device=box.device).view(1, -1, 1)
+    c = torch.arange(grid[1], device=box.device).view(1, 1, -1)
+    r1, c1, r2, c2 = (box[:, i].view(-1, 1, 1) for i in range(4))
+    return (r >= r1) & (r < r2) & (c >= c1) & (c < c2)
+
+
+def mix_boxes(mix_box, batch: int, device=None) -> torch.Tensor:
+    """``[B, 4]`` int64 boxes ``(r1, c1, r2, c2)`` from one box for the batch or one per sample."""
     box = torch.as_tensor(mix_box, device=device).long()
     if box.dim() == 1:
         box = box.view(1, 4).expand(batch, 4)
     if box.shape != (batch, 4):
         raise ValueError(f"mix_box must be (r1, c1, r2, c2) or [B, 4]; got shape {tuple(box.shape)} for B={batch}")
-    r = torch.arange(grid[0], device=box.device).view(1, -1, 1)
-    c = torch.arange(grid[1], device=box.device).view(1, 1, -1)
-    r1, c1, r2, c2 = (box[:, i].view(-1, 1, 1) for i in range(4))
-    return (r >= r1) & (r < r2) & (c >= c1) & (c < c2)
+    return box
 
 
 def apply_mixtoken(targets: torch.Tensor, mix_box, grid: tuple[int, int]) -> torch.Tensor:
@@ -169,7 +175,7 @@ def token_targets(
     mix_box ``(r1, c1, r2, c2)`` for the batch, ``[B, 4]`` per sample, or ``None``
     """
     grid = (int(grid[0]), int(grid[1]))
-    _check_inputs(values, indices, affine, num_classes)
+    check_inputs(values, indices, affine, num_classes)
     bsz, tokens = values.shape[0], grid[0] * grid[1]
     keep, spread = 1.0 - smoothing, smoothing / num_classes
 
@@ -231,13 +237,16 @@ def token_label_loss(
     return cls_weight * cls + dense_weight * dense
 
 
-def _check_inputs(values, indices, affine, num_classes: int) -> None:
+def check_inputs(values, indices, affine, num_classes: int, *, ids: bool = True) -> None:
+    """Shapes, and (``ids``) that every class id lies in ``[0, K)``; a ValueError that says what is wrong."""
     if values.dim() != 4 or indices.shape != values.shape:
         raise ValueError(f"values and indices must both be [B, k, H, W]; got {tuple(values.shape)} and {tuple(indices.shape)}")
     if affine.shape != (values.shape[0], 2, 3):
         raise ValueError(f"affine must be [B, 2, 3] = [{values.shape[0]}, 2, 3]; got {tuple(affine.shape)}")
     if num_classes <= 0 or math.prod(values.shape) == 0:
         raise ValueError("num_classes must be positive and maps non-empty")
+    if not ids:
+        return
     lo, hi = int(indices.min()), int(indices.max())
     if lo < 0 or hi >= num_classes:
         raise ValueError(f"class ids must lie in [0, {num_classes}); found range [{lo}, {hi}]")
