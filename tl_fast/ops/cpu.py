@@ -36,6 +36,7 @@ import numba
 import numpy as np
 import torch
 
+from ..memory import new_output
 from . import reference
 
 _OUT_MODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -422,7 +423,7 @@ def token_targets(
     if indices.dtype not in (torch.int16, torch.int32):  # one compiled kernel per id type: keep it to two
         indices = indices.to(torch.int32)
     idx = indices.numpy()
-    out = reference.new_output((bsz, 1 + grid[0] * grid[1], num_classes), out_dtype, torch.device("cpu"))
+    out = new_output((bsz, 1 + grid[0] * grid[1], num_classes), out_dtype, torch.device("cpu"))
     if mode == 0:
         out32, out16 = out.numpy(), np.zeros((1, 1, 1), np.uint16)
     else:
