@@ -8,9 +8,11 @@ into one RoI-Align bin, label-smoothed, and mixed by the MixToken box's area whe
     lam_b = 1 - area(box_b) / (Gh * Gw)
 
 Semantics: ``tl_fast.ops.reference.class_targets`` (SPEC section 3); ``keep = 1 - s`` and
-``spread = s / K`` there. One program per sample: the sample's sparse list of ``Sy * Sx * 4 * k``
-(sample, corner, top-k entry) scores (and its partner's, under MixToken) is atomically added into a
-float32 scratch row of ``K``, then a dense pass over ``K`` writes the target row (MODE 0), or meets
+``spread = s / K`` there (``smoothing_rule="official"``: ``tl_fast.compat.smoothing_terms``).
+
+One program per sample: the sample's sparse list of ``Sy * Sx * 4 * k`` (sample, corner, top-k
+entry) scores (and its partner's, under MixToken) is atomically added into a float32 scratch row of
+``K``, then a dense pass over ``K`` writes the target row (MODE 0), or meets
 the logits row (MODE 1: loss, MODE 2: gradient) so the fused loss writes no targets at all.
 
 Loss, per row with weight ``w = 1 / B``::
@@ -32,6 +34,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from ..compat import smoothing_terms  # (keep, spread) of the tl_fast or the official smoothing
 
 # Must equal tl_fast.ops.reference.EXTENT_EPS: sample counts are ceil(extent - EXTENT_EPS).
 EXTENT_EPS = 1e-4
@@ -237,17 +241,6 @@ def _class_rows_kernel(
 # Host side
 # ----------------------------------------------------------------------------------------------
 
-def smoothing_terms(smoothing: float, num_classes: int, compat: str = "tl_fast") -> tuple[float, float]:
-    """``(keep, spread)`` with ``t = keep * softmax(a) + spread``: tl_fast's ``(1 - s) t + s / K``
-    (rows sum to 1), or the official code's ``t (1 - s + s / K) + s / K`` (``compat="official"``)."""
-    s, k = float(smoothing), int(num_classes)
-    if compat == "tl_fast":
-        return 1.0 - s, s / k
-    if compat == "official":
-        return 1.0 - s + s / k, s / k
-    raise ValueError(f"compat must be 'tl_fast' or 'official'; got {compat!r}")
-
-
 def box_argument(mix_box, batch: int, device: torch.device) -> tuple[Optional[torch.Tensor], int]:
     """``(int32 box tensor on device, stride)`` for None, ``(r1, c1, r2, c2)``, a ``[4]`` / ``[B, 4]``
     tensor or array, or a ``tl_fast.plan.MixBox``; ``(None, 0)`` without a box."""
@@ -305,7 +298,7 @@ def _launch(mode: int, values, indices, affine, *, num_classes: int, grid: tuple
 def class_targets(
     values: torch.Tensor, indices: torch.Tensor, affine: torch.Tensor, *, num_classes: int,
     smoothing: float = 0.0, mix_box=None, grid: Sequence[int] = (14, 14), out_dtype: torch.dtype = torch.float32,
-    compat: str = "tl_fast",
+    smoothing_rule: str = "tl_fast",
 ) -> torch.Tensor:
     """Class-token targets ``[B, K]`` (``out_dtype``) in one launch; only ``[B, K]`` is written.
 
@@ -314,7 +307,7 @@ def class_targets(
     check_maps(values, indices, affine, num_classes)
     if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"out_dtype must be float32, bfloat16 or float16; got {out_dtype}")
-    keep, spread = smoothing_terms(smoothing, num_classes, compat)
+    keep, spread = smoothing_terms(smoothing, num_classes, smoothing_rule)
     out = torch.empty(values.shape[0], num_classes, dtype=out_dtype, device=values.device)
     _launch(MODE_TARGETS, values, indices, affine, num_classes=num_classes, grid=tuple(grid), keep=keep,
             spread=spread, mix_box=mix_box, out=out)
@@ -346,7 +339,7 @@ class ClassTokenLossFunction(torch.autograd.Function):
 def class_token_loss(
     logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, affine: torch.Tensor, *,
     num_classes: Optional[int] = None, smoothing: float = 0.0, mix_box=None, grid: Sequence[int] = (14, 14),
-    compat: str = "tl_fast",
+    smoothing_rule: str = "tl_fast",
 ) -> torch.Tensor:
     """Batch mean of the soft-target cross-entropy of ``logits [B, K]`` (float32 / bfloat16 /
     float16) against the class-token targets, fused: the targets are never written."""
@@ -358,12 +351,12 @@ def class_token_loss(
     check_maps(values, indices, affine, num_classes)
     if logits.device != values.device:
         raise ValueError(f"logits ({logits.device}) and maps ({values.device}) must be on one device")
-    keep, spread = smoothing_terms(smoothing, num_classes, compat)
+    keep, spread = smoothing_terms(smoothing, num_classes, smoothing_rule)
     box, _ = box_argument(mix_box, logits.shape[0], values.device)
     opts = dict(num_classes=num_classes, grid=(int(grid[0]), int(grid[1])), keep=keep, spread=spread)
     return ClassTokenLossFunction.apply(logits.contiguous(), values.contiguous(), indices.contiguous(),
                                         affine.contiguous(), box, opts)
 
 
-__all__ = ["class_targets", "class_token_loss", "ClassTokenLossFunction", "smoothing_terms", "box_argument",
-           "check_maps", "EXTENT_EPS"]
+__all__ = ["class_targets", "class_token_loss", "ClassTokenLossFunction", "box_argument", "check_maps",
+           "EXTENT_EPS"]

@@ -75,7 +75,8 @@ class TokenLabelLoader:
         **options: further :class:`LoaderConfig` fields (``missing_labels``, ``bad_images``,
             ``erase``, ``crop_pct``, ``timeout_s``, ``token_labels``, ``label_mode``: ``"class"``
             delivers the maps for a classifier without token outputs, whose ``batch.loss(logits)``
-            uses the class-token target only).
+            uses the class-token target only; ``label_compat="official"``: the official code's label
+            region and smoothing, :mod:`tl_fast.compat`).
     """
 
     def __init__(
@@ -283,7 +284,12 @@ class TokenLabelLoader:
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         labels = torch.from_numpy(self._targets[idx]).to(dev, non_blocking=True)
-        affine = torch.from_numpy(plan.affine).to(dev, torch.float32, non_blocking=True)
+        label_affine = plan.affine
+        if cfg.label_compat == "official" and self._map_geometry is not None:
+            from ..compat import official_label_affine
+
+            label_affine = official_label_affine(plan, self._map_geometry[2])
+        affine = torch.from_numpy(label_affine).to(dev, torch.float32, non_blocking=True)
         maps = mix = None
         self.stats["batches"] += 1
         if self.has_token_labels:
@@ -302,4 +308,4 @@ class TokenLabelLoader:
                 mix = draw_mix_box(cfg.seed, epoch, [step], self.grid).tensor(dev)[0]
         return Batch(images=x, labels=labels, maps=maps, affine=affine, mix_box=mix, grid=self.grid,
                      num_classes=self.num_classes, smoothing=cfg.smoothing if cfg.train else 0.0,
-                     indices=idx, epoch=epoch, step=step)
+                     indices=idx, epoch=epoch, step=step, label_compat=cfg.label_compat)

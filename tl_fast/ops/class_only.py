@@ -34,28 +34,29 @@ def _kernel_module(device: torch.device):
 def class_targets(
     values: torch.Tensor, indices: torch.Tensor, affine: torch.Tensor, *, num_classes: int,
     smoothing: float = 0.0, mix_box=None, grid: Sequence[int] = (14, 14), out_dtype: torch.dtype = torch.float32,
-    impl: str = "auto",
+    smoothing_rule: str = "tl_fast", impl: str = "auto",
 ) -> torch.Tensor:
     """Class-token targets ``[B, K]``: row 0 of :func:`tl_fast.ops.token_targets`, alone.
 
     values [B, k, H, W]; indices [B, k, H, W]; affine [B, 2, 3] normalized output -> source;
     mix_box None, ``(r1, c1, r2, c2)`` or ``[B, 4]`` in token units of ``grid`` (``grid`` matters
-    only for the box's area: ``lam = 1 - area / (Gh * Gw)``)."""
+    only for the box's area: ``lam = 1 - area / (Gh * Gw)``); ``smoothing_rule`` ``"tl_fast"``
+    (``(1 - s) t + s/K``) or ``"official"`` (``t (1 - s + s/K) + s/K``, :mod:`tl_fast.compat`)."""
     from . import _use_triton
 
     affine = affine.to(values.device)
     if _use_triton(impl, values.device):
         return _kernel_module(values.device).class_targets(
             values, indices, affine, num_classes=num_classes, smoothing=smoothing, mix_box=mix_box, grid=grid,
-            out_dtype=out_dtype)
+            out_dtype=out_dtype, smoothing_rule=smoothing_rule)
     return reference.class_targets(values, indices, affine, num_classes=num_classes, smoothing=smoothing,
-                                   mix_box=mix_box, grid=grid, out_dtype=out_dtype)
+                                   mix_box=mix_box, grid=grid, out_dtype=out_dtype, smoothing_rule=smoothing_rule)
 
 
 def class_token_loss(
     logits: torch.Tensor, targets: Optional[torch.Tensor] = None, *, maps: Any = None,
     affine: Optional[torch.Tensor] = None, mix_box=None, num_classes: Optional[int] = None,
-    grid: Sequence[int] = (14, 14), smoothing: float = 0.0, impl: str = "auto",
+    grid: Sequence[int] = (14, 14), smoothing: float = 0.0, smoothing_rule: str = "tl_fast", impl: str = "auto",
 ) -> torch.Tensor:
     """Batch mean of the soft-target cross-entropy ``-sum_c t_c log softmax(z)_c`` of ``logits [B, K]``.
 
@@ -77,9 +78,9 @@ def class_token_loss(
     if _use_triton(impl, logits.device):
         return _kernel_module(logits.device).class_token_loss(
             logits, values, indices, affine, num_classes=num_classes, smoothing=smoothing, mix_box=mix_box,
-            grid=grid)
+            grid=grid, smoothing_rule=smoothing_rule)
     targets = reference.class_targets(values, indices, affine, num_classes=num_classes, smoothing=smoothing,
-                                      mix_box=mix_box, grid=grid)
+                                      mix_box=mix_box, grid=grid, smoothing_rule=smoothing_rule)
     return reference.class_token_loss(logits, targets)
 
 

@@ -252,10 +252,12 @@ def _class_token_scores(values, indices, affine, num_classes: int) -> torch.Tens
 
 
 def _class_rows(values, indices, affine, num_classes: int, smoothing: float, mix_box,
-                grid: tuple[int, int]) -> torch.Tensor:
+                grid: tuple[int, int], smoothing_rule: str = "tl_fast") -> torch.Tensor:
     """Class-token targets ``[B, K]`` in float64: softmax of the pooled crop, smoothed, then mixed
     by the MixToken box's area (``lam * t[b] + (1 - lam) * t[B - 1 - b]``)."""
-    keep, spread = 1.0 - smoothing, smoothing / num_classes
+    from ..compat import smoothing_terms
+
+    keep, spread = smoothing_terms(smoothing, num_classes, smoothing_rule)
     cls = _class_token_scores(values, indices, affine, num_classes).softmax(-1) * keep + spread
     if mix_box is not None:
         inside = mix_box_mask(mix_box, values.shape[0], grid, values.device)
@@ -267,13 +269,15 @@ def _class_rows(values, indices, affine, num_classes: int, smoothing: float, mix
 def class_targets(
     values: torch.Tensor, indices: torch.Tensor, affine: torch.Tensor, *, num_classes: int,
     smoothing: float = 0.0, mix_box=None, grid: Sequence[int] = (14, 14), out_dtype: torch.dtype = torch.float32,
+    smoothing_rule: str = "tl_fast",
 ) -> torch.Tensor:
     """Class-token targets ``[B, K]`` only: row 0 of :func:`token_targets`, without computing the
     token rows (the class-token-only mode: ReLabel's LabelPooling, the official
-    ``--token-label-size 1``). ``grid`` only sets the MixToken box's units (``lam = 1 - area / T``)."""
+    ``--token-label-size 1``). ``grid`` only sets the MixToken box's units (``lam = 1 - area / T``);
+    ``smoothing_rule="official"`` smooths as the official code (:mod:`tl_fast.compat`)."""
     grid = (int(grid[0]), int(grid[1]))
     _check_inputs(values, indices, affine, num_classes)
-    return _class_rows(values, indices, affine, num_classes, smoothing, mix_box, grid).to(out_dtype)
+    return _class_rows(values, indices, affine, num_classes, smoothing, mix_box, grid, smoothing_rule).to(out_dtype)
 
 
 def class_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
