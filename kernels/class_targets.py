@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..compat import smoothing_terms  # (keep, spread) of the tl_fast or the official smoothing
+from tl_fast.compat import smoothing_terms  # (keep, spread) of the tl_fast or the official smoothing
 
 # Must equal tl_fast.ops.reference.EXTENT_EPS: sample counts are ceil(extent - EXTENT_EPS).
 EXTENT_EPS = 1e-4
