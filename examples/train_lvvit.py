@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the ground-truth label in the class-token target (MixToken-mixed); the rest is "
                    "the annotator's pooled crop target. 0: pure token labeling (SPEC); helps a weak annotator")
     t.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    t.add_argument("--label-compat", choices=("tl_fast", "official"), default="tl_fast",
+                   help="official: the official TokenLabeling targets (crop box passed to roi_align as (y1, x1, y2, "
+                   "x2), smoothing t(1-s+s/K)+s/K), to reproduce the published recipe; README: Differences")
     t.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="compute the token loss from the compressed maps without materializing targets")
     t.add_argument("--amp", choices=("bf16", "none"), help="autocast dtype (default: bf16 on GPU, none on CPU)")
@@ -169,7 +172,7 @@ def make_loaders(args, dist):
                              augment=AugmentConfig(scale=(args.crop_scale, 1.0), randaugment=aa), train=True,
                              erase=EraseConfig(prob=args.reprob) if args.reprob > 0 else None,
                              mixtoken=args.mixtoken, mixtoken_per_sample=args.mixtoken_per_sample,
-                             token_labels=args.token_label, **common)
+                             token_labels=args.token_label, label_compat=args.label_compat, **common)
     val = TokenLabelLoader(_images(args, args.val_dir, dist), None, train=False, mixtoken=False, **common) \
         if Path(args.val_dir).is_dir() else None
     return train, val
