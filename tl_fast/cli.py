@@ -15,14 +15,15 @@ COMMAND_MODULES = (
     "tl_fast.annotate",  # annotate
     "tl_fast.demo.commands",  # demo prepare
     "tl_fast.loaders.ffcv_pack",  # pack-ffcv
+    "tl_fast.train.commands",  # train, plot
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tl-fast",
-        description="Prepare data for token-labeling training: convert public label maps, run a machine "
-        "annotator, pack FFCV files, inspect stores, build the built-in demo dataset.",
+        description="Token-labeling training and its data: convert public label maps, run a machine annotator, "
+        "pack FFCV files, inspect stores, build the built-in demo dataset, train, plot a run.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
