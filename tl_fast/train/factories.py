@@ -131,11 +131,12 @@ def make_optimizer(args: argparse.Namespace, model: nn.Module, lr: float) -> tor
 
 
 def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int, lr: float):
-    """timm's schedule stepped per optimizer step (``step_update``) with warm-up from ``--warmup-lr``
-    to the peak and decay to ``--min-lr``."""
+    """timm's schedule stepped per optimizer step (``step_update``): linear warm-up from ``--warmup-lr``
+    to the peak, then the schedule over the remaining epochs, down to ``--min-lr`` at the last step."""
     from timm.scheduler import create_scheduler_v2
+    warmup = min(args.warmup_epochs or 0.0, args.epochs)
     sched, _ = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        optimizer, sched=args.sched, num_epochs=args.epochs - warmup, warmup_epochs=warmup, warmup_prefix=True,
         warmup_lr=args.warmup_lr if args.warmup_lr is not None else lr * 1e-3,
         min_lr=args.min_lr if args.min_lr is not None else lr * args.min_lr_ratio,
         decay_epochs=args.decay_epochs or max(args.epochs / 3, 1), decay_rate=args.decay_rate,
@@ -149,7 +150,7 @@ def make_ema(args: argparse.Namespace, model: nn.Module):
     if not args.model_ema:
         return None
     from timm.utils import ModelEmaV3
-    return ModelEmaV3(model, decay=args.ema_decay, use_warmup=True)
+    return ModelEmaV3(model, decay=args.ema_decay, use_warmup=True).requires_grad_(False)
 
 
 def make_scaler(args: argparse.Namespace, device: torch.device):
