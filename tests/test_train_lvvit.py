@@ -144,23 +144,26 @@ def test_resume_is_exact(dataset, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["test_resnet", "test_vit"])
-def test_timm_model_trains(dataset, tmp_path, model):
-    """Any timm classifier trains on its class output; with timm's SGD + step schedule, channels_last,
-    accumulated gradients and no EMA; then fine-tunes from that checkpoint."""
+@pytest.mark.parametrize("model, labels", [("test_resnet", "--token-label"), ("test_vit", "--no-token-label")])
+def test_timm_model_trains(dataset, tmp_path, model, labels):
+    """Any timm classifier trains on its class output (pooled crop targets from the maps, or hard labels);
+    with timm's SGD + step schedule, channels_last, accumulated gradients and no EMA; then fine-tunes
+    from that checkpoint."""
     trainer = _load_trainer()
     lvvit_only = {"--patch-size", "--dim", "--depth", "--heads"}
 
     def args(out, *extra):
         a = _args(dataset, out, "torch", *extra)
         return [v for i, v in enumerate(a) if v not in lvvit_only and a[i - 1] not in lvvit_only]
-    opts = ["--model", model, "--no-token-label", "--epochs", "1", "--opt", "sgd", "--sched", "step",
+    opts = ["--model", model, labels, "--epochs", "1", "--opt", "sgd", "--sched", "step",
             "--channels-last", "--grad-accum-steps", "2", "--no-model-ema"]
     result = trainer.main(args(tmp_path / "a", *opts))
     assert sorted(_train_losses(tmp_path / "a")) == [1, 2, 3, 4]  # 24 images / batch 6 (2 x 3)
     assert "top1" in result and "ema_top1" not in result
     ckpt = torch.load(tmp_path / "a" / "last.pth", weights_only=False)
     assert ckpt["ema"] is None and ckpt["args"]["model"] == model
+    start = next(r for r in _log(tmp_path / "a") if r["event"] == "start")
+    assert start["args"]["mixtoken"] == "False" and start["args"]["token_label"] == str(labels == "--token-label")
     trainer.main(args(tmp_path / "b", *opts, "--initial-checkpoint", str(tmp_path / "a" / "last.pth"), "--max-steps", "1"))
     assert sorted(_train_losses(tmp_path / "b")) == [1]
 

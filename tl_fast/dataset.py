@@ -247,8 +247,35 @@ class LabelJoin:
         return len(self.missing)
 
 
+def _official_key_fallback(index: ImageFolderIndex, keys, position: dict, record: np.ndarray) -> np.ndarray:
+    """``record`` with images that have none matched by the official key rule instead, if unambiguous."""
+    from .compat import official_key
+
+    missing = np.flatnonzero(record < 0)
+    if len(missing) == 0:
+        return record
+    record = record.copy()
+    owner = {int(r): int(i) for i, r in enumerate(record) if r >= 0}  # record -> image taking it
+    for i in missing:
+        r = position.get(official_key(index.paths[i]), -1)
+        if r < 0:
+            continue
+        if r in owner:
+            raise ValueError(
+                f"images {index.paths[owner[r]]!r} and {index.paths[i]!r} both match the label record {keys[r]!r} "
+                "(the second by the official rule: its name cut at the first '.'): the store cannot tell them "
+                "apart; rename one, or key the store by the names without their last extension")
+        owner[r] = int(i)
+        record[i] = r
+    return record
+
+
 def join_labels(index: ImageFolderIndex, store: "LabelStore", *, missing_labels: str = "error") -> LabelJoin:
     """Match every image of ``index`` to its record in ``store`` by key (relative path, no extension).
+
+    An image without a record under that key takes the record of the official key, its file name
+    cut at the first ``.`` (how TokenLabeling and ReLabel name label files, :func:`tl_fast.compat.official_key`);
+    two images taking one record that way is a ``ValueError`` naming both.
 
     Raises ``ValueError`` for a store that belongs to another dataset, ``KeyError`` naming the first
     images without a record (unless ``missing_labels="one_hot"``, a counted fall-back).
@@ -261,6 +288,7 @@ def join_labels(index: ImageFolderIndex, store: "LabelStore", *, missing_labels:
             "the store was made for another dataset (or another class list)")
     position = {k: i for i, k in enumerate(store.keys)}
     record = np.array([position.get(k, -1) for k in index.keys], dtype=np.int64)
+    record = _official_key_fallback(index, store.keys, position, record)
     missing_ids = np.flatnonzero(record < 0)
     matched = len(record) - len(missing_ids)
     if matched < MIN_MATCH_FRACTION * len(record):

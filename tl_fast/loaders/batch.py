@@ -7,7 +7,11 @@ import numpy as np
 import torch
 
 from ..augment import EraseConfig
+from ..compat import check_label_compat, official_smoothing
 from ..plan import AugmentConfig
+
+
+LABEL_MODES = ("tokens", "class")
 
 
 @dataclass(frozen=True)
@@ -19,7 +23,7 @@ class LoaderConfig:
     patch_size: int = 16
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
     erase: EraseConfig | None = field(default_factory=EraseConfig)
-    mixtoken: bool = True
+    mixtoken: bool | None = None  # draw MixToken boxes; None: yes for label_mode "tokens", no for "class"
     mixtoken_per_sample: bool = False
     smoothing: float = 0.1
     seed: int = 0
@@ -32,6 +36,12 @@ class LoaderConfig:
     bad_images: str = "skip"  # or "error": unreadable/truncated files found while indexing
     timeout_s: float = 300.0  # a backend that delivers nothing for this long raises
     token_labels: bool = True  # False: deliver no maps even when labels are available (plain labels)
+    # "tokens": targets for a model with token outputs (LV-ViT); "class": the same maps for a model
+    # with class logits only (any classifier), supervised by the class-token target alone.
+    label_mode: str = "tokens"
+    # "official": the official TokenLabeling/ReLabel target path (swapped box order, flip before the
+    # crop, smoothing t(1 - s + s/K) + s/K), to reproduce a published recipe (tl_fast.compat).
+    label_compat: str = "tl_fast"
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
@@ -40,11 +50,21 @@ class LoaderConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if not 0.0 <= self.smoothing < 1.0:
             raise ValueError(f"smoothing must lie in [0, 1), got {self.smoothing}")
+        if self.label_mode not in LABEL_MODES:
+            raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}")
+        check_label_compat(self.label_compat)
 
     @property
     def grid(self) -> tuple[int, int]:
         g = self.image_size // self.patch_size
         return (g, g)
+
+    @property
+    def draws_mix_box(self) -> bool:
+        """Whether batches carry a MixToken box: when training with augmentation and ``mixtoken``
+        (by default on for ``label_mode="tokens"``; a classifier cannot mix tokens, so off for "class")."""
+        mix = self.mixtoken if self.mixtoken is not None else self.label_mode == "tokens"
+        return bool(mix) and self.augmenting
 
     @property
     def augmenting(self) -> bool:
@@ -65,8 +85,10 @@ class Batch:
     labels   [B] int64 class ids
     maps     top-k score maps on the device (``TopKMaps``), None without token labels
     affine   [B, 2, 3] float32, network input -> source image (normalized), what the labels follow
+             (under ``label_compat="official"`` the official code's region, :mod:`tl_fast.compat`)
     mix_box  int32 ``[4]`` (one box for the batch) or ``[B, 4]`` (per sample) in token units, or None
     indices  [B] int64 dataset sample indices (numpy, host)
+    label_compat  "tl_fast", or "official": targets smoothed as the official code does
     """
 
     images: torch.Tensor
@@ -80,6 +102,7 @@ class Batch:
     indices: np.ndarray | None = None
     epoch: int = 0
     step: int = 0
+    label_compat: str = "tl_fast"
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -90,28 +113,58 @@ class Batch:
             raise ValueError("this batch has no token labels (the loader was built without a label store, or train=False)")
         from .. import ops
 
-        return ops.token_targets(self.maps.values, self.maps.indices, self.affine, num_classes=self.num_classes,
-                                 grid=self.grid, smoothing=self.smoothing, mix_box=self.mix_box, out_dtype=dtype)
+        smoothing, scale = self._smoothing()
+        t = ops.token_targets(self.maps.values, self.maps.indices, self.affine, num_classes=self.num_classes,
+                              grid=self.grid, smoothing=smoothing, mix_box=self.mix_box, out_dtype=dtype)
+        return t if scale == 1.0 else t.mul_(scale)
+
+    def _smoothing(self) -> tuple[float, float]:
+        """(smoothing, scale) for the token-target ops: the official smoothing is a scaled tl_fast one."""
+        if self.label_compat == "official":
+            return official_smoothing(self.smoothing, self.num_classes)
+        return self.smoothing, 1.0
+
+    def class_targets(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Class-token targets ``[B, K]`` alone (row 0 of :meth:`token_targets`, the token rows never built)."""
+        if self.maps is None:
+            raise ValueError("this batch has no token labels (the loader was built without a label store, or train=False)")
+        from .. import ops
+
+        return ops.class_targets(self.maps.values, self.maps.indices, self.affine, num_classes=self.num_classes,
+                                 smoothing=self.smoothing, mix_box=self.mix_box, grid=self.grid, out_dtype=dtype,
+                                 smoothing_rule=self.label_compat)
 
     def loss(self, cls_logits: torch.Tensor, token_logits: torch.Tensor | None = None, *, cls_weight: float = 1.0,
              dense_weight: float = 1.0, fused: bool = True) -> torch.Tensor:
         """Token-labeling loss of the model's outputs on this batch.
 
         ``fused=True`` lets the ops compute it from the compressed maps without materializing the
-        targets (the fused kernel on CUDA); ``fused=False`` builds the targets first. A batch without
-        maps falls back to cross-entropy with the class ids (label smoothing as configured), mixed by
-        the MixToken box when it has one, as the token-labeling class target is."""
+        targets (the fused kernels on CUDA); ``fused=False`` builds the targets first. Without
+        ``token_logits`` (a classifier: ``label_mode="class"``) only the class-token target
+        supervises ``cls_logits``: ``cls_weight * CE(cls_logits, class_targets())``, never building
+        ``[B, 1 + Gh*Gw, K]``. A batch without maps falls back to cross-entropy with the class ids
+        (label smoothing as configured), mixed by the MixToken box when it has one, as the
+        token-labeling class target is."""
         from .. import ops
         from ..ops.class_loss import mixed_label_loss
 
         if self.maps is None:
             return mixed_label_loss(cls_logits, self.labels, self.mix_box, self.grid, self.smoothing)
         if token_logits is None:
-            raise ValueError("token labeling needs token_logits [B, T, K] (model.forward_train)")
+            if fused:
+                loss = ops.class_token_loss(cls_logits, maps=self.maps, affine=self.affine, mix_box=self.mix_box,
+                                            num_classes=self.num_classes, grid=self.grid, smoothing=self.smoothing,
+                                            smoothing_rule=self.label_compat)
+            else:
+                loss = ops.class_token_loss(cls_logits, self.class_targets(torch.float32))
+            return cls_weight * loss
         if fused:
-            return ops.token_label_loss(cls_logits, token_logits, maps=self.maps, affine=self.affine,
+            # CE is linear in the target: the official smoothing's loss is a scaled tl_fast one.
+            smoothing, scale = self._smoothing()
+            loss = ops.token_label_loss(cls_logits, token_logits, maps=self.maps, affine=self.affine,
                                         mix_box=self.mix_box, num_classes=self.num_classes, grid=self.grid,
-                                        smoothing=self.smoothing, cls_weight=cls_weight, dense_weight=dense_weight)
+                                        smoothing=smoothing, cls_weight=cls_weight, dense_weight=dense_weight)
+            return loss if scale == 1.0 else scale * loss
         targets = self.token_targets(torch.float32)
         return ops.token_label_loss(cls_logits, token_logits, targets, cls_weight=cls_weight,
                                     dense_weight=dense_weight)

@@ -62,7 +62,8 @@ class TokenLabelLoader:
         backend: ``"dali"``, ``"ffcv"`` or ``"torch"``.
         batch_size, image_size, patch_size: batch and network input geometry (grid = S / patch).
         augment: training augmentation (``AugmentConfig()``: timm's recipe); None: centre crop.
-        mixtoken, mixtoken_per_sample: draw a MixToken box per batch (or per sample).
+        mixtoken, mixtoken_per_sample: draw a MixToken box per batch (or per sample); ``None``
+            (default): drawn for ``label_mode="tokens"``, not for ``"class"``.
         smoothing: label smoothing applied to the token targets.
         device: where images, labels and maps are delivered.
         seed: keys every random draw (with epoch and sample index).
@@ -72,13 +73,16 @@ class TokenLabelLoader:
         channels_last: deliver images in channels_last memory format.
         rank, world_size: shard (default: from ``torch.distributed`` when initialized).
         **options: further :class:`LoaderConfig` fields (``missing_labels``, ``bad_images``,
-            ``erase``, ``crop_pct``, ``timeout_s``).
+            ``erase``, ``crop_pct``, ``timeout_s``, ``token_labels``, ``label_mode``: ``"class"``
+            delivers the maps for a classifier without token outputs, whose ``batch.loss(logits)``
+            uses the class-token target only; ``label_compat="official"``: the official code's label
+            region and smoothing, :mod:`tl_fast.compat`).
     """
 
     def __init__(
         self, images: str | os.PathLike, labels=None, *, backend: str = "dali", batch_size: int,
         image_size: int = 224, patch_size: int = 16, augment: AugmentConfig | None = AugmentConfig(),
-        mixtoken: bool = True, mixtoken_per_sample: bool = False, smoothing: float = 0.1,
+        mixtoken: bool | None = None, mixtoken_per_sample: bool = False, smoothing: float = 0.1,
         device: str | torch.device | None = None, seed: int = 0, train: bool = True, drop_last: bool | None = None,
         num_workers: int = 4, channels_last: bool = False, rank: int | None = None, world_size: int | None = None,
         **options,
@@ -280,7 +284,12 @@ class TokenLabelLoader:
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         labels = torch.from_numpy(self._targets[idx]).to(dev, non_blocking=True)
-        affine = torch.from_numpy(plan.affine).to(dev, torch.float32, non_blocking=True)
+        label_affine = plan.affine
+        if cfg.label_compat == "official" and self._map_geometry is not None:
+            from ..compat import official_label_affine
+
+            label_affine = official_label_affine(plan, self._map_geometry[2])
+        affine = torch.from_numpy(label_affine).to(dev, torch.float32, non_blocking=True)
         maps = mix = None
         self.stats["batches"] += 1
         if self.has_token_labels:
@@ -292,11 +301,11 @@ class TokenLabelLoader:
                     maps = maps.pin_memory()
             maps = maps.to(dev, non_blocking=True)
             self.stats["label_s"] += time.perf_counter() - t0
-        if cfg.mixtoken and cfg.augmenting:  # also without token labels: a mixed-label baseline uses it
+        if cfg.draws_mix_box:  # also without token labels: a mixed-label baseline uses it
             if cfg.mixtoken_per_sample:
                 mix = draw_mix_box(cfg.seed, epoch, idx, self.grid).tensor(dev)
             else:
                 mix = draw_mix_box(cfg.seed, epoch, [step], self.grid).tensor(dev)[0]
         return Batch(images=x, labels=labels, maps=maps, affine=affine, mix_box=mix, grid=self.grid,
                      num_classes=self.num_classes, smoothing=cfg.smoothing if cfg.train else 0.0,
-                     indices=idx, epoch=epoch, step=step)
+                     indices=idx, epoch=epoch, step=step, label_compat=cfg.label_compat)

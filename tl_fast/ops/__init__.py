@@ -130,4 +130,6 @@ def token_label_loss(
                                       dense_weight=dense_weight)
 
 
-__all__ = ["token_targets", "token_label_loss", "reference"]
+from .class_only import class_targets, class_token_loss  # noqa: E402  (the class-token-only mode)
+
+__all__ = ["token_targets", "token_label_loss", "class_targets", "class_token_loss", "reference"]

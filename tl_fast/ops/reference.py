@@ -175,13 +175,11 @@ def token_targets(
     bsz, tokens = values.shape[0], grid[0] * grid[1]
     keep, spread = 1.0 - smoothing, smoothing / num_classes
 
-    cls = _class_token_scores(values, indices, affine, num_classes).softmax(-1) * keep + spread
+    cls = _class_rows(values, indices, affine, num_classes, smoothing, mix_box, grid)  # row 0, float64
     ids, scores = region_contributions(values, indices, affine, grid)  # [B, T, N] sparse token rows
     inside = None
     if mix_box is not None:  # MixToken: tokens inside the box take the partner's (sparse) rows
         inside = mix_box_mask(mix_box, bsz, grid, values.device).view(bsz, tokens, 1)
-        lam = (1.0 - inside.sum((1, 2)).to(cls.dtype) / tokens).unsqueeze(1)
-        cls = lam * cls + (1.0 - lam) * cls.flip(0)
 
     out = new_output((bsz, 1 + tokens, num_classes), out_dtype, values.device)
     out[:, 0] = cls
@@ -251,6 +249,42 @@ def _class_token_scores(values, indices, affine, num_classes: int) -> torch.Tens
     ids, vals = region_contributions(values, indices, affine, (1, 1))
     dense = torch.zeros(values.shape[0], num_classes, dtype=torch.float64, device=values.device)
     return dense.scatter_add_(1, ids[:, 0], vals[:, 0].double())
+
+
+def _class_rows(values, indices, affine, num_classes: int, smoothing: float, mix_box,
+                grid: tuple[int, int], smoothing_rule: str = "tl_fast") -> torch.Tensor:
+    """Class-token targets ``[B, K]`` in float64: softmax of the pooled crop, smoothed, then mixed
+    by the MixToken box's area (``lam * t[b] + (1 - lam) * t[B - 1 - b]``)."""
+    from ..compat import smoothing_terms
+
+    keep, spread = smoothing_terms(smoothing, num_classes, smoothing_rule)
+    cls = _class_token_scores(values, indices, affine, num_classes).softmax(-1) * keep + spread
+    if mix_box is not None:
+        inside = mix_box_mask(mix_box, values.shape[0], grid, values.device)
+        lam = (1.0 - inside.sum((1, 2)).to(cls.dtype) / (grid[0] * grid[1])).unsqueeze(1)
+        cls = lam * cls + (1.0 - lam) * cls.flip(0)
+    return cls
+
+
+def class_targets(
+    values: torch.Tensor, indices: torch.Tensor, affine: torch.Tensor, *, num_classes: int,
+    smoothing: float = 0.0, mix_box=None, grid: Sequence[int] = (14, 14), out_dtype: torch.dtype = torch.float32,
+    smoothing_rule: str = "tl_fast",
+) -> torch.Tensor:
+    """Class-token targets ``[B, K]`` only: row 0 of :func:`token_targets`, without computing the
+    token rows (the class-token-only mode: ReLabel's LabelPooling, the official
+    ``--token-label-size 1``). ``grid`` only sets the MixToken box's units (``lam = 1 - area / T``);
+    ``smoothing_rule="official"`` smooths as the official code (:mod:`tl_fast.compat`)."""
+    grid = (int(grid[0]), int(grid[1]))
+    _check_inputs(values, indices, affine, num_classes)
+    return _class_rows(values, indices, affine, num_classes, smoothing, mix_box, grid, smoothing_rule).to(out_dtype)
+
+
+def class_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Batch mean of the soft-target cross-entropy of ``logits [B, K]`` against ``targets [B, K]``."""
+    if logits.shape != targets.shape or logits.dim() != 2:
+        raise ValueError(f"logits and targets must both be [B, K]; got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    return soft_cross_entropy(logits, targets).mean()
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """``tl-fast convert-pt`` and ``tl-fast inspect``: label-store commands.
 
-``convert-pt SRC DST`` converts the public per-image layout (``SRC/<class>/<image>.pt``, each a
-``[2, k, H, W]`` float16 tensor: scores, then class ids stored as float16) into one store.
-``inspect STORE`` prints the header and statistics, ``--verify`` checks every record.
+``convert-pt SRC DST`` converts a public per-image layout into one store: ``SRC/<class>/<stem>.pt``,
+each one ``[2, k, H, W]`` tensor (scores, then class ids stored as floats; H, W the map's rows and
+columns), ``<stem>`` the image's file name cut at its first ``.``. Two published layouts (see
+:data:`LAYOUTS`) differ in the tensors' dtype. ``inspect STORE`` prints the header and statistics,
+``--verify`` checks every record.
 """
 from __future__ import annotations
 
@@ -22,6 +24,28 @@ from .reader import LabelStore
 from .writer import StoreWriter
 
 
+# The published per-image layouts, read from their public code. Both name a file
+# <class>/<image name up to its first '.'>.pt and hold [2, k, rows, cols] (scores, then class ids).
+LAYOUTS: dict[str, torch.dtype] = {
+    # zihangJiang/TokenLabeling generate_label.py: top-k logits of each position, saved .half()
+    # (class ids as float16: exact up to 2048).
+    "tokenlabeling": torch.float16,
+    # naver-ai/relabel_imagenet: [2, 5, 15, 15] maps; its loader scatters the scores as loaded into a
+    # float32 map, which scatter_ accepts only from float32 (class ids exact up to 2^24).
+    "relabel": torch.float32,
+}
+
+
+def detect_layout(dtype: torch.dtype, path) -> str:
+    """The layout whose files hold ``dtype`` tensors; StoreError naming ``path`` when none does."""
+    for name, want in LAYOUTS.items():
+        if dtype == want:
+            return name
+    known = ", ".join(f"{n} ({str(d).replace('torch.', '')})" for n, d in LAYOUTS.items())
+    raise StoreError(f"{path}: a {str(dtype).replace('torch.', '')} tensor matches no known layout ({known}); "
+                     "pass --layout to read it as one of them")
+
+
 def public_pt_bytes(topk: int, map_size: tuple[int, int]) -> int:
     """Size of one public label file (``torch.save`` of a ``[2, k, H, W]`` float16 tensor)."""
     buf = io.BytesIO()
@@ -29,8 +53,10 @@ def public_pt_bytes(topk: int, map_size: tuple[int, int]) -> int:
     return buf.tell()
 
 
-def _load_public(path: Path, shape: tuple[int, int, int] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Values (float16) and class ids (int64) of one public ``.pt`` file; StoreError naming it if bad."""
+def _load_public(path: Path, shape: tuple[int, int, int] | None,
+                 dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray, torch.dtype]:
+    """Values, class ids (int64) and the stored dtype of one public ``.pt`` file; StoreError naming it
+    if bad or (with ``dtype``) stored in another dtype than the layout's."""
     try:
         t = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
@@ -43,24 +69,32 @@ def _load_public(path: Path, shape: tuple[int, int, int] | None) -> tuple[np.nda
         first = ", ".join(map(str, shape))
         raise StoreError(f"{path}: shape {tuple(t.shape)} differs from the first file's [2, {first}]")
     if not t.is_floating_point():
-        raise StoreError(f"{path}: expected a floating tensor (float16 scores and ids), got {t.dtype}")
+        raise StoreError(f"{path}: expected a floating tensor (scores and ids as floats), got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        layout = next((n for n, d in LAYOUTS.items() if d == dtype), str(dtype))
+        raise StoreError(f"{path}: a {str(t.dtype).replace('torch.', '')} tensor, but the {layout} layout stores "
+                         f"{str(dtype).replace('torch.', '')} (the first file's); the folder mixes layouts, or pass "
+                         "--layout to choose the other one")
     values = t[0].numpy()
     ids_f = t[1].to(torch.float64).numpy()
     if not np.all(np.isfinite(ids_f)) or np.any(ids_f != np.round(ids_f)) or np.any(ids_f < 0):
         bad = ids_f[~(np.isfinite(ids_f) & (ids_f == np.round(ids_f)) & (ids_f >= 0))][0]
         raise StoreError(f"{path}: class ids must be non-negative integers, found {bad}")
-    return values, ids_f.astype(np.int64)
+    return values, ids_f.astype(np.int64), t.dtype
 
 
-def _load_job(job: tuple[str, tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    return _load_public(Path(job[0]), job[1])
+def _load_job(job: tuple[str, tuple[int, int, int], torch.dtype]) -> tuple[np.ndarray, np.ndarray, torch.dtype]:
+    return _load_public(Path(job[0]), job[1], job[2])
 
 
 def convert_pt(src: str | os.PathLike, dst: str | os.PathLike, *, num_classes: int | None = None,
-               lossy: bool = False, progress: bool = True, workers: int = 0) -> LabelStore:
-    """Convert ``src/<class>/<image>.pt`` files into the store ``dst``; returns the opened store.
+               lossy: bool = False, progress: bool = True, workers: int = 0, layout: str = "auto") -> LabelStore:
+    """Convert ``src/<class>/<stem>.pt`` files into the store ``dst``; returns the opened store.
 
-    Keys are the files' paths relative to ``src`` without the ``.pt`` extension. Without
+    ``layout`` is ``"tokenlabeling"`` (float16 files), ``"relabel"`` (float32) or ``"auto"`` (from the
+    first file's dtype); every file must match it. Scores are stored as float16 (a float32 score keeps
+    11 significant bits). Keys are the files' paths relative to ``src`` without ``.pt``: the image
+    name cut at its first ``.``, which the loader's join accepts beside its own key rule. Without
     ``num_classes`` it is inferred as the largest class id seen + 1. ``workers > 0`` loads the files
     in that many processes (records are still written in sorted order)."""
     from tqdm.auto import tqdm
@@ -71,24 +105,30 @@ def convert_pt(src: str | os.PathLike, dst: str | os.PathLike, *, num_classes: i
     files = sorted(p for p in root.rglob("*.pt") if p.is_file())
     if not files:
         raise StoreError(f"{root}: no .pt label files found (expected SRC/<class>/<image>.pt)")
-    first = _load_public(files[0], None)
+    if layout != "auto" and layout not in LAYOUTS:
+        raise StoreError(f"layout must be 'auto' or one of {sorted(LAYOUTS)}; got {layout!r}")
+    first = _load_public(files[0], None, LAYOUTS.get(layout))
     shape = first[0].shape
+    layout = detect_layout(first[2], files[0]) if layout == "auto" else layout
+    dtype = LAYOUTS[layout]
     source_bytes = sum(p.stat().st_size for p in files)
-    meta = {"source": "convert-pt", "src": str(root), "source_bytes": source_bytes, "source_files": len(files)}
+    meta = {"source": "convert-pt", "src": str(root), "source_bytes": source_bytes, "source_files": len(files),
+            "layout": layout}
     pool = None
     if workers > 0 and len(files) > 1:
         import multiprocessing
 
         pool = multiprocessing.get_context().Pool(workers)
-        loaded = itertools.chain([first], pool.imap(_load_job, [(str(p), shape) for p in files[1:]], chunksize=64))
+        jobs = [(str(p), shape, dtype) for p in files[1:]]
+        loaded = itertools.chain([first], pool.imap(_load_job, jobs, chunksize=64))
     else:
-        loaded = (first if i == 0 else _load_public(p, shape) for i, p in enumerate(files))
+        loaded = (first if i == 0 else _load_public(p, shape, dtype) for i, p in enumerate(files))
     try:
         with StoreWriter(dst, num_classes=num_classes, topk=shape[0], map_size=shape[1:], lossy=lossy,
                          metadata=meta) as writer:
             bar = tqdm(total=len(files), unit="file", desc="convert-pt", disable=not progress)
             with bar:
-                for path, (values, ids) in zip(files, loaded):
+                for path, (values, ids, _) in zip(files, loaded):
                     key = path.relative_to(root).with_suffix("").as_posix()
                     try:
                         writer.add(key, values, ids)
@@ -166,14 +206,15 @@ def _run(func, name: str, *args, **kwargs) -> int:
 def _convert_cmd(args: argparse.Namespace) -> int:
     def go():
         store = convert_pt(args.src, args.dst, num_classes=args.num_classes, lossy=args.lossy,
-                           progress=not args.quiet, workers=args.workers)
+                           progress=not args.quiet, workers=args.workers, layout=args.layout)
         n = len(store)
         src = store.metadata.get("source_bytes", 0)
-        print(f"wrote {args.dst}: {n} records, K={store.num_classes}, top-{store.topk}, "
+        print(f"wrote {args.dst} from the {store.metadata['layout']} layout: {n} records, K={store.num_classes}, "
+              f"top-{store.topk}, "
               f"{store.map_size[0]}x{store.map_size[1]}, {store.nbytes / max(n, 1):.0f} B/record, "
               f"{store.nbytes / max(src, 1):.1%} of the {src:,} bytes of .pt files")
-        if store.num_classes > 2049:
-            print("note: the public format stores class ids as float16, which is exact only up to 2048; larger "
+        if store.num_classes > 2049 and store.metadata["layout"] == "tokenlabeling":
+            print("note: the tokenlabeling layout stores class ids as float16, which is exact only up to 2048; larger "
                   "ids in these files may already have been rounded when they were written", file=sys.stderr)
         if args.num_classes is None:
             print(f"note: num_classes inferred as {store.num_classes} (largest id + 1); pass --num-classes "
@@ -191,14 +232,19 @@ def register(subparsers) -> None:
     """Add ``convert-pt`` and ``inspect`` to the ``tl-fast`` command."""
     p = subparsers.add_parser(
         "convert-pt", help="convert public per-image .pt label maps into a label store",
-        description="Convert SRC/<class>/<image>.pt files (each a [2, k, H, W] float16 tensor: scores, then "
-        "class ids) into one label store DST. Keys are the relative paths without extension. Files are "
-        "loaded with torch.load(weights_only=True).")
+        description="Convert SRC/<class>/<stem>.pt files (each one [2, k, H, W] tensor: scores, then class ids "
+        "as floats) into one label store DST. Two published layouts: TokenLabeling's (float16 files, from its "
+        "generate_label.py) and ReLabel's (naver-ai/relabel_imagenet, float32 [2, 5, 15, 15]); both name a file "
+        "by its image's name cut at the first '.'. Keys are the relative paths without .pt. Files are loaded "
+        "with torch.load(weights_only=True).")
     p.add_argument("src", help="root folder of the public label files")
     p.add_argument("dst", help="output store file (written atomically)")
     p.add_argument("--num-classes", type=int, default=None, help="K (default: largest class id + 1)")
     p.add_argument("--lossy", action="store_true", help="quantize scores to 8-bit codes (see tl_fast.store.format)")
     p.add_argument("--workers", type=int, default=0, help="processes loading .pt files (default 0: in process)")
+    p.add_argument("--layout", choices=["auto", *LAYOUTS], default="auto",
+                   help="the files' layout: tokenlabeling (float16) or relabel (float32); default auto: from the "
+                   "first file's dtype (every file must match)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_convert_cmd)
 

@@ -138,6 +138,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="share of the ground-truth label in the class-token target (MixToken-mixed); the rest is "
                     "the annotator's pooled crop target. 0: pure token labeling (SPEC); helps a weak annotator")
     tl.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    tl.add_argument("--label-compat", choices=("tl_fast", "official"), default="tl_fast",
+                    help="official: the official TokenLabeling targets (crop box passed to roi_align as (y1, x1, y2, "
+                    "x2), smoothing t(1-s+s/K)+s/K), to reproduce the published recipe; README: Differences")
     tl.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=True,
                     help="compute the token loss from the compressed maps without materializing targets")
     o = p.add_argument_group("output")

@@ -78,8 +78,9 @@ def load_initial_checkpoint(model: nn.Module, path: str) -> list[str]:
     return reinit
 
 
-def make_loaders(args: argparse.Namespace, dist: DistInfo, patch: int, token_labels: bool):
-    """Train and val :class:`tl_fast.TokenLabelLoader`; the train batch is one accumulation step's share."""
+def make_loaders(args: argparse.Namespace, dist: DistInfo, patch: int, token_model: bool):
+    """Train and val :class:`tl_fast.TokenLabelLoader`; the train batch is one accumulation step's share.
+    A model without token outputs gets the maps in ``label_mode="class"`` (the class-token target only)."""
     from tl_fast import TokenLabelLoader
     from tl_fast.augment import EraseConfig
     from tl_fast.plan import AugmentConfig, RandAugmentConfig
@@ -87,12 +88,13 @@ def make_loaders(args: argparse.Namespace, dist: DistInfo, patch: int, token_lab
     common = dict(backend=args.loader, image_size=args.img_size, patch_size=patch, device=dist.device,
                   num_workers=args.workers, rank=dist.rank, world_size=dist.world_size, smoothing=args.smoothing,
                   seed=args.seed, channels_last=args.channels_last)
-    train = TokenLabelLoader(_images(args, args.train_dir, dist), args.labels if token_labels else None,
+    train = TokenLabelLoader(_images(args, args.train_dir, dist), args.labels if args.token_label else None,
                              batch_size=args.batch_size // args.grad_accum_steps,
                              augment=AugmentConfig(scale=(args.crop_scale, 1.0), randaugment=aa), train=True,
                              erase=EraseConfig(prob=args.reprob) if args.reprob > 0 else None,
                              mixtoken=args.mixtoken, mixtoken_per_sample=args.mixtoken_per_sample,
-                             token_labels=token_labels, **common)
+                             token_labels=args.token_label, label_mode="tokens" if token_model else "class",
+                             label_compat=args.label_compat, **common)
     val = TokenLabelLoader(_images(args, args.val_dir, dist), None, batch_size=args.batch_size, train=False,
                            mixtoken=False, **common) if Path(args.val_dir).is_dir() else None
     return train, val

@@ -38,11 +38,13 @@ def make_loss_fn(args, token_model: bool) -> Callable:
 
     def loss_fn(outputs, batch):
         cls, tokens = outputs if token_model else (outputs, None)
-        if not args.token_label or not token_model:
+        if not args.token_label:
             return batch.loss(cls)
         # The class-token target is linear in its parts: (1 - w) * annotator + w * ground truth.
         weights = dict(cls_weight=1.0 - args.gt_weight, dense_weight=args.dense_weight)
-        if args.mix_cls_target == "content" and batch.mix_box is not None:
+        if not token_model:  # the pooled crop target alone, from the compressed maps
+            loss = batch.loss(cls, fused=args.fused_loss, cls_weight=weights["cls_weight"])
+        elif args.mix_cls_target == "content" and batch.mix_box is not None:
             targets = content_mixtoken(replace(batch, mix_box=None).token_targets(), batch.mix_box, batch.grid)
             loss = ops.token_label_loss(cls, tokens, targets, **weights)
         else:

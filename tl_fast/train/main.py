@@ -68,7 +68,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         args.mixtoken = args.token_label and token_model
     patch = patch_size(probe, args.img_size)
     del probe
-    train_loader, val_loader = make_loaders(args, dist, patch, token_labels=args.token_label)
+    train_loader, val_loader = make_loaders(args, dist, patch, token_model)
     torch.manual_seed(args.seed)
     model = create_model(args, num_classes=train_loader.num_classes)
     if args.initial_checkpoint:

@@ -61,7 +61,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     if e:
         best = max(e, key=lambda r: max(r["top1"], r.get("ema_top1", float("-inf"))))
         top = max(best["top1"], best.get("ema_top1", float("-inf")))
-        ax_acc.annotate(f"best {top:.2f}%", (best["epoch"], top), textcoords="offset points", xytext=(-10, -16),
+        ax_acc.annotate(f"best {top:.2f}%", (best["epoch"], top), textcoords="offset points", xytext=(-6, 8),
                         ha="right", fontsize=9)
         ax_acc.legend(loc="lower right")
     ax_acc.set(title="val top-1", ylabel="top-1 (%)")
@@ -76,7 +76,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         ax.grid(alpha=0.3)
         for i, r in enumerate(run["resumes"]):
             x = r["step"] / spe
-            ax.axvline(x, color="grey", ls=":", lw=1.2, label="resumed" if i == 0 and ax is ax_loss else None)
+            ax.axvline(x, color="grey", ls=":", lw=1.2, label=f"resumed at step {r['step']}" if ax is ax_loss else None)
     if run["resumes"]:
         ax_loss.legend(loc="upper right")
     title = f"{run_dir.name}: {args.get('model', '?')}, {args.get('img_size', '?')} px, " \

@@ -1,0 +1,87 @@
+"""The class-token-only ops: targets ``[B, K]`` and their loss for models without token outputs.
+
+The class target of token labeling alone (ReLabel's LabelPooling, the official
+``--token-label-size 1``): the crop pooled into one RoI-Align bin, soft-maxed, smoothed, and mixed by
+the MixToken box's area when one is drawn. Nothing here builds ``[B, 1 + Gh*Gw, K]``. Dispatch as
+in :mod:`tl_fast.ops`: ``impl="auto"`` runs the Triton kernel (``kernels/class_targets.py``) on CUDA
+tensors and the PyTorch reference otherwise.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from . import reference
+
+
+def _kernel_module(device: torch.device):
+    """``tl_fast.kernels.class_targets``, checked to be compiled for CUDA / interpreted for CPU tensors."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from ..kernels import class_targets as kernel
+
+    interpreted = isinstance(kernel._class_rows_kernel, InterpretedFunction)
+    if device.type == "cuda" and interpreted:
+        raise RuntimeError("tl_fast.kernels was imported with TRITON_INTERPRET=1; CUDA tensors need compiled "
+                           "kernels (unset TRITON_INTERPRET before importing tl_fast)")
+    if device.type != "cuda" and not interpreted:
+        raise RuntimeError("tl_fast.kernels was imported without TRITON_INTERPRET=1, so its kernels cannot run on "
+                           f"{device} tensors; set TRITON_INTERPRET=1 before the first import of tl_fast.kernels")
+    return kernel
+
+
+def class_targets(
+    values: torch.Tensor, indices: torch.Tensor, affine: torch.Tensor, *, num_classes: int,
+    smoothing: float = 0.0, mix_box=None, grid: Sequence[int] = (14, 14), out_dtype: torch.dtype = torch.float32,
+    smoothing_rule: str = "tl_fast", impl: str = "auto",
+) -> torch.Tensor:
+    """Class-token targets ``[B, K]``: row 0 of :func:`tl_fast.ops.token_targets`, alone.
+
+    values [B, k, H, W]; indices [B, k, H, W]; affine [B, 2, 3] normalized output -> source;
+    mix_box None, ``(r1, c1, r2, c2)`` or ``[B, 4]`` in token units of ``grid`` (``grid`` matters
+    only for the box's area: ``lam = 1 - area / (Gh * Gw)``); ``smoothing_rule`` ``"tl_fast"``
+    (``(1 - s) t + s/K``) or ``"official"`` (``t (1 - s + s/K) + s/K``, :mod:`tl_fast.compat`)."""
+    from . import _use_triton
+
+    affine = affine.to(values.device)
+    if _use_triton(impl, values.device):
+        return _kernel_module(values.device).class_targets(
+            values, indices, affine, num_classes=num_classes, smoothing=smoothing, mix_box=mix_box, grid=grid,
+            out_dtype=out_dtype, smoothing_rule=smoothing_rule)
+    return reference.class_targets(values, indices, affine, num_classes=num_classes, smoothing=smoothing,
+                                   mix_box=mix_box, grid=grid, out_dtype=out_dtype, smoothing_rule=smoothing_rule)
+
+
+def class_token_loss(
+    logits: torch.Tensor, targets: Optional[torch.Tensor] = None, *, maps: Any = None,
+    affine: Optional[torch.Tensor] = None, mix_box=None, num_classes: Optional[int] = None,
+    grid: Sequence[int] = (14, 14), smoothing: float = 0.0, smoothing_rule: str = "tl_fast", impl: str = "auto",
+) -> torch.Tensor:
+    """Batch mean of the soft-target cross-entropy ``-sum_c t_c log softmax(z)_c`` of ``logits [B, K]``.
+
+    Give either ``targets [B, K]`` or ``maps`` (``TopKMaps`` or ``(values, indices)``) + ``affine``
+    (+ ``mix_box``, ``smoothing``): then the fused kernel computes it from the compressed maps on
+    CUDA (forward from maps and logits, backward ``softmax(z) - t``), and the reference builds the
+    ``[B, K]`` targets first elsewhere."""
+    from . import _maps_tensors, _use_triton
+
+    if targets is not None:
+        if maps is not None:
+            raise ValueError("give either targets or maps + affine, not both")
+        return reference.class_token_loss(logits, targets)
+    if maps is None or affine is None:
+        raise ValueError("class_token_loss needs targets, or maps and affine")
+    values, indices = _maps_tensors(maps)
+    affine = affine.to(values.device)
+    num_classes = logits.shape[-1] if num_classes is None else int(num_classes)
+    if _use_triton(impl, logits.device):
+        return _kernel_module(logits.device).class_token_loss(
+            logits, values, indices, affine, num_classes=num_classes, smoothing=smoothing, mix_box=mix_box,
+            grid=grid, smoothing_rule=smoothing_rule)
+    targets = reference.class_targets(values, indices, affine, num_classes=num_classes, smoothing=smoothing,
+                                      mix_box=mix_box, grid=grid, smoothing_rule=smoothing_rule)
+    return reference.class_token_loss(logits, targets)
+
+
+__all__ = ["class_targets", "class_token_loss"]
