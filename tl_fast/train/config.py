@@ -16,7 +16,7 @@ PRESETS = {
                      drop_path=0.1, aa="rand-m9-mstd0.5-inc1", crop_scale=0.08, reprob=0.25, workers=8),
 }
 
-# LV-ViT sizes built by tl_fast.models; any other name goes to timm.create_model.
+# LV-ViT sizes built by tl_fast.models (tl_fast.models.MODEL_NAMES); any other name goes to timm.create_model.
 LVVIT_NAMES = ("lvvit_demo", "lvvit_t", "lvvit_s", "lvvit_m", "lvvit_l")
 SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "constant")
 
@@ -177,8 +177,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.resume and args.initial_checkpoint:
         parser.error("--resume continues a run with its own weights; drop --initial-checkpoint")
-    if args.model not in LVVIT_NAMES:
-        import timm
+    import timm
+
+    from tl_fast.models import MODEL_NAMES  # importing it registers LV-ViT with timm where supported
+    if args.model not in MODEL_NAMES:
         if not timm.is_model(args.model):
             parser.error(f"unknown model {args.model!r}: use one of {', '.join(LVVIT_NAMES)} or a timm model name "
                          "(python -c \"import timm; print(timm.list_models('resnet*'))\")")

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .config import LVVIT_NAMES
 from .distributed import DistInfo, barrier
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
@@ -24,11 +23,8 @@ def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     overrides = {k: v for k, v in dict(depth=args.depth, embed_dim=args.dim, num_heads=args.heads,
                                         patch_size=args.patch_size).items() if v is not None}
     kwargs = dict(num_classes=num_classes, drop_path_rate=args.drop_path or 0.0, **overrides)
-    if args.model in LVVIT_NAMES:
-        from tl_fast.models import create_lvvit
-        if args.pretrained:
-            raise SystemExit(f"error: no pretrained weights are built in for {args.model}; download the official "
-                             "LV-ViT checkpoint and pass --initial-checkpoint PATH")
+    from tl_fast.models import MODEL_NAMES, create_lvvit
+    if args.model in MODEL_NAMES and not args.pretrained:
         return create_lvvit(args.model, img_size=args.img_size, **kwargs)
     import timm
     try:  # ViT-like models size their position embedding from img_size; CNNs take no such argument
@@ -36,9 +32,12 @@ def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     except TypeError as err:
         if "img_size" not in str(err):
             raise SystemExit(f"error: timm cannot build {args.model} with {sorted(kwargs)}: {err}") from None
+    except (RuntimeError, OSError) as err:  # unknown model, pretrained weights not found / not downloadable
+        raise SystemExit(f"error: timm cannot build {args.model}" + (" with --pretrained" if args.pretrained else "")
+                         + f": {err}") from None
     try:
         return timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
-    except TypeError as err:
+    except (TypeError, RuntimeError, OSError) as err:
         raise SystemExit(f"error: timm cannot build {args.model} with {sorted(kwargs)}: {err}") from None
 
 
