@@ -38,7 +38,8 @@ def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     try:
         return timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
     except (TypeError, RuntimeError, OSError) as err:
-        raise SystemExit(f"error: timm cannot build {args.model} with {sorted(kwargs)}: {err}") from None
+        what = "with --pretrained" if args.pretrained and not isinstance(err, TypeError) else f"with {sorted(kwargs)}"
+        raise SystemExit(f"error: timm cannot build {args.model} {what}: {err}") from None
 
 
 def patch_size(model: nn.Module, img_size: int) -> int:
