@@ -312,3 +312,23 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     with pytest.raises(MissingMatplotlib, match="pip install matplotlib"):
         plot_run(tmp_path)
+
+
+def test_train_entry_points_share_the_options(capsys):
+    """``tl-fast train``, ``python -m tl_fast.train`` and examples/train_lvvit.py take the same options."""
+    import subprocess
+    from pathlib import Path
+
+    from tl_fast.cli import main
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    cli_help = capsys.readouterr().out
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    for cmd in ([sys.executable, "-m", "tl_fast.train", "--help"], [sys.executable, str(root / "examples" / "train_lvvit.py"), "--help"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        assert out.returncode == 0, out.stderr
+        for flag in ("--grad-accum-steps", "--opt", "--sched", "--amp", "--no-model-ema", "--initial-checkpoint",
+                     "--torchcompile", "--channels-last", "--label-compat", "demo-cnn"):
+            assert flag in out.stdout and flag in cli_help, (cmd, flag)
