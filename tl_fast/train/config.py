@@ -29,7 +29,7 @@ built-in demo dataset (generated, annotated and stored on first use), so the who
 EPILOG = """examples:
   %(prog)s --loader torch                          # demo data, CPU-sized LV-ViT, a few minutes
   %(prog)s --no-token-label                        # the same, class-token labels only (baseline)
-  %(prog)s --preset demo-cnn --no-token-label      # a small timm CNN on the demo data, hard labels
+  %(prog)s --preset demo-cnn                       # a small timm CNN on the demo data, pooled machine labels
   %(prog)s --resume                                # continue exactly from <output>/last.pth
   torchrun --nproc_per_node 8 -m tl_fast.train --loader dali --data /imagenet \\
       --labels /imagenet/labels.tlstore --model lvvit_s   # LV-ViT-S recipe (lr 1.6e-3 per 1024 images)
