@@ -27,6 +27,9 @@ VARIANTS = {  # name -> trainer flags
     "token-label": ["--no-mixtoken"],  # (c) token labeling without mixing
     # (b) with the experimental class target weighed by what the mixed tokens show, not by area
     "token-label-mixtoken-content": ["--mix-cls-target", "content"],
+    # A small timm CNN (the demo-cnn preset's test_resnet): hard labels vs the annotator's pooled crop targets
+    "cnn-hard": ["--model", "test_resnet", "--no-token-label"],
+    "cnn-pooled": ["--model", "test_resnet"],
 }
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import tl_fast.ops as ops
 from tl_fast.models import create_lvvit
 from common import crop_flip_plan, machine_name, mix_box, smooth_topk_maps
-from tl_fast.train import param_groups
+from timm.optim import create_optimizer_v2
 
 
 def synthetic_batch(batch: int, img_size: int, grid: tuple[int, int], num_classes: int, topk: int,
@@ -48,7 +48,7 @@ def synthetic_batch(batch: int, img_size: int, grid: tuple[int, int], num_classe
 def make_steps(model, batch, num_classes: int, grid, amp: torch.dtype | None, smoothing: float = 0.1
                ) -> dict[str, Callable[[], None]]:
     images, labels, values, indices, affine, box = batch
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
+    opt = create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=0.05)
     maps = (values, indices)  # what TopKMaps holds; no store import (numba-free on a bare GPU machine)
     autocast = (lambda: torch.autocast(images.device.type, dtype=amp)) if amp else nullcontext
 

@@ -1,4 +1,5 @@
-"""examples/train_lvvit.py end to end on CPU: loss falls on every backend, exact resume, two-process DDP.
+"""examples/train_lvvit.py (tl_fast.train) end to end on CPU: loss falls on every backend, exact resume, best
+checkpoint, timm models, two-process DDP.
 
 A tiny image folder (3 classes of coloured quadrant scenes) and a matching real label store are
 written once per module; the model is a 2-block LV-ViT at 32 px, so each run takes seconds.
@@ -87,7 +88,11 @@ def test_few_steps_reduce_loss(dataset, tmp_path, loader):
     first, last = losses[steps[0]], np.mean([losses[s] for s in steps[-4:]])
     assert last < 0.8 * first, (loader, [round(losses[s], 3) for s in steps])
     assert {"top1", "top5", "ema_top1", "ema_top5"} <= set(result) and result["count"] == 12
-    assert (tmp_path / "last.pth").is_file()
+    assert (tmp_path / "last.pth").is_file() and (tmp_path / "best.pth").is_file()
+    best = torch.load(tmp_path / "best.pth", weights_only=False)["state"]
+    evals = [r for r in _log(tmp_path) if r["event"] == "epoch"]
+    top = max(max(r["top1"], r["ema_top1"]) for r in evals)
+    assert best["best_top1"] == top and evals[best["best_epoch"] - 1]["best"] and best["epoch"] == best["best_epoch"]
     if loader == "ffcv":  # val packed without label records (eval reads no maps), train with the store
         assert json.loads((dataset / "val.beton.json").read_text())["has_records"] is False
         assert json.loads((dataset / "train-labels.beton.json").read_text())["has_records"] is True
@@ -125,10 +130,42 @@ def test_resume_is_exact(dataset, tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for step in (7, 8):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
-    wa = torch.load(full / "last.pth", weights_only=False)["model"]
-    wb = torch.load(part / "last.pth", weights_only=False)["model"]
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7)
+    ca, cb = (torch.load(d / "last.pth", weights_only=False) for d in (full, part))
+    for key in ("model", "ema"):
+        for k in ca[key]:
+            torch.testing.assert_close(ca[key][k], cb[key][k], rtol=1e-6, atol=1e-7)
+    assert cb["scheduler"] == ca["scheduler"] and cb["state"] == ca["state"]
+    # The resumed run is marked in the log: one start, then a resume event where it picked up.
+    events = [r for r in _log(part) if r["event"] in ("start", "resume")]
+    assert [r["event"] for r in events] == ["start", "resume"]
+    assert events[1]["step"] == 6 and events[1]["epoch"] == 1 and events[1]["checkpoint"] == str(part / "last.pth")
+    if importlib.util.find_spec("matplotlib"):
+        assert (part / "curves.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, labels", [("test_resnet", "--token-label"), ("test_vit", "--no-token-label")])
+def test_timm_model_trains(dataset, tmp_path, model, labels):
+    """Any timm classifier trains on its class output (pooled crop targets from the maps, or hard labels);
+    with timm's SGD + step schedule, channels_last, accumulated gradients and no EMA; then fine-tunes
+    from that checkpoint."""
+    trainer = _load_trainer()
+    lvvit_only = {"--patch-size", "--dim", "--depth", "--heads"}
+
+    def args(out, *extra):
+        a = _args(dataset, out, "torch", *extra)
+        return [v for i, v in enumerate(a) if v not in lvvit_only and a[i - 1] not in lvvit_only]
+    opts = ["--model", model, labels, "--epochs", "1", "--opt", "sgd", "--sched", "step",
+            "--channels-last", "--grad-accum-steps", "2", "--no-model-ema"]
+    result = trainer.main(args(tmp_path / "a", *opts))
+    assert sorted(_train_losses(tmp_path / "a")) == [1, 2, 3, 4]  # 24 images / batch 6 (2 x 3)
+    assert "top1" in result and "ema_top1" not in result
+    ckpt = torch.load(tmp_path / "a" / "last.pth", weights_only=False)
+    assert ckpt["ema"] is None and ckpt["args"]["model"] == model
+    start = next(r for r in _log(tmp_path / "a") if r["event"] == "start")
+    assert start["args"]["mixtoken"] == "False" and start["args"]["token_label"] == str(labels == "--token-label")
+    trainer.main(args(tmp_path / "b", *opts, "--initial-checkpoint", str(tmp_path / "a" / "last.pth"), "--max-steps", "1"))
+    assert sorted(_train_losses(tmp_path / "b")) == [1]
 
 
 @pytest.mark.slow

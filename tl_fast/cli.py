@@ -1,4 +1,4 @@
-"""The ``tl-fast`` command: data preparation for token labeling.
+"""The ``tl-fast`` command: token-labeling training and the data it needs.
 
 Each subcommand lives beside the code it drives and registers itself through a ``register(sub)``
 function; this file only collects them.
@@ -20,14 +20,15 @@ COMMAND_MODULES = (
     "tl_fast.loaders.ffcv_pack",  # pack-ffcv
     "tl_fast.imagecheck",  # check
     "tl_fast.store.fingerprint",  # fingerprint
+    "tl_fast.train.commands",  # train, plot
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tl-fast",
-        description="Prepare data for token-labeling training: convert public label maps, run a machine "
-        "annotator, pack FFCV files, inspect stores, build the built-in demo dataset.",
+        description="Token-labeling training and its data: convert public label maps, run a machine annotator, "
+        "pack FFCV files, check images, inspect stores, build the built-in demo dataset, train, plot a run.",
     )
     parser.add_argument("--version", action="version", version=f"tl-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

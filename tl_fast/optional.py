@@ -14,7 +14,7 @@ _INSTALL = {
     "nvidia.dali": ("NVIDIA DALI", 'pip install "tl-fast[dali]" (nvidia-dali-cuda130; pick the wheel '
                     "matching your CUDA major version)"),
     "ffcv": ("FFCV", 'apt-get install pkg-config libturbojpeg0-dev libopencv-dev, then pip install "tl-fast[ffcv]"'),
-    "matplotlib": ("matplotlib", 'pip install "tl-fast[plot]"'),
+    "matplotlib": ("matplotlib", 'pip install "tl-fast[plot]" (or pip install matplotlib)'),
 }
 
 

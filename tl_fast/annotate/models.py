@@ -2,7 +2,6 @@
 checkpoint, read its preprocessing (input size, mean, std, interpolation), and fingerprint its weights."""
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import os
@@ -11,8 +10,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..augment.normalize import IMAGENET_MEAN, IMAGENET_STD
+from ..models.digest import weights_digest  # noqa: F401  (part of this module's API)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 
 
@@ -110,12 +109,3 @@ def data_config(model: nn.Module, img_size: int | None = None) -> dict[str, Any]
         interp = "bilinear"
     return {"img_size": int(size), "mean": tuple(cfg.get("mean") or IMAGENET_MEAN),
             "std": tuple(cfg.get("std") or IMAGENET_STD), "interpolation": interp}
-
-
-def weights_digest(model: nn.Module) -> str:
-    """sha1 of a model's state dict: resuming must never mix maps of two different sets of weights."""
-    h = hashlib.sha1()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
