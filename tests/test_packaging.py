@@ -7,6 +7,8 @@ only from the wheel.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import site
@@ -112,3 +114,45 @@ def test_installed_command_line(installed):
     out = _run([bindir / "tl-fast", "--help"], cwd=work, env=env)
     for command in ("convert-pt", "inspect", "annotate", "pack-ffcv", "demo"):
         assert command in out.stdout
+
+
+def _tiny_dataset(root: Path) -> Path:
+    """Two classes of small JPEGs (train and val) and a label store of 4x4 top-2 maps for train."""
+    import numpy as np
+    from PIL import Image
+
+    from tl_fast.store import StoreWriter
+
+    rng = np.random.default_rng(0)
+    keys = []
+    for split, n in (("train", 8), ("val", 4)):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(root / split / c / f"{i}.jpg")
+                keys.append(f"{c}/{i}") if split == "train" else None
+    with StoreWriter(root / "labels.tlstore", num_classes=2, topk=2, map_size=(4, 4)) as w:
+        for key in keys:
+            values = np.sort(rng.random((2, 4, 4)), axis=0)[::-1].astype(np.float16)
+            w.add(key, values, np.stack([np.zeros((4, 4), np.int64), np.ones((4, 4), np.int64)]))
+    return root
+
+
+def test_installed_trainer_runs_two_steps(installed):
+    """``tl-fast train`` from the wheel: two steps of LV-ViT with token labels, a resumable checkpoint,
+    the log and the curves; ``python -m tl_fast.train`` is the same trainer."""
+    python, bindir, env, work = installed
+    data = _tiny_dataset(work / "data")
+    out = _run([bindir / "tl-fast", "train", "--data", str(data), "--model", "lvvit_demo", "--img-size", "32",
+                "--batch-size", "4", "--epochs", "1", "--max-steps", "2", "--workers", "0", "--device", "cpu",
+                "--aa", "none", "--reprob", "0", "--log-every", "1", "--output", str(work / "run"), "--no-progress"],
+               cwd=work, env=env)
+    assert "token labels" in out.stdout and "log:" in out.stdout
+    for name in ("last.pth", "log.jsonl"):
+        assert (work / "run" / name).is_file(), out.stdout
+    events = [json.loads(line) for line in (work / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in events if e["event"] == "train"]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses), events
+    assert events[-1]["event"] == "end" and events[-1]["global_step"] == 2
+    out = _run([python, "-m", "tl_fast.train", "--help"], cwd=work, env=env)
+    assert "--loader" in out.stdout and "--model" in out.stdout

@@ -136,7 +136,9 @@ def make_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, s
     """timm's schedule stepped per optimizer step (``step_update``): linear warm-up from ``--warmup-lr``
     to the peak, then the schedule over the remaining epochs, down to ``--min-lr`` at the last step."""
     from timm.scheduler import create_scheduler_v2
-    warmup = min(args.warmup_epochs or 0.0, args.epochs)
+    # A warm-up as long as the run would leave the schedule no steps (timm asserts on that): a run
+    # shorter than its preset's warm-up warms up for half of it.
+    warmup = min(args.warmup_epochs or 0.0, args.epochs / 2)
     sched, _ = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs - warmup, warmup_epochs=warmup, warmup_prefix=True,
         warmup_lr=args.warmup_lr if args.warmup_lr is not None else lr * 1e-3,
