@@ -26,12 +26,12 @@ from tl_fast.plan import AugmentConfig, RandAugmentConfig, RA_GEOMETRIC, RA_OPS,
 
 def _kernel_modules():
     """Import the kernels in the mode this process needs (reloading if an earlier import differed)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
+    from tl_fast.kernels import _rows
     from tl_fast.kernels import token_label_loss as tll
     from tl_fast.kernels import token_targets as tt
 
-    if isinstance(tt._token_rows_kernel, InterpretedFunction) == HAS_CUDA:
+    if tt.interpreted() == HAS_CUDA:
+        importlib.reload(_rows)
         tt = importlib.reload(tt)
         tll = importlib.reload(tll)
     return tt, tll
@@ -159,13 +159,15 @@ def test_bf16_output_int32_indices_wide_k():
                    smoothing=0.1, out_dtype=torch.bfloat16, atol=2e-3)
 
 
-def test_persistent_grid_sizes_agree():
+def test_launch_parameters_do_not_change_results():
+    """Tile sizes and class-row splits (1 program, several, more than the row has lanes for)."""
     values, indices = random_maps(3, 3, 6, 6, 20, seed=11)
     affine = crop_flip_affine(3, seed=11)
     kw = dict(num_classes=20, grid=(3, 3), smoothing=0.1, mix_box=(0, 1, 2, 3))
-    one = TT.token_targets(values, indices, affine, programs=1, **kw)
-    many = TT.token_targets(values, indices, affine, programs=7, **kw)
-    torch.testing.assert_close(one, many, rtol=0, atol=1e-6)
+    base = TT.token_targets(values, indices, affine, launch=TT.Launch(tile=1, class_split=1), **kw)
+    for launch in (TT.Launch(tile=4, class_split=3, class_chunk=16), TT.Launch(tile=16, class_split=40, class_chunk=8)):
+        torch.testing.assert_close(TT.token_targets(values, indices, affine, launch=launch, **kw), base,
+                                   rtol=0, atol=1e-6)
 
 
 def test_bad_class_id_poisons_rows_not_memory():
