@@ -38,7 +38,8 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 from tl_fast.kernels import token_label_loss as tll  # noqa: E402
 from tl_fast.kernels import token_targets as tt  # noqa: E402
 
-KERNELS = {"class_rows_kernel": tt, "token_tile_kernel": tt, "loss_token_fwd_kernel": tll,
+KERNELS = {"class_rows_kernel": tt, "token_tile_kernel": tt, "token_long_rows_kernel": tt,
+           "loss_token_fwd_kernel": tll, "loss_long_fwd_kernel": tll, "loss_long_bwd_kernel": tll,
            "loss_bwd_kernel": tll}
 
 
@@ -155,15 +156,35 @@ def specializations(bsz=128, topk=5, size=18, grid=(14, 14)) -> list[dict]:
     return rows
 
 
-def report(arch_cap: int = 90) -> list[dict]:
+# The tensor each kernel writes its dense rows into (for the vector width in bytes).
+WRITTEN = {"class_rows_kernel": "out_ptr", "token_tile_kernel": "out_ptr", "token_long_rows_kernel": "out_ptr",
+           "loss_token_fwd_kernel": "tok_ptr", "loss_long_fwd_kernel": "tok_ptr", "loss_bwd_kernel": "gtok_ptr",
+           "loss_long_bwd_kernel": "gtok_ptr"}
+
+
+def _written_element_size(row: dict) -> int:
+    fn = getattr(KERNELS[row["kernel"]], row["kernel"])
+    return row["args"][fn.arg_names.index(WRITTEN[row["kernel"]])].element_size()
+
+
+def report(arch_cap: int = 90, only: str = "") -> list[dict]:
+    """One row per (case, kernel) launch whose label contains ``only``; identical specializations
+    (the class-row kernel serves targets and loss) are compiled once."""
     target = GPUTarget("cuda", arch_cap, 32)
     arch = f"sm_{arch_cap}a" if arch_cap == 90 else f"sm_{arch_cap}"
-    out = []
+    out, seen = [], {}
     for row in specializations():
+        if only and only not in f"{row['case']} {row['kernel']}":
+            continue
         compiled = compile_launch(row["kernel"], row["args"], row["kwargs"], target)
+        key = (row["kernel"], compiled.hash)
+        if key in seen:
+            continue
+        seen[key] = True
         res = resources(compiled, arch)
-        out.append({"case": row["case"], "kernel": row["kernel"], **res,
-                    "vec": int(row["kwargs"].get("VEC", 1))})
+        vec = int(row["kwargs"].get("VEC", 1))
+        out.append({"case": row["case"], "kernel": row["kernel"], **res, "vec": vec,
+                    "vec_bytes": vec * _written_element_size(row)})
     return out
 
 
@@ -171,14 +192,15 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--only", default="", help="only launches whose 'case kernel' label contains this")
     args = parser.parse_args(argv)
-    rows = report(args.arch)
+    rows = report(args.arch, args.only)
     print(f"Triton {triton.__version__}, target sm_{args.arch}; B=128 K=1000 (and 999) 18x18 top-5 14x14 grid")
     print(f"{'case':<28}{'kernel':<24}{'warps':>6}{'regs':>6}{'spill B':>8}{'smem B':>8}{'instr':>7}"
-          f"{'VEC':>5}{'128-bit st':>11}")
+          f"{'vector':>8}{'128-bit st':>11}")
     for r in rows:
         print(f"{r['case']:<28}{r['kernel']:<24}{r['warps']:>6}{r['registers']:>6}{r['spill_bytes']:>8}"
-              f"{r['shared_bytes']:>8}{r['instructions']:>7}{r['vec']:>5}{r['vector_stores']:>11}")
+              f"{r['shared_bytes']:>8}{r['instructions']:>7}{str(r['vec_bytes']) + ' B':>8}{r['vector_stores']:>11}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -42,10 +42,12 @@ def geometry(affine_ptr, s, Hf, Wf, GHf, GWf, EPS: tl.constexpr, MAX_S: tl.const
     len_v = tl.sqrt((a01 * w) * (a01 * w) + (a11 * h) * (a11 * h))
     du = tl.maximum(tl.minimum(len_u, 1.0), 1e-12)
     dv = tl.maximum(tl.minimum(len_v, 1.0), 1e-12)
-    a00 = a00 / du
-    a10 = a10 / du
-    a01 = a01 / dv
-    a11 = a11 / dv
+    inv_du = 1.0 / du
+    inv_dv = 1.0 / dv
+    a00 = a00 * inv_du
+    a10 = a10 * inv_du
+    a01 = a01 * inv_dv
+    a11 = a11 * inv_dv
     ext_u = tl.sqrt((a00 * w) * (a00 * w) + (a10 * h) * (a10 * h)) / tl.cast(GWf, tl.float64) - EPS
     ext_v = tl.sqrt((a01 * w) * (a01 * w) + (a11 * h) * (a11 * h)) / tl.cast(GHf, tl.float64) - EPS
     ext_u = tl.minimum(tl.maximum(ext_u, 0.0), MAX_S)
@@ -259,3 +261,27 @@ def fill_row(row_ptr, value, K, BLOCK_K: tl.constexpr):
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         tl.store(row_ptr + offs, fill, mask=offs < K)
+
+
+@triton.jit
+def has_long_rows(affine_ptr, b, B, Hf, Wf, GHf, GWf, KTOP: tl.constexpr, MIX: tl.constexpr,
+                  BLOCK_N: tl.constexpr, EPS: tl.constexpr, MAX_S: tl.constexpr):
+    """Whether any token row of b (own geometry, or the partner's under MixToken) has > BLOCK_N lanes."""
+    _a, _b, _c, _d, _e, _f, sy, sx, _g, _h, _i, _j = geometry(affine_ptr, b, Hf, Wf, GHf, GWf, EPS, MAX_S)
+    n = sy * sx * (4 * KTOP)
+    if MIX != 0:
+        _a, _b, _c, _d, _e, _f, psy, psx, _g, _h, _i, _j = geometry(affine_ptr, B - 1 - b, Hf, Wf, GHf, GWf,
+                                                                   EPS, MAX_S)
+        n = tl.maximum(n, psy * psx * (4 * KTOP))
+    return n > BLOCK_N
+
+
+@triton.jit
+def general_row(values_ptr, indices_ptr, s, r, c, H, W, K, Hf, Wf, Kf, smoothing,
+                a00, a01, a02, a10, a11, a12, sy, sx, inv_sy, inv_sx, inv_gh, inv_gw,
+                KTOP: tl.constexpr, BLOCK_N: tl.constexpr, CB: tl.constexpr):
+    """(m, keep, r) of a long row: t_c = exp(A_c - m) * keep + s / K on touched classes, r elsewhere."""
+    big_m, acc, n_first, n_bad = general_stats(values_ptr, indices_ptr, s, r, c, H, W, K, Hf, Wf,
+                                               a00, a01, a02, a10, a11, a12, sy, sx, inv_sy, inv_sx, inv_gh,
+                                               inv_gw, KTOP, BLOCK_N, CB)
+    return general_softmax(big_m, acc, n_first, n_bad, K, Kf, smoothing)

@@ -28,8 +28,10 @@ gradient ``g_out``::
 stores), then, after a CTA barrier, rewrites the ``D`` touched classes from the record. ``g_out`` is
 read on the device: no ``.item()``, no host synchronization in forward or backward.
 
-Rows whose lane list is longer than one register block (large maps over small grids) keep no
-record (``D = -1``); backward rebuilds only those rows' sparse targets (the general path).
+Rows whose lane list is longer than one register block (large maps over small grids) take the
+general path in kernels of their own (``loss_long_fwd_kernel``, ``loss_long_bwd_kernel``: at the
+usual sizes their programs find no such row and exit); they keep no record (``D = -1``) and their
+backward rebuilds their sparse targets.
 
 Class rows pool the whole crop (thousands of lanes) and are split over programs
 (``token_targets.class_rows_kernel``), so their dense targets are kept: ``[B, K]`` float32, the
@@ -47,7 +49,7 @@ import triton
 import triton.language as tl
 
 from . import _rows
-from .token_targets import (DEFAULT_LAUNCH, EXTENT_EPS, MAX_SAMPLES_PER_AXIS, Launch, MixSpec, block_k,
+from .token_targets import (DEFAULT_LAUNCH, EXTENT_EPS, LONG_ROW_CB, MAX_SAMPLES_PER_AXIS, Launch, MixSpec, block_k,
                             check_maps, geometry_args, lane_block, launch_class_rows, mix_spec)
 
 
@@ -141,9 +143,9 @@ def loss_token_fwd_kernel(
                 isx = tl.where(inside, pisx, gisx)
                 trow = b64 * T + tok
                 z_row = tok_ptr + trow * K
-                lse, zsum = _lse_sum(z_row, K, BLOCK_K)
                 n_live = sy * sx * (4 * KTOP)
-                if n_live <= BLOCK_N:
+                if n_live <= BLOCK_N:  # longer rows: loss_long_fwd_kernel
+                    lse, zsum = _lse_sum(z_row, K, BLOCK_K)
                     cls, score, ok, bad = _rows.lanes(values_ptr, indices_ptr, src, tl.arange(0, BLOCK_N), rt, ct,
                                                       H, W, K, Hf, Wf, a00, a01, a02, a10, a11, a12, sy, sx,
                                                       isy, isx, gigh, gigw, KTOP)
@@ -159,31 +161,15 @@ def loss_token_fwd_kernel(
                     tl.store(rec_cls_ptr + rec, cls, mask=first)
                     tl.store(rec_d_ptr + rec, d, mask=first)
                     n_rec = tl.sum(first.to(tl.int32), axis=0)
-                else:
-                    big_m, acc, n_first, n_bad = _rows.general_stats(
-                        values_ptr, indices_ptr, src, rt, ct, H, W, K, Hf, Wf, a00, a01, a02, a10, a11, a12,
-                        sy, sx, isy, isx, gigh, gigw, KTOP, BLOCK_N, CB)
-                    m, keep, r = _rows.general_softmax(big_m, acc, n_first, n_bad, K, Kf, smoothing)
-                    tz = r * zsum
-                    for g0 in range(0, n_live, BLOCK_N):
-                        cls, total, first = _rows.general_block(
-                            values_ptr, indices_ptr, src, rt, ct, H, W, K, Hf, Wf, a00, a01, a02, a10, a11, a12,
-                            sy, sx, isy, isx, gigh, gigw, g0, KTOP, BLOCK_N, CB)
-                        d = tl.exp(total - m) * keep + smoothing / Kf - r
-                        zc = tl.load(z_row + cls, mask=first, other=0.0).to(tl.float32)
-                        tz += tl.sum(tl.where(first, d * zc, 0.0), axis=0)
-                    n_rec = -1
-                orow = b64 * (T + 1) + 1 + tok
-                tl.store(lse_ptr + orow, lse)
-                tl.store(loss_ptr + orow, tok_w * (lse - tz))
-                tl.store(r_ptr + trow, r)
-                tl.store(cnt_ptr + trow, n_rec)
+                    orow = b64 * (T + 1) + 1 + tok
+                    tl.store(lse_ptr + orow, lse)
+                    tl.store(loss_ptr + orow, tok_w * (lse - tz))
+                    tl.store(r_ptr + trow, r)
+                    tl.store(cnt_ptr + trow, n_rec)
 
 
-@triton.jit(do_not_specialize=["br1", "bc1", "br2", "bc2"])
+@triton.jit
 def loss_bwd_kernel(
-    values_ptr, indices_ptr, affine_ptr,   # only for rows without a record (general path)
-    box_ptr, box_stride, br1, bc1, br2, bc2,
     cls_ptr, tok_ptr,        # [B, K] / [B, T, K] logits
     gcls_ptr, gtok_ptr,      # their gradients (same dtypes)
     tcls_ptr,                # [B, K] float32 class-row targets
@@ -228,7 +214,7 @@ def loss_bwd_kernel(
                     z = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
                     tl.store(g_row + offs, (scale * (tl.exp(z - lse) - r)).to(gtok_ptr.dtype.element_ty), mask=mask)
                 tl.debug_barrier()  # the dense pass lands before the touched classes are rewritten
-                if n_rec >= 0:
+                if n_rec >= 0:  # rows without a record: loss_long_bwd_kernel scatters their classes
                     slot = tl.arange(0, BLOCK_N)
                     has = slot < n_rec
                     cls = tl.load(rec_cls_ptr + trow * BLOCK_N + slot, mask=has, other=0)
@@ -236,16 +222,12 @@ def loss_bwd_kernel(
                     zc = tl.load(z_row + cls, mask=has, other=0.0).to(tl.float32)
                     tl.store(g_row + cls, (scale * (tl.exp(zc - lse) - r - d)).to(gtok_ptr.dtype.element_ty),
                              mask=has)
-                else:
-                    _rebuild_grad_row(values_ptr, indices_ptr, affine_ptr, box_ptr, box_stride, br1, bc1, br2, bc2,
-                                      b, tok, z_row, g_row, lse, r, scale, B, K, H, W, GH, GW, Hf, Wf, GHf, GWf,
-                                      Kf, smoothing, KTOP, MIX, BLOCK_N, CB, EPS, MAX_S)
                 tl.debug_barrier()
 
 
 @triton.jit
 def _rebuild_grad_row(values_ptr, indices_ptr, affine_ptr, box_ptr, box_stride, br1, bc1, br2, bc2,
-                      b, tok, z_row, g_row, lse, r, scale, B, K, H, W, GH, GW, Hf, Wf, GHf, GWf, Kf, smoothing,
+                      b, tok, z_row, g_row, lse, scale, B, K, H, W, GH, GW, Hf, Wf, GHf, GWf, Kf, smoothing,
                       KTOP: tl.constexpr, MIX: tl.constexpr, BLOCK_N: tl.constexpr, CB: tl.constexpr,
                       EPS: tl.constexpr, MAX_S: tl.constexpr):
     """Touched-class gradients of a row without a record (longer than one lane block)."""
@@ -258,10 +240,8 @@ def _rebuild_grad_row(values_ptr, indices_ptr, affine_ptr, box_ptr, box_stride, 
     src = tl.where(inside, B - 1 - b, b)
     a00, a01, a02, a10, a11, a12, sy, sx, isy, isx, igh, igw = _rows.geometry(
         affine_ptr, src, Hf, Wf, GHf, GWf, EPS, MAX_S)
-    big_m, acc, n_first, n_bad = _rows.general_stats(
-        values_ptr, indices_ptr, src, rt, ct, H, W, K, Hf, Wf, a00, a01, a02, a10, a11, a12,
-        sy, sx, isy, isx, igh, igw, KTOP, BLOCK_N, CB)
-    m, keep, r2_ = _rows.general_softmax(big_m, acc, n_first, n_bad, K, Kf, smoothing)
+    m, keep, _r = _rows.general_row(values_ptr, indices_ptr, src, rt, ct, H, W, K, Hf, Wf, Kf, smoothing,
+                                    a00, a01, a02, a10, a11, a12, sy, sx, isy, isx, igh, igw, KTOP, BLOCK_N, CB)
     for g0 in range(0, sy * sx * (4 * KTOP), BLOCK_N):
         cls, total, first = _rows.general_block(
             values_ptr, indices_ptr, src, rt, ct, H, W, K, Hf, Wf, a00, a01, a02, a10, a11, a12,
@@ -270,6 +250,79 @@ def _rebuild_grad_row(values_ptr, indices_ptr, affine_ptr, box_ptr, box_stride, 
         zc = tl.load(z_row + cls, mask=first, other=0.0).to(tl.float32)
         tl.store(g_row + cls, (scale * (tl.exp(zc - lse) - t)).to(g_row.dtype.element_ty), mask=first)
 
+
+
+@triton.jit(do_not_specialize=["br1", "bc1", "br2", "bc2"])
+def loss_long_fwd_kernel(
+    values_ptr, indices_ptr, affine_ptr, box_ptr, box_stride, br1, bc1, br2, bc2,
+    tok_ptr, loss_ptr, lse_ptr, r_ptr, cnt_ptr, tok_w,
+    B, KV, H, W, GH, GW, Hf, Wf, GHf, GWf, Kf, smoothing,
+    KTOP: tl.constexpr, MIX: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_N: tl.constexpr, CB: tl.constexpr, BLOCK_K: tl.constexpr, EPS: tl.constexpr, MAX_S: tl.constexpr,
+):
+    """Grid (B,): forward of b's token rows longer than BLOCK_N lanes (no record: count -1)."""
+    b = tl.program_id(0)
+    K = KV * VEC
+    T = GH * GW
+    b64 = b.to(tl.int64)
+    if _rows.has_long_rows(affine_ptr, b, B, Hf, Wf, GHf, GWf, KTOP, MIX, BLOCK_N, EPS, MAX_S):
+        for tok in range(0, T):
+            rt = tok // GW
+            ct = tok % GW
+            r1, c1, r2, c2, lam = _rows.mix_box(box_ptr, box_stride, br1, bc1, br2, bc2, b, GH, GW, GHf, GWf, MIX)
+            inside = (rt >= r1) & (rt < r2) & (ct >= c1) & (ct < c2)
+            if MIX == 0:
+                inside = rt < 0
+            src = tl.where(inside, B - 1 - b, b)
+            a00, a01, a02, a10, a11, a12, sy, sx, isy, isx, igh, igw = _rows.geometry(
+                affine_ptr, src, Hf, Wf, GHf, GWf, EPS, MAX_S)
+            n_live = sy * sx * (4 * KTOP)
+            if n_live > BLOCK_N:
+                trow = b64 * T + tok
+                z_row = tok_ptr + trow * K
+                m, keep, r = _rows.general_row(values_ptr, indices_ptr, src, rt, ct, H, W, K, Hf, Wf, Kf, smoothing,
+                                               a00, a01, a02, a10, a11, a12, sy, sx, isy, isx, igh, igw,
+                                               KTOP, BLOCK_N, CB)
+                tz = 0.0
+                for g0 in range(0, n_live, BLOCK_N):
+                    cls, total, first = _rows.general_block(
+                        values_ptr, indices_ptr, src, rt, ct, H, W, K, Hf, Wf, a00, a01, a02, a10, a11, a12,
+                        sy, sx, isy, isx, igh, igw, g0, KTOP, BLOCK_N, CB)
+                    d = tl.exp(total - m) * keep + smoothing / Kf - r
+                    zc = tl.load(z_row + cls, mask=first, other=0.0).to(tl.float32)
+                    tz += tl.sum(tl.where(first, d * zc, 0.0), axis=0)
+                lse, zsum = _lse_sum(z_row, K, BLOCK_K)
+                tz += r * zsum
+                orow = b64 * (T + 1) + 1 + tok
+                tl.store(lse_ptr + orow, lse)
+                tl.store(loss_ptr + orow, tok_w * (lse - tz))
+                tl.store(r_ptr + trow, r)
+                tl.store(cnt_ptr + trow, -1)
+
+
+@triton.jit(do_not_specialize=["br1", "bc1", "br2", "bc2"])
+def loss_long_bwd_kernel(
+    values_ptr, indices_ptr, affine_ptr, box_ptr, box_stride, br1, bc1, br2, bc2,
+    tok_ptr, gtok_ptr, lse_ptr, cnt_ptr, gout_ptr, tok_w,
+    B, KV, H, W, GH, GW, Hf, Wf, GHf, GWf, Kf, smoothing,
+    KTOP: tl.constexpr, MIX: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_N: tl.constexpr, CB: tl.constexpr, EPS: tl.constexpr, MAX_S: tl.constexpr,
+):
+    """Grid (B,), after loss_bwd_kernel: the touched classes of b's rows without a record (their
+    dense part is written already)."""
+    b = tl.program_id(0)
+    K = KV * VEC
+    T = GH * GW
+    b64 = b.to(tl.int64)
+    if _rows.has_long_rows(affine_ptr, b, B, Hf, Wf, GHf, GWf, KTOP, MIX, BLOCK_N, EPS, MAX_S):
+        scale = tl.load(gout_ptr).to(tl.float32) * tok_w
+        for tok in range(0, T):
+            trow = b64 * T + tok
+            if tl.load(cnt_ptr + trow) < 0:
+                lse = tl.load(lse_ptr + b64 * (T + 1) + 1 + tok)
+                _rebuild_grad_row(values_ptr, indices_ptr, affine_ptr, box_ptr, box_stride, br1, bc1, br2, bc2,
+                                  b, tok, tok_ptr + trow * K, gtok_ptr + trow * K, lse, scale, B, K, H, W, GH, GW,
+                                  Hf, Wf, GHf, GWf, Kf, smoothing, KTOP, MIX, BLOCK_N, CB, EPS, MAX_S)
 
 # ----------------------------------------------------------------------------------------------
 # Host side
@@ -346,6 +399,10 @@ def forward(cls_logits, token_logits, values, indices, affine, spec: LossSpec):
     loss_token_fwd_kernel[grid](
         values, indices, affine, box, spec.mix.stride, *spec.mix.scalars, cls_logits, token_logits, tcls,
         rows, lse, r, count, rec_cls, rec_d, cls_w, tok_w, *scalars, **meta)
+    long_meta = {k: v for k, v in meta.items() if k != "TILE"} | {"CB": LONG_ROW_CB}
+    loss_long_fwd_kernel[(bsz,)](
+        values, indices, affine, box, spec.mix.stride, *spec.mix.scalars, token_logits, rows, lse, r, count, tok_w,
+        *scalars, **long_meta)
     return rows.sum(), ForwardState(lse, r, count, rec_cls, rec_d, tcls)
 
 
@@ -363,10 +420,15 @@ def backward(grad_out, cls_logits, token_logits, values, indices, affine, state:
     grid, scalars, meta, _ = _common(values, spec, vec, spec.launch.tile)
     cls_w, tok_w = spec.row_weights(cls_logits.shape[0])
     box = spec.mix.tensor if spec.mix.tensor is not None else state.count
+    gout = grad_out.to(torch.float32).contiguous()
     loss_bwd_kernel[grid](
-        values, indices, affine, box, spec.mix.stride, *spec.mix.scalars, cls_logits, token_logits,
+        cls_logits, token_logits,
         grad_cls, grad_tok, state.tcls, state.lse, state.r, state.count, state.rec_cls, state.rec_d,
-        grad_out.to(torch.float32).contiguous(), cls_w, tok_w, *scalars, **meta)
+        gout, cls_w, tok_w, *scalars, **meta)
+    long_meta = {k: v for k, v in meta.items() if k not in ("TILE", "BLOCK_K")} | {"CB": LONG_ROW_CB}
+    loss_long_bwd_kernel[(grid[0],)](
+        values, indices, affine, box, spec.mix.stride, *spec.mix.scalars, token_logits, grad_tok, state.lse,
+        state.count, gout, tok_w, *scalars, **long_meta)
     return grad_cls, grad_tok
 
 

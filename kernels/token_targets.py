@@ -10,8 +10,10 @@
   row's lanes are built once (``BLOCK_N`` of them), an all-pairs pass over them gives every lane its
   class total and marks each class's first lane (:func:`kernels._rows.pair_totals`), and the row is
   written as a dense constant fill of the untouched classes' share ``r`` followed, after a CTA
-  barrier, by a scatter of the touched classes (first lanes only; masked lanes never write). Rows
-  with more lanes than one block (large maps over small grids) take a two-pass general path.
+  barrier, by a scatter of the touched classes (first lanes only; masked lanes never write).
+* :func:`token_long_rows_kernel` — token rows with more lanes than one register block (large maps
+  over small grids): a two-pass general path, in a kernel of its own so that its registers do not
+  weigh on the tile kernel (at the usual sizes its programs find no such row and exit).
 
 ``K`` reaches the kernels as ``KV * VEC`` with ``VEC`` a compile-time power of two dividing ``K``
 (up to 16 bytes of output), so Triton can prove that rows start on 16-byte boundaries and the dense
@@ -36,6 +38,9 @@ EXTENT_EPS = 1e-4
 MAX_SAMPLES_PER_AXIS = 1024
 
 MIX_NONE, MIX_SCALAR, MIX_TENSOR = 0, 1, 2
+# Other-lane chunk of the long rows' all-pairs pass (they rebuild their lanes per chunk; a narrow
+# chunk keeps that rare path free of spills).
+LONG_ROW_CB = 8
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ def class_rows_kernel(
     scr_ptr,     # [B, K] float32 zeros: summed class scores
     nbad_ptr,    # [B] int32 zeros: bad ids seen per sample
     ticket_ptr,  # [B] int32 zeros: finished programs per pair
-    out_ptr, out_stride,  # row b's target starts at out_ptr + b * out_stride (class row)
+    out_ptr, out_stride_v,  # row b's target starts at out_ptr + b * out_stride_v * VEC (class row)
     B, KV, H, W, GH, GW, Hf, Wf, GHf, GWf, Kf, smoothing, SPLIT,
     KTOP: tl.constexpr, MIX: tl.constexpr, VEC: tl.constexpr, BLOCK_K: tl.constexpr,
     CHUNK: tl.constexpr, EPS: tl.constexpr, MAX_S: tl.constexpr,
@@ -73,6 +78,7 @@ def class_rows_kernel(
     b = tl.program_id(0)
     part = tl.program_id(1)
     K = KV * VEC
+    out_stride = out_stride_v * VEC
     one = Hf * 0.0 + 1.0  # a runtime 1.0 (a literal would become a constexpr inside the helpers)
     zero = b * 0
     a00, a01, a02, a10, a11, a12, sy, sx, isy, isx, igh, igw = _rows.geometry(
@@ -203,21 +209,49 @@ def token_tile_kernel(
                 _rows.fill_row(out_row, r, K, BLOCK_K)
                 tl.debug_barrier()  # the dense fill lands before the touched classes overwrite it
                 tl.store(out_row + cls, t_touch.to(out_ptr.dtype.element_ty), mask=first)
-            else:
-                big_m, acc, n_first, n_bad = _rows.general_stats(
-                    values_ptr, indices_ptr, src, rt, ct, H, W, K, Hf, Wf, a00, a01, a02, a10, a11, a12,
-                    sy, sx, isy, isx, gigh, gigw, KTOP, BLOCK_N, CB)
-                m, keep, r = _rows.general_softmax(big_m, acc, n_first, n_bad, K, Kf, smoothing)
+            tl.debug_barrier()
+
+
+
+@triton.jit(do_not_specialize=["br1", "bc1", "br2", "bc2"])
+def token_long_rows_kernel(
+    values_ptr, indices_ptr, affine_ptr, box_ptr, box_stride, br1, bc1, br2, bc2, out_ptr,
+    B, KV, H, W, GH, GW, Hf, Wf, GHf, GWf, Kf, smoothing,
+    KTOP: tl.constexpr, MIX: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_N: tl.constexpr, CB: tl.constexpr, BLOCK_K: tl.constexpr, EPS: tl.constexpr, MAX_S: tl.constexpr,
+):
+    """Grid (B,): the token rows of b whose lane list exceeds BLOCK_N (large maps over small grids),
+    which token_tile_kernel leaves out; a program whose rows all fit exits after its geometry. A
+    separate kernel keeps this path's registers out of the tile kernel."""
+    b = tl.program_id(0)
+    K = KV * VEC
+    T = GH * GW
+    if _rows.has_long_rows(affine_ptr, b, B, Hf, Wf, GHf, GWf, KTOP, MIX, BLOCK_N, EPS, MAX_S):
+        for tok in range(0, T):
+            rt = tok // GW
+            ct = tok % GW
+            r1, c1, r2, c2, lam = _rows.mix_box(box_ptr, box_stride, br1, bc1, br2, bc2, b, GH, GW, GHf, GWf, MIX)
+            inside = (rt >= r1) & (rt < r2) & (ct >= c1) & (ct < c2)
+            if MIX == 0:
+                inside = rt < 0
+            src = tl.where(inside, B - 1 - b, b)
+            a00, a01, a02, a10, a11, a12, sy, sx, isy, isx, igh, igw = _rows.geometry(
+                affine_ptr, src, Hf, Wf, GHf, GWf, EPS, MAX_S)
+            n_live = sy * sx * (4 * KTOP)
+            if n_live > BLOCK_N:
+                out_row = out_ptr + (b.to(tl.int64) * (T + 1) + 1 + tok) * K
+                m, keep, r = _rows.general_row(values_ptr, indices_ptr, src, rt, ct, H, W, K, Hf, Wf, Kf, smoothing,
+                                               a00, a01, a02, a10, a11, a12, sy, sx, isy, isx, igh, igw,
+                                               KTOP, BLOCK_N, CB)
                 _rows.fill_row(out_row, r, K, BLOCK_K)
                 tl.debug_barrier()
                 for g0 in range(0, n_live, BLOCK_N):
                     cls, total, first = _rows.general_block(
                         values_ptr, indices_ptr, src, rt, ct, H, W, K, Hf, Wf, a00, a01, a02, a10, a11, a12,
-                        sy, sx, isy, isx, gigh, gigw, g0, KTOP, BLOCK_N, CB)
+                        sy, sx, isy, isx, igh, igw, g0, KTOP, BLOCK_N, CB)
                     t_touch = tl.exp(total - m) * keep + smoothing / Kf
                     tl.store(out_row + cls, t_touch.to(out_ptr.dtype.element_ty), mask=first)
-            tl.debug_barrier()
-
+                tl.debug_barrier()
 
 # ----------------------------------------------------------------------------------------------
 # Host side
@@ -311,7 +345,8 @@ def geometry_args(values: torch.Tensor, grid: tuple[int, int], num_classes: int,
 def launch_class_rows(values, indices, affine, mix: MixSpec, out: torch.Tensor, out_stride: int, *,
                       num_classes: int, grid: tuple[int, int], smoothing: float, vec: int,
                       launch: Launch = DEFAULT_LAUNCH) -> None:
-    """Class rows of every sample into ``out`` (row b at ``out + b * out_stride``), no host sync."""
+    """Class rows of every sample into ``out`` (row b at ``out + b * out_stride``, a multiple of
+    ``vec``), no host sync."""
     bsz, topk, h, w = values.shape
     split = launch.class_split or class_split(topk, h, w, launch.class_chunk)
     work = torch.zeros(bsz * num_classes + 2 * bsz, dtype=torch.int32, device=values.device)
@@ -321,7 +356,7 @@ def launch_class_rows(values, indices, affine, mix: MixSpec, out: torch.Tensor, 
     box = mix.tensor if mix.tensor is not None else nbad
     b, hh, ww, gh, gw, hf, wf, ghf, gwf, kf, sm = geometry_args(values, grid, num_classes, smoothing)
     class_rows_kernel[(bsz, split)](
-        values, indices, affine, box, mix.stride, *mix.scalars, scr, nbad, ticket, out, out_stride,
+        values, indices, affine, box, mix.stride, *mix.scalars, scr, nbad, ticket, out, out_stride // vec,
         b, num_classes // vec, hh, ww, gh, gw, hf, wf, ghf, gwf, kf, sm, split,
         KTOP=topk, MIX=mix.mode, VEC=vec, BLOCK_K=block_k(num_classes), CHUNK=launch.class_chunk,
         EPS=EXTENT_EPS, MAX_S=float(MAX_SAMPLES_PER_AXIS), num_warps=launch.class_warps,
@@ -360,6 +395,12 @@ def token_targets(
         values, indices, affine, box, mix.stride, *mix.scalars, out,
         bsz, num_classes // vec, *geometry_args(values, grid, num_classes, smoothing)[1:],
         KTOP=topk, MIX=mix.mode, VEC=vec, TILE=launch.tile, BLOCK_N=block_n, CB=min(16, block_n),
+        BLOCK_K=block_k(num_classes), EPS=EXTENT_EPS, MAX_S=float(MAX_SAMPLES_PER_AXIS), num_warps=launch.warps,
+    )
+    token_long_rows_kernel[(bsz,)](
+        values, indices, affine, box, mix.stride, *mix.scalars, out,
+        bsz, num_classes // vec, *geometry_args(values, grid, num_classes, smoothing)[1:],
+        KTOP=topk, MIX=mix.mode, VEC=vec, BLOCK_N=block_n, CB=LONG_ROW_CB,
         BLOCK_K=block_k(num_classes), EPS=EXTENT_EPS, MAX_S=float(MAX_SAMPLES_PER_AXIS), num_warps=launch.warps,
     )
     return out
