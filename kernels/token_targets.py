@@ -363,32 +363,11 @@ def launch_class_rows(values, indices, affine, mix: MixSpec, out: torch.Tensor, 
     )
 
 
-def token_targets(
-    values: torch.Tensor, indices: torch.Tensor, affine: torch.Tensor, *, num_classes: int,
-    grid: Sequence[int] = (14, 14), smoothing: float = 0.0, mix_box=None,
-    out_dtype: torch.dtype = torch.float32, launch: Launch = DEFAULT_LAUNCH,
-) -> torch.Tensor:
-    """Token targets ``[B, 1 + Gh*Gw, K]`` (``out_dtype``): a memset, the class-row kernel and the
-    token-tile kernel, no host synchronization.
-
-    values [B, k, H, W] float16 scores; indices [B, k, H, W] int16/int32 class ids; affine [B, 2, 3]
-    (normalized output -> source); mix_box None, ``(r1, c1, r2, c2)`` or ``[B, 4]``. Semantics:
-    ``tl_fast.ops.reference.token_targets``. ``launch`` sets launch parameters (never the results).
-    """
-    grid = (int(grid[0]), int(grid[1]))
-    if grid[0] <= 0 or grid[1] <= 0:
-        raise ValueError(f"grid must be positive; got {grid}")
-    check_maps(values, indices, affine, num_classes)
-    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"out_dtype must be float32, bfloat16 or float16; got {out_dtype}")
-    values, indices, affine = values.contiguous(), indices.contiguous(), affine.contiguous()
+def launch_token_rows(values, indices, affine, mix: MixSpec, out: torch.Tensor, *, num_classes: int,
+                      grid: tuple[int, int], smoothing: float, vec: int, launch: Launch = DEFAULT_LAUNCH) -> None:
+    """Token rows 1.. of ``out [B, 1 + T, K]``: the tile kernel, then the long-row kernel."""
     bsz, topk = values.shape[:2]
     tokens = grid[0] * grid[1]
-    out = torch.empty(bsz, 1 + tokens, num_classes, dtype=out_dtype, device=values.device)
-    mix = mix_spec(mix_box, bsz, values.device)
-    vec = vector_width(num_classes, out.element_size())
-    launch_class_rows(values, indices, affine, mix, out, (1 + tokens) * num_classes, num_classes=num_classes,
-                      grid=grid, smoothing=smoothing, vec=vec, launch=launch)
     block_n = lane_block(topk)
     box = mix.tensor if mix.tensor is not None else out
     token_tile_kernel[(bsz, triton.cdiv(tokens, launch.tile))](
@@ -403,6 +382,36 @@ def token_targets(
         KTOP=topk, MIX=mix.mode, VEC=vec, BLOCK_N=block_n, CB=LONG_ROW_CB,
         BLOCK_K=block_k(num_classes), EPS=EXTENT_EPS, MAX_S=float(MAX_SAMPLES_PER_AXIS), num_warps=launch.warps,
     )
+
+
+def token_targets(
+    values: torch.Tensor, indices: torch.Tensor, affine: torch.Tensor, *, num_classes: int,
+    grid: Sequence[int] = (14, 14), smoothing: float = 0.0, mix_box=None,
+    out_dtype: torch.dtype = torch.float32, launch: Launch = DEFAULT_LAUNCH,
+) -> torch.Tensor:
+    """Token targets ``[B, 1 + Gh*Gw, K]`` (``out_dtype``): a memset, the class-row kernel, the
+    token-tile kernel and the long-row kernel, no host synchronization.
+
+    values [B, k, H, W] float16 scores; indices [B, k, H, W] int16/int32 class ids; affine [B, 2, 3]
+    (normalized output -> source); mix_box None, ``(r1, c1, r2, c2)`` or ``[B, 4]``. Semantics:
+    ``tl_fast.ops.reference.token_targets``. ``launch`` sets launch parameters (never the results).
+    """
+    grid = (int(grid[0]), int(grid[1]))
+    if grid[0] <= 0 or grid[1] <= 0:
+        raise ValueError(f"grid must be positive; got {grid}")
+    check_maps(values, indices, affine, num_classes)
+    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16; got {out_dtype}")
+    values, indices, affine = values.contiguous(), indices.contiguous(), affine.contiguous()
+    bsz = values.shape[0]
+    tokens = grid[0] * grid[1]
+    out = torch.empty(bsz, 1 + tokens, num_classes, dtype=out_dtype, device=values.device)
+    mix = mix_spec(mix_box, bsz, values.device)
+    vec = vector_width(num_classes, out.element_size())
+    launch_class_rows(values, indices, affine, mix, out, (1 + tokens) * num_classes, num_classes=num_classes,
+                      grid=grid, smoothing=smoothing, vec=vec, launch=launch)
+    launch_token_rows(values, indices, affine, mix, out, num_classes=num_classes, grid=grid, smoothing=smoothing,
+                      vec=vec, launch=launch)
     return out
 
 
@@ -414,4 +423,5 @@ def interpreted() -> bool:
 
 
 __all__ = ["token_targets", "Launch", "DEFAULT_LAUNCH", "mix_spec", "MixSpec", "check_maps", "vector_width",
-           "lane_block", "class_split", "block_k", "launch_class_rows", "interpreted", "EXTENT_EPS"]
+           "lane_block", "class_split", "block_k", "launch_class_rows", "launch_token_rows", "interpreted",
+           "EXTENT_EPS"]
