@@ -41,7 +41,6 @@ import torch.nn.functional as F  # noqa: E402
 
 from common import crop_flip_plan, machine_name, mix_box, smooth_topk_maps, time_cpu  # noqa: E402
 
-from tl_fast import ops  # noqa: E402
 from tl_fast.ops import reference  # noqa: E402
 from tl_fast.ops.public import public_token_targets  # noqa: E402
 
@@ -301,7 +300,8 @@ def _print(res: dict, args) -> None:
           f"(public {ms('public')} ms)")
     e = res["targets_max_abs_err"]
     print(f"max |Triton - reference|: f32 {e['triton_f32']:.1e}, bf16 {e['triton_bf16']:.1e} (public path "
-          f"{e['public']:.1e}); fused loss rel err {res['loss_rel_err']:.1e}, bf16 grads {res['grad_rel_err_bf16']:.1e}")
+          f"{e['public']:.1e}); fused loss rel err {res['loss_rel_err']:.1e}, "
+          f"bf16 grads {res['grad_rel_err_bf16']:.1e}")
     for k in res.get("kernels", []):
         print(f"  kernel {k['kernel']:<24} warps {k['warps']} registers {k['registers']:>3} spills {k['spills']} "
               f"shared {k['shared']} B")
