@@ -49,8 +49,8 @@ import triton
 import triton.language as tl
 
 from . import _rows
-from .token_targets import (DEFAULT_LAUNCH, EXTENT_EPS, LONG_ROW_CB, MAX_SAMPLES_PER_AXIS, Launch, MixSpec, block_k,
-                            check_maps, geometry_args, lane_block, launch_class_rows, mix_spec)
+from .token_targets import (DEFAULT_LAUNCH, EXTENT_EPS, LONG_ROW_CB, LONG_ROW_TILE, MAX_SAMPLES_PER_AXIS, Launch,
+                            MixSpec, block_k, check_maps, geometry_args, lane_block, launch_class_rows, mix_spec)
 
 
 @triton.jit
@@ -257,16 +257,18 @@ def loss_long_fwd_kernel(
     values_ptr, indices_ptr, affine_ptr, box_ptr, box_stride, br1, bc1, br2, bc2,
     tok_ptr, loss_ptr, lse_ptr, r_ptr, cnt_ptr, tok_w,
     B, KV, H, W, GH, GW, Hf, Wf, GHf, GWf, Kf, smoothing,
-    KTOP: tl.constexpr, MIX: tl.constexpr, VEC: tl.constexpr,
+    KTOP: tl.constexpr, MIX: tl.constexpr, VEC: tl.constexpr, TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, CB: tl.constexpr, BLOCK_K: tl.constexpr, EPS: tl.constexpr, MAX_S: tl.constexpr,
 ):
-    """Grid (B,): forward of b's token rows longer than BLOCK_N lanes (no record: count -1)."""
+    """Grid (B, cdiv(T, TILE)): forward of b's token rows longer than BLOCK_N lanes (no record:
+    count -1)."""
     b = tl.program_id(0)
+    t0 = tl.program_id(1) * TILE
     K = KV * VEC
     T = GH * GW
     b64 = b.to(tl.int64)
     if _rows.has_long_rows(affine_ptr, b, B, Hf, Wf, GHf, GWf, KTOP, MIX, BLOCK_N, EPS, MAX_S):
-        for tok in range(0, T):
+        for tok in range(t0, tl.minimum(t0 + TILE, T)):
             rt = tok // GW
             ct = tok % GW
             r1, c1, r2, c2, lam = _rows.mix_box(box_ptr, box_stride, br1, bc1, br2, bc2, b, GH, GW, GHf, GWf, MIX)
@@ -305,18 +307,19 @@ def loss_long_bwd_kernel(
     values_ptr, indices_ptr, affine_ptr, box_ptr, box_stride, br1, bc1, br2, bc2,
     tok_ptr, gtok_ptr, lse_ptr, cnt_ptr, gout_ptr, tok_w,
     B, KV, H, W, GH, GW, Hf, Wf, GHf, GWf, Kf, smoothing,
-    KTOP: tl.constexpr, MIX: tl.constexpr, VEC: tl.constexpr,
+    KTOP: tl.constexpr, MIX: tl.constexpr, VEC: tl.constexpr, TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, CB: tl.constexpr, EPS: tl.constexpr, MAX_S: tl.constexpr,
 ):
-    """Grid (B,), after loss_bwd_kernel: the touched classes of b's rows without a record (their
-    dense part is written already)."""
+    """Grid (B, cdiv(T, TILE)), after loss_bwd_kernel: the touched classes of b's rows without a
+    record (their dense part is written already)."""
     b = tl.program_id(0)
+    t0 = tl.program_id(1) * TILE
     K = KV * VEC
     T = GH * GW
     b64 = b.to(tl.int64)
     if _rows.has_long_rows(affine_ptr, b, B, Hf, Wf, GHf, GWf, KTOP, MIX, BLOCK_N, EPS, MAX_S):
         scale = tl.load(gout_ptr).to(tl.float32) * tok_w
-        for tok in range(0, T):
+        for tok in range(t0, tl.minimum(t0 + TILE, T)):
             trow = b64 * T + tok
             if tl.load(cnt_ptr + trow) < 0:
                 lse = tl.load(lse_ptr + b64 * (T + 1) + 1 + tok)
@@ -399,8 +402,8 @@ def forward(cls_logits, token_logits, values, indices, affine, spec: LossSpec):
     loss_token_fwd_kernel[grid](
         values, indices, affine, box, spec.mix.stride, *spec.mix.scalars, cls_logits, token_logits, tcls,
         rows, lse, r, count, rec_cls, rec_d, cls_w, tok_w, *scalars, **meta)
-    long_meta = {k: v for k, v in meta.items() if k != "TILE"} | {"CB": LONG_ROW_CB}
-    loss_long_fwd_kernel[(bsz,)](
+    long_meta = meta | {"TILE": LONG_ROW_TILE, "CB": LONG_ROW_CB}
+    loss_long_fwd_kernel[(bsz, triton.cdiv(tokens, LONG_ROW_TILE))](
         values, indices, affine, box, spec.mix.stride, *spec.mix.scalars, token_logits, rows, lse, r, count, tok_w,
         *scalars, **long_meta)
     return rows.sum(), ForwardState(lse, r, count, rec_cls, rec_d, tcls)
@@ -425,8 +428,8 @@ def backward(grad_out, cls_logits, token_logits, values, indices, affine, state:
         cls_logits, token_logits,
         grad_cls, grad_tok, state.tcls, state.lse, state.r, state.count, state.rec_cls, state.rec_d,
         gout, cls_w, tok_w, *scalars, **meta)
-    long_meta = {k: v for k, v in meta.items() if k not in ("TILE", "BLOCK_K")} | {"CB": LONG_ROW_CB}
-    loss_long_bwd_kernel[(grid[0],)](
+    long_meta = {k: v for k, v in meta.items() if k != "BLOCK_K"} | {"TILE": LONG_ROW_TILE, "CB": LONG_ROW_CB}
+    loss_long_bwd_kernel[(grid[0], triton.cdiv(spec.grid[0] * spec.grid[1], LONG_ROW_TILE))](
         values, indices, affine, box, spec.mix.stride, *spec.mix.scalars, token_logits, grad_tok, state.lse,
         state.count, gout, tok_w, *scalars, **long_meta)
     return grad_cls, grad_tok

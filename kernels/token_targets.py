@@ -41,6 +41,8 @@ MIX_NONE, MIX_SCALAR, MIX_TENSOR = 0, 1, 2
 # Other-lane chunk of the long rows' all-pairs pass (they rebuild their lanes per chunk; a narrow
 # chunk keeps that rare path free of spills).
 LONG_ROW_CB = 8
+# Token rows per long-row program (programs whose sample has no long row exit after its geometry).
+LONG_ROW_TILE = 32
 
 
 @dataclass(frozen=True)
@@ -217,17 +219,18 @@ def token_tile_kernel(
 def token_long_rows_kernel(
     values_ptr, indices_ptr, affine_ptr, box_ptr, box_stride, br1, bc1, br2, bc2, out_ptr,
     B, KV, H, W, GH, GW, Hf, Wf, GHf, GWf, Kf, smoothing,
-    KTOP: tl.constexpr, MIX: tl.constexpr, VEC: tl.constexpr,
+    KTOP: tl.constexpr, MIX: tl.constexpr, VEC: tl.constexpr, TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, CB: tl.constexpr, BLOCK_K: tl.constexpr, EPS: tl.constexpr, MAX_S: tl.constexpr,
 ):
-    """Grid (B,): the token rows of b whose lane list exceeds BLOCK_N (large maps over small grids),
-    which token_tile_kernel leaves out; a program whose rows all fit exits after its geometry. A
-    separate kernel keeps this path's registers out of the tile kernel."""
+    """Grid (B, cdiv(T, TILE)): the token rows of b whose lane list exceeds BLOCK_N (large maps over
+    small grids), which token_tile_kernel leaves out; a program whose sample has no such row exits
+    after its geometry. A separate kernel keeps this path's registers out of the tile kernel."""
     b = tl.program_id(0)
+    t0 = tl.program_id(1) * TILE
     K = KV * VEC
     T = GH * GW
     if _rows.has_long_rows(affine_ptr, b, B, Hf, Wf, GHf, GWf, KTOP, MIX, BLOCK_N, EPS, MAX_S):
-        for tok in range(0, T):
+        for tok in range(t0, tl.minimum(t0 + TILE, T)):
             rt = tok // GW
             ct = tok % GW
             r1, c1, r2, c2, lam = _rows.mix_box(box_ptr, box_stride, br1, bc1, br2, bc2, b, GH, GW, GHf, GWf, MIX)
@@ -376,10 +379,10 @@ def launch_token_rows(values, indices, affine, mix: MixSpec, out: torch.Tensor, 
         KTOP=topk, MIX=mix.mode, VEC=vec, TILE=launch.tile, BLOCK_N=block_n, CB=min(16, block_n),
         BLOCK_K=block_k(num_classes), EPS=EXTENT_EPS, MAX_S=float(MAX_SAMPLES_PER_AXIS), num_warps=launch.warps,
     )
-    token_long_rows_kernel[(bsz,)](
+    token_long_rows_kernel[(bsz, triton.cdiv(tokens, LONG_ROW_TILE))](
         values, indices, affine, box, mix.stride, *mix.scalars, out,
         bsz, num_classes // vec, *geometry_args(values, grid, num_classes, smoothing)[1:],
-        KTOP=topk, MIX=mix.mode, VEC=vec, BLOCK_N=block_n, CB=LONG_ROW_CB,
+        KTOP=topk, MIX=mix.mode, VEC=vec, TILE=LONG_ROW_TILE, BLOCK_N=block_n, CB=LONG_ROW_CB,
         BLOCK_K=block_k(num_classes), EPS=EXTENT_EPS, MAX_S=float(MAX_SAMPLES_PER_AXIS), num_warps=launch.warps,
     )
 
