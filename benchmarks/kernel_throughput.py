@@ -47,7 +47,7 @@ from tl_fast.ops.public import public_token_targets  # noqa: E402
 PUBLIC_SPEEDUP_TARGET = 150.0
 FLOOR_RATIO_TARGET = 1.5
 LOSS_RATIO_TARGET = 1.0
-SWEEP = [(8, 4), (4, 4), (16, 4), (8, 2), (8, 8)]  # (token rows per program, warps); (8, 4) is the default
+SWEEP = [(8, 4), (4, 4), (16, 4), (8, 8)]  # (token rows per program, warps); (8, 4) is the default
 
 
 def _timer(device: str, repeats: int) -> Callable[[Callable[[], object]], dict]:
