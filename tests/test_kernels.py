@@ -26,12 +26,12 @@ from tl_fast.plan import AugmentConfig, RandAugmentConfig, RA_GEOMETRIC, RA_OPS,
 
 def _kernel_modules():
     """Import the kernels in the mode this process needs (reloading if an earlier import differed)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
+    from tl_fast.kernels import _rows
     from tl_fast.kernels import token_label_loss as tll
     from tl_fast.kernels import token_targets as tt
 
-    if isinstance(tt._token_rows_kernel, InterpretedFunction) == HAS_CUDA:
+    if tt.interpreted() == HAS_CUDA:
+        importlib.reload(_rows)
         tt = importlib.reload(tt)
         tll = importlib.reload(tll)
     return tt, tll
@@ -86,11 +86,18 @@ def edge_affine():
 
 
 def spread_affine():
-    """Four crops whose tokens take 1x1, 2x1, 2x2 and 3x3 samples on 18x18 maps with a 7x7 grid:
-    20, 40, 80 and 180 lanes at k = 5, i.e. each fast tier (32 / 64 / 128) and the general path."""
-    boxes = torch.tensor([[0.1, 0.5, 0.3, 0.7], [0.5, 0.1, 0.95, 0.3], [0.2, 0.3, 0.8, 0.9], [0.0, 0.0, 1.0, 1.0]],
+    """Four crops whose tokens take 1x1, 2x1, 2x2 and 3x3 samples on 6x6 maps with a 3x3 grid:
+    20, 40, 80 and 180 lanes at k = 5, i.e. 1, 3 and 5 chunks of the all-pairs pass (one block of
+    128 lanes) and the long-row kernel (a crop sticking out of the map)."""
+    boxes = torch.tensor([[0.1, 0.5, 0.5, 0.9], [0.1, 0.1, 0.9, 0.5], [0.2, 0.1, 1.0, 0.9], [-0.2, -0.2, 1.2, 1.2]],
                          dtype=torch.float64)
     return geometry.crop_flip_affine(boxes, torch.tensor([True, False, False, True])).float().to(DEV)
+
+
+def full_affine(bsz):
+    """Near-whole-image crops (alternately flipped): every token of a coarse grid has many samples."""
+    boxes = torch.tensor([[0.02 * i, 0.01 * i, 1.0 - 0.01 * i, 1.0] for i in range(bsz)], dtype=torch.float64)
+    return geometry.crop_flip_affine(boxes, torch.arange(bsz) % 2 == 1).float().to(DEV)
 
 
 def ref_targets(values, indices, affine, **kw):
@@ -137,15 +144,14 @@ def test_edge_geometry_widening_border_rotation():
     [
         (3, 1, 5, 3, 7, (1, 1), True),        # k = 1, grid 1x1 (every row on the general path)
         (1, 4, 4, 4, 3, (2, 3), False),      # K < k: every class touched, repeated ids in a pixel
-        (3, 2, 12, 12, 33, (1, 2), True),    # tokens of hundreds of lanes: general path for tokens too
+        (3, 2, 6, 6, 33, (1, 2), True),      # tokens of 144 lanes: the long-row kernel
         (5, 3, 4, 6, 10, (5, 4), True),      # tokens smaller than a map pixel
-        (4, 5, 18, 18, 100, (7, 7), True),   # 20 .. 180 lanes per token: every fast tier and the general path
     ],
 )
 def test_odd_shapes(bsz, k, h, w, num_classes, grid, distinct):
     values, indices = random_maps(bsz, k, h, w, num_classes, seed=bsz * 100 + k, distinct=distinct)
-    if (h, grid) == (18, (7, 7)):
-        affine = spread_affine()
+    if grid == (1, 2):
+        affine = full_affine(bsz)
     else:
         affine = crop_flip_affine(bsz, seed=k) if bsz > 1 else edge_affine()[3:4]
     assert_targets(values, indices, affine, num_classes=num_classes, grid=grid, smoothing=0.2,
@@ -159,13 +165,15 @@ def test_bf16_output_int32_indices_wide_k():
                    smoothing=0.1, out_dtype=torch.bfloat16, atol=2e-3)
 
 
-def test_persistent_grid_sizes_agree():
+def test_launch_parameters_do_not_change_results():
+    """Tile sizes and class-row splits (1 program, several, more than the row has lanes for)."""
     values, indices = random_maps(3, 3, 6, 6, 20, seed=11)
     affine = crop_flip_affine(3, seed=11)
     kw = dict(num_classes=20, grid=(3, 3), smoothing=0.1, mix_box=(0, 1, 2, 3))
-    one = TT.token_targets(values, indices, affine, programs=1, **kw)
-    many = TT.token_targets(values, indices, affine, programs=7, **kw)
-    torch.testing.assert_close(one, many, rtol=0, atol=1e-6)
+    base = TT.token_targets(values, indices, affine, launch=TT.Launch(tile=1, class_split=1), **kw)
+    for launch in (TT.Launch(tile=4, class_split=3, class_chunk=16), TT.Launch(tile=16, class_split=40, class_chunk=8)):
+        torch.testing.assert_close(TT.token_targets(values, indices, affine, launch=launch, **kw), base,
+                                   rtol=0, atol=1e-6)
 
 
 def test_bad_class_id_poisons_rows_not_memory():
@@ -175,6 +183,83 @@ def test_bad_class_id_poisons_rows_not_memory():
     assert out.shape == (2, 5, 9)
     assert torch.isnan(out[1]).any()
     assert not torch.isnan(out[0]).any()  # sample 0 never reads sample 1's map (no MixToken)
+
+
+def rotated_sheared_affine(bsz, seed):
+    """Crops composed with a rotation and shears on both axes (each sample different)."""
+    rng = np.random.default_rng(seed)
+    x1, y1 = rng.uniform(0.0, 0.3, bsz), rng.uniform(0.0, 0.3, bsz)
+    side = rng.uniform(0.5, 0.7, bsz)
+    boxes = torch.as_tensor(np.stack([x1, y1, x1 + side, y1 + side], 1))
+    a = geometry.crop_flip_affine(boxes, torch.as_tensor(rng.random(bsz) < 0.5)).numpy()
+    a = geometry.compose(a, geometry.rotate(rng.uniform(-30, 30, bsz)))
+    a = geometry.compose(a, geometry.shear_x(rng.uniform(-0.3, 0.3, bsz)))
+    a = geometry.compose(a, geometry.shear_y(rng.uniform(-0.3, 0.3, bsz)))
+    return torch.as_tensor(a, dtype=torch.float32, device=DEV)
+
+
+@pytest.mark.parametrize("num_classes,out_dtype,atol", [
+    (1, torch.float32, 1e-6),       # K = 1: every row is [1.0]
+    (3, torch.float32, 1e-5),       # every class touched in every row (K < k)
+    (37, torch.float32, 1e-5),      # odd K: scalar stores
+    (6, torch.bfloat16, 4e-3),      # K = 6: 2-wide vectors in bf16
+    (40, torch.float16, 1e-3),      # f16 rows, 8-wide vectors
+])
+def test_small_and_odd_k(num_classes, out_dtype, atol):
+    values, indices = random_maps(4, 4, 6, 6, num_classes, seed=num_classes, distinct=num_classes >= 4)
+    assert_targets(values, indices, crop_flip_affine(4, seed=num_classes), num_classes=num_classes, grid=(3, 2),
+                   smoothing=0.1, mix_box=(1, 0, 3, 1), out_dtype=out_dtype, atol=atol)
+
+
+def test_large_k_f16_several_blocks():
+    """K over several 1024-wide blocks (and not a multiple of the vector width), f16 rows."""
+    values, indices = random_maps(2, 3, 5, 5, 2051, seed=31, idx_dtype=torch.int32)
+    assert_targets(values, indices, crop_flip_affine(2, seed=31), num_classes=2051, grid=(2, 2),
+                   smoothing=0.1, mix_box=(0, 1, 2, 2), out_dtype=torch.float16, atol=1e-3)
+
+
+def test_every_lane_tier_and_long_rows_under_per_sample_boxes():
+    """Tokens of 20 / 40 / 80 lanes (1, 3 and 5 chunks of the all-pairs pass) and 180 lanes (the
+    long-row kernel), with per-sample boxes taking rows from partners on the other path."""
+    values, indices = random_maps(4, 5, 6, 6, 100, seed=32)
+    boxes = torch.tensor([[0, 0, 2, 1], [1, 1, 3, 3], [0, 0, 1, 3], [0, 0, 0, 0]], dtype=torch.int32, device=DEV)
+    assert_targets(values, indices, spread_affine(), num_classes=100, grid=(3, 3), smoothing=0.1, mix_box=boxes)
+
+
+def test_box_covering_the_whole_grid():
+    """lam = 0: every token and the whole class target come from the partner (B odd: the middle
+    sample is its own partner)."""
+    values, indices = random_maps(5, 3, 7, 7, 30, seed=33)
+    got = assert_targets(values, indices, crop_flip_affine(5, seed=33), num_classes=30, grid=(3, 4), smoothing=0.1,
+                         mix_box=(0, 0, 3, 4))
+    plain = TT.token_targets(values, indices, crop_flip_affine(5, seed=33), num_classes=30, grid=(3, 4), smoothing=0.1)
+    torch.testing.assert_close(got, plain.flip(0), rtol=0, atol=1e-6)
+
+
+def test_rotated_sheared_affines():
+    values, indices = random_maps(4, 3, 9, 9, 45, seed=34)
+    assert_targets(values, indices, rotated_sheared_affine(4, seed=34), num_classes=45, grid=(4, 4),
+                   smoothing=0.1, mix_box=torch.tensor([[0, 0, 2, 2], [1, 1, 4, 3], [0, 2, 4, 4], [2, 0, 3, 4]],
+                                                       dtype=torch.int64, device=DEV))
+
+
+def test_nan_and_inf_scores_poison_as_the_reference():
+    """NaN and +inf scores make every row that reads them NaN, -inf gives its class a zero share
+    (softmax), as in the reference; rows that do not read them stay finite. All samples share one
+    crop so that the reference pads no samples (its padding multiplies real scores by 0)."""
+    bsz, num_classes = 4, 20
+    values, indices = random_maps(bsz, 3, 6, 6, num_classes, seed=35)
+    values[0, 1, 2, 3] = float("nan")
+    values[1, 0, 4, 4] = float("inf")
+    values[2, 2, 0, 5] = float("-inf")
+    boxes = torch.tensor([[0.1, 0.1, 0.9, 0.9]] * bsz, dtype=torch.float64)
+    affine = geometry.crop_flip_affine(boxes, torch.tensor([False, True, False, True])).float().to(DEV)
+    for mix in (None, (0, 0, 1, 2)):
+        kw = dict(num_classes=num_classes, grid=(3, 3), smoothing=0.1, mix_box=mix)
+        got = TT.token_targets(values, indices, affine, **kw).cpu()
+        want = ref_targets(values, indices, affine, **kw)
+        assert torch.isnan(want).any() and (~torch.isnan(want)).any()
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5, equal_nan=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,6 +312,50 @@ def test_fused_loss_value_and_grads(bsz, k, h, w, num_classes, grid, mix, dtype,
         assert got.dtype == dtype
         err = (got.cpu().float() - ref).abs().max().item()
         assert err <= rtol * ref.abs().max().item(), f"grad max err {err:.3g} vs max {ref.abs().max().item():.3g}"
+
+
+def test_fused_loss_long_rows_per_sample_boxes():
+    """Rows longer than one lane block (6x6 top-2 maps over a 1x2 grid: 144 lanes) keep no record;
+    their backward rebuilds them. f16 logits, per-sample boxes, upstream gradient 3."""
+    values, indices = random_maps(2, 2, 6, 6, 24, seed=41)
+    box = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 2]], dtype=torch.int32, device=DEV)
+    _check_loss(values, indices, full_affine(2), box, (1, 2), 24, torch.float16, 3.0, 2e-3)
+
+
+def test_fused_loss_every_class_touched_odd_k():
+    values, indices = random_maps(3, 4, 5, 5, 3, seed=42, distinct=False)
+    _check_loss(values, indices, rotated_sheared_affine(3, seed=42), (0, 1, 2, 2), (2, 2), 3, torch.float32,
+                0.5, 1e-4)
+
+
+def _check_loss(values, indices, affine, box, grid, num_classes, dtype, scale, rtol):
+    bsz = values.shape[0]
+    gen = torch.Generator().manual_seed(7)
+    tokens = grid[0] * grid[1]
+    cls = (torch.randn(bsz, num_classes, generator=gen) * 2).to(dtype).to(DEV)
+    tok = (torch.randn(bsz, tokens, num_classes, generator=gen) * 2).to(dtype).to(DEV)
+    c1, t1 = cls.clone().requires_grad_(), tok.clone().requires_grad_()
+    loss = TLL.token_label_loss(c1, t1, values, indices, affine, grid=grid, mix_box=box, smoothing=0.1,
+                                cls_weight=0.6, dense_weight=0.8)
+    (loss * scale).backward()
+    c2, t2 = cls.cpu().float().requires_grad_(), tok.cpu().float().requires_grad_()
+    targets = ref_targets(values, indices, affine, num_classes=num_classes, grid=grid, smoothing=0.1,
+                          mix_box=box.cpu() if isinstance(box, torch.Tensor) else box)
+    want = reference.token_label_loss(c2, t2, targets, cls_weight=0.6, dense_weight=0.8)
+    (want * scale).backward()
+    assert abs(loss.item() - want.item()) <= 1e-4 * abs(want.item())
+    for got, ref in ((c1.grad, c2.grad), (t1.grad, t2.grad)):
+        assert got.dtype == dtype
+        err = (got.cpu().float() - ref).abs().max().item()
+        assert err <= rtol * ref.abs().max().item(), f"grad max err {err:.3g} vs max {ref.abs().max().item():.3g}"
+
+
+def test_fused_loss_bad_id_is_nan():
+    values, indices = random_maps(2, 2, 4, 4, 9, seed=43)
+    indices[1, 0, 1, 1] = 9
+    cls = torch.randn(2, 9, device=DEV)
+    tok = torch.randn(2, 4, 9, device=DEV)
+    assert torch.isnan(TLL.token_label_loss(cls, tok, values, indices, crop_flip_affine(2, seed=3))).item()
 
 
 def test_fused_loss_4d_token_logits_and_dispatch():

@@ -61,11 +61,9 @@ def _targets_fallback(impl: str, device: torch.device):
 
 def _kernels_interpreted() -> bool:
     """Whether the loaded kernel module was decorated in interpreter mode."""
-    from triton.runtime.interpreter import InterpretedFunction
-
     from ..kernels import token_targets as tt
 
-    return isinstance(tt._token_rows_kernel, InterpretedFunction)
+    return tt.interpreted()
 
 
 def _check_kernel_mode(device: torch.device) -> None:
