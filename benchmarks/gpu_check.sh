@@ -8,7 +8,9 @@
 # Figures and logs land in ${GPU_CHECK_OUT:-$OUT or /tmp/tl_fast_gpu_check}.
 # Switches (environment): GPU_CHECK_TESTS=0 skips the tests, GPU_CHECK_BENCH=0 the kernel benchmark,
 # GPU_CHECK_OVERHEAD=0 the training-step overhead, GPU_CHECK_LOADER=0 the loader benchmark;
-# GPU_CHECK_TEST_FILES narrows the tests (default "tests/test_kernels.py tests/test_loader.py");
+# GPU_CHECK_TEST_FILES narrows the tests (default: the kernel, class-only, compat, loader and annotate tests);
+# GPU_CHECK_CLASS=1 adds the class-token-only overhead for ResNet-50 (about 4 minutes) and
+# GPU_CHECK_ANNOTATE=1 the annotation throughput against plain timm inference (about 5 minutes);
 # GPU_CHECK_LOADER_ROUNDS sets the loader benchmark's rounds (default 5);
 # GPU_CHECK_EVIDENCE_EPOCHS=N adds the token-labeling evidence runs (benchmarks/token_label_evidence.py:
 # class-token only vs token labeling + MixToken, two seeds, N epochs, on the demo dataset prepared
@@ -47,6 +49,7 @@ fi
 import torch, triton
 assert torch.cuda.is_available(), "gpu_check.sh needs a CUDA GPU"
 print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
+import tl_fast.kernels  # noqa: F401  (tl_fast/kernels links to kernels/: a copy that dropped the link fails here)
 for mod in ("numba", "timm", "pytest", "nvidia.dali", "ffcv"):
     try:
         m = __import__(mod, fromlist=["__version__"])
@@ -60,7 +63,7 @@ echo "== CUDA kernel tests"
 if [ "${GPU_CHECK_TESTS:-1}" != 1 ]; then
     tests_line="skipped (GPU_CHECK_TESTS=0)"
 elif "$PY" -c "import pytest" 2>/dev/null; then
-    timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m cuda ${GPU_CHECK_TEST_FILES:-tests/test_kernels.py tests/test_loader.py} \
+    timeout 300 "$PY" -m pytest -q -p no:cacheprovider -m cuda ${GPU_CHECK_TEST_FILES:-tests/test_kernels.py tests/test_class_only.py tests/test_compat.py tests/test_loader.py tests/test_annotate.py} \
         2>&1 | tee "$OUT_DIR/tests.log"
     rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || status=1
@@ -85,6 +88,20 @@ if [ "${GPU_CHECK_OVERHEAD:-1}" = 1 ]; then
     echo "== Training-step overhead of token labeling (LV-ViT-S, B=128, bf16; target fused <= 1.01x cls-only)"
     timeout 180 "$PY" benchmarks/train_overhead.py --device cuda --rounds 30 --json "$OUT_DIR/train_overhead.json" \
         2>&1 | tee "$OUT_DIR/train_overhead.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if [ "${GPU_CHECK_CLASS:-0}" = 1 ]; then
+    echo "== Class-token-only labels, ResNet-50 (B=128, 224 px, bf16; target class-fused <= 1.02x hard labels)"
+    timeout 240 "$PY" benchmarks/class_label_overhead.py --device cuda --rounds 30 \
+        --json "$OUT_DIR/class_label_overhead.json" 2>&1 | tee "$OUT_DIR/class_label_overhead.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if [ "${GPU_CHECK_ANNOTATE:-0}" = 1 ]; then
+    echo "== Annotation vs plain timm inference (convnextv2_large at 384 px, bf16, channels-last; target >= 0.95x)"
+    timeout 300 "$PY" benchmarks/annotate_throughput.py --device cuda --amp --channels-last --model convnextv2_large \
+        --img-size 384 --batch-size 64 --workers "$(nproc)" --num-images 4096 --rounds 5 \
+        --json "$OUT_DIR/annotate_gpu.json" 2>&1 | tee "$OUT_DIR/annotate.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
