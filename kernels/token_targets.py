@@ -418,6 +418,28 @@ def token_targets(
     return out
 
 
+def class_targets(
+    values: torch.Tensor, indices: torch.Tensor, affine: torch.Tensor, *, num_classes: int,
+    grid: Sequence[int] = (14, 14), smoothing: float = 0.0, mix_box=None,
+    out_dtype: torch.dtype = torch.float32, launch: Launch = DEFAULT_LAUNCH,
+) -> torch.Tensor:
+    """The class rows alone, ``[B, K]`` (row 0 of :func:`token_targets`): the class-row kernel writing
+    into a ``[B, K]`` output, for models without token outputs. ``grid`` only sizes the MixToken
+    box's area."""
+    grid = (int(grid[0]), int(grid[1]))
+    if grid[0] <= 0 or grid[1] <= 0:
+        raise ValueError(f"grid must be positive; got {grid}")
+    check_maps(values, indices, affine, num_classes)
+    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16; got {out_dtype}")
+    values, indices, affine = values.contiguous(), indices.contiguous(), affine.contiguous()
+    out = torch.empty(values.shape[0], num_classes, dtype=out_dtype, device=values.device)
+    vec = vector_width(num_classes, out.element_size())
+    launch_class_rows(values, indices, affine, mix_spec(mix_box, values.shape[0], values.device), out, num_classes,
+                      num_classes=num_classes, grid=grid, smoothing=smoothing, vec=vec, launch=launch)
+    return out
+
+
 def interpreted() -> bool:
     """Whether this module's kernels were decorated under ``TRITON_INTERPRET=1`` (CPU tensors)."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -425,6 +447,6 @@ def interpreted() -> bool:
     return isinstance(token_tile_kernel, InterpretedFunction)
 
 
-__all__ = ["token_targets", "Launch", "DEFAULT_LAUNCH", "mix_spec", "MixSpec", "check_maps", "vector_width",
+__all__ = ["token_targets", "class_targets", "Launch", "DEFAULT_LAUNCH", "mix_spec", "MixSpec", "check_maps", "vector_width",
            "lane_block", "class_split", "block_k", "launch_class_rows", "launch_token_rows", "interpreted",
            "EXTENT_EPS"]

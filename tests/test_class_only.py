@@ -1,9 +1,9 @@
 """The class-token-only mode: targets ``[B, K]`` and their loss for models without token outputs.
 
 The reference (``tl_fast.ops.reference.class_targets``) must be row 0 of the reference token targets
-exactly, and agree with torchvision's RoI-Align path; the Triton kernel (``kernels/class_targets.py``,
-in Triton's interpreter without CUDA) and its fused loss must agree with the reference on fresh
-random inputs; the loader's ``label_mode="class"`` gives maps without a MixToken box unless asked.
+exactly, and agree with torchvision's RoI-Align path; the targets kernel's class-row path
+(``kernels/token_targets.py``, in Triton's interpreter without CUDA) and the loss from the maps must
+agree with the reference on fresh random inputs; the loader's ``label_mode="class"`` gives maps without a MixToken box unless asked.
 """
 from __future__ import annotations
 
@@ -25,11 +25,9 @@ from tl_fast.plan import AugmentConfig, RandAugmentConfig, draw_mix_box, plan_ba
 
 
 def _kernel_module():
-    from triton.runtime.interpreter import InterpretedFunction
+    from tl_fast.kernels import token_targets as kc
 
-    from tl_fast.kernels import class_targets as kc
-
-    if isinstance(kc._class_rows_kernel, InterpretedFunction) == HAS_CUDA:
+    if kc.interpreted() == HAS_CUDA:
         kc = importlib.reload(kc)
     return kc
 
@@ -153,13 +151,13 @@ def test_kernel_targets_match_reference(name, out_dtype, atol):
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-5)], ids=["f32", "bf16"])
-def test_fused_loss_matches_reference_value_and_gradient(name, dtype, atol):
+def test_loss_from_maps_matches_reference_value_and_gradient(name, dtype, atol):
     values, indices, affine, kw = _case(name)
     gen = torch.Generator().manual_seed(3)
     base = (torch.randn(values.shape[0], kw["num_classes"], generator=gen) * 3).to(dtype)
     upstream = 2.5  # a non-unit incoming gradient
     z1 = base.clone().to(DEV).requires_grad_()
-    loss = KC.class_token_loss(z1, values, indices, affine, **kw)
+    loss = ops.class_token_loss(z1, maps=(values, indices), affine=affine, impl="triton", **kw)
     (upstream * loss).backward()
     z2 = base.float().requires_grad_()  # the same (bf16-representable) logits, float32 throughout
     targets = reference.class_targets(values.cpu(), indices.cpu(), affine.cpu(), **_cpu(kw))

@@ -59,21 +59,24 @@ def _targets_fallback(impl: str, device: torch.device):
     return reference.token_targets
 
 
-def _kernels_interpreted() -> bool:
-    """Whether the loaded kernel module was decorated in interpreter mode."""
-    from ..kernels import token_targets as tt
+def check_kernel_mode(device: torch.device, kernel: Any) -> None:
+    """Raise unless the ``@triton.jit`` function ``kernel`` suits tensors on ``device``: compiled for CUDA,
+    interpreted (decorated under ``TRITON_INTERPRET=1``) for CPU tensors."""
+    from triton.runtime.interpreter import InterpretedFunction
 
-    return tt.interpreted()
-
-
-def _check_kernel_mode(device: torch.device) -> None:
-    interpreted = _kernels_interpreted()
+    interpreted = isinstance(kernel, InterpretedFunction)
     if device.type == "cuda" and interpreted:
         raise RuntimeError("tl_fast.kernels was imported with TRITON_INTERPRET=1; CUDA tensors need compiled "
                            "kernels (unset TRITON_INTERPRET before importing tl_fast)")
     if device.type != "cuda" and not interpreted:
         raise RuntimeError("tl_fast.kernels was imported without TRITON_INTERPRET=1, so its kernels cannot run on "
                            f"{device} tensors; set TRITON_INTERPRET=1 before the first import of tl_fast.kernels")
+
+
+def _check_kernel_mode(device: torch.device) -> None:
+    from ..kernels import token_targets as tt
+
+    check_kernel_mode(device, tt.token_tile_kernel)
 
 
 def _maps_tensors(maps: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,9 @@
 The class target of token labeling alone (ReLabel's LabelPooling, the official
 ``--token-label-size 1``): the crop pooled into one RoI-Align bin, soft-maxed, smoothed, and mixed by
 the MixToken box's area when one is drawn. Nothing here builds ``[B, 1 + Gh*Gw, K]``. Dispatch as
-in :mod:`tl_fast.ops`: ``impl="auto"`` runs the Triton kernel (``kernels/class_targets.py``) on CUDA
-tensors and the PyTorch reference otherwise.
+in :mod:`tl_fast.ops`: ``impl="auto"`` runs the targets kernel's class-row path
+(``kernels/token_targets.py``, writing only ``[B, K]``) on CUDA tensors and the PyTorch reference
+otherwise; the loss is the soft-target cross-entropy of those ``[B, K]`` targets.
 """
 from __future__ import annotations
 
@@ -15,20 +16,21 @@ import torch
 from . import reference
 
 
-def _kernel_module(device: torch.device):
-    """``tl_fast.kernels.class_targets``, checked to be compiled for CUDA / interpreted for CPU tensors."""
-    from triton.runtime.interpreter import InterpretedFunction
+def _triton_class_targets(values, indices, affine, *, num_classes: int, smoothing: float, mix_box, grid,
+                          out_dtype: torch.dtype, smoothing_rule: str) -> torch.Tensor:
+    """The class rows from the targets kernel (compiled for CUDA, interpreted for CPU tensors); the
+    official smoothing is the tl_fast one at another strength, scaled (:func:`tl_fast.compat.official_smoothing`)."""
+    from ..compat import official_smoothing
+    from ..kernels import token_targets as kernel
+    from . import check_kernel_mode
 
-    from ..kernels import class_targets as kernel
-
-    interpreted = isinstance(kernel._class_rows_kernel, InterpretedFunction)
-    if device.type == "cuda" and interpreted:
-        raise RuntimeError("tl_fast.kernels was imported with TRITON_INTERPRET=1; CUDA tensors need compiled "
-                           "kernels (unset TRITON_INTERPRET before importing tl_fast)")
-    if device.type != "cuda" and not interpreted:
-        raise RuntimeError("tl_fast.kernels was imported without TRITON_INTERPRET=1, so its kernels cannot run on "
-                           f"{device} tensors; set TRITON_INTERPRET=1 before the first import of tl_fast.kernels")
-    return kernel
+    check_kernel_mode(values.device, kernel.class_rows_kernel)
+    scale = 1.0
+    if smoothing_rule == "official":
+        smoothing, scale = official_smoothing(smoothing, num_classes)
+    out = kernel.class_targets(values, indices, affine, num_classes=num_classes, grid=grid, smoothing=smoothing,
+                               mix_box=mix_box, out_dtype=out_dtype if scale == 1.0 else torch.float32)
+    return out if scale == 1.0 else (out * scale).to(out_dtype)
 
 
 def class_targets(
@@ -46,9 +48,8 @@ def class_targets(
 
     affine = affine.to(values.device)
     if _use_triton(impl, values.device):
-        return _kernel_module(values.device).class_targets(
-            values, indices, affine, num_classes=num_classes, smoothing=smoothing, mix_box=mix_box, grid=grid,
-            out_dtype=out_dtype, smoothing_rule=smoothing_rule)
+        return _triton_class_targets(values, indices, affine, num_classes=num_classes, smoothing=smoothing,
+                                     mix_box=mix_box, grid=grid, out_dtype=out_dtype, smoothing_rule=smoothing_rule)
     return reference.class_targets(values, indices, affine, num_classes=num_classes, smoothing=smoothing,
                                    mix_box=mix_box, grid=grid, out_dtype=out_dtype, smoothing_rule=smoothing_rule)
 
@@ -61,9 +62,8 @@ def class_token_loss(
     """Batch mean of the soft-target cross-entropy ``-sum_c t_c log softmax(z)_c`` of ``logits [B, K]``.
 
     Give either ``targets [B, K]`` or ``maps`` (``TopKMaps`` or ``(values, indices)``) + ``affine``
-    (+ ``mix_box``, ``smoothing``): then the fused kernel computes it from the compressed maps on
-    CUDA (forward from maps and logits, backward ``softmax(z) - t``), and the reference builds the
-    ``[B, K]`` targets first elsewhere."""
+    (+ ``mix_box``, ``smoothing``): then the ``[B, K]`` targets are computed from the compressed maps
+    (the Triton kernel on CUDA, the reference elsewhere) and nothing larger is built."""
     from . import _maps_tensors, _use_triton
 
     if targets is not None:
@@ -76,9 +76,10 @@ def class_token_loss(
     affine = affine.to(values.device)
     num_classes = logits.shape[-1] if num_classes is None else int(num_classes)
     if _use_triton(impl, logits.device):
-        return _kernel_module(logits.device).class_token_loss(
-            logits, values, indices, affine, num_classes=num_classes, smoothing=smoothing, mix_box=mix_box,
-            grid=grid, smoothing_rule=smoothing_rule)
+        targets = _triton_class_targets(values, indices, affine, num_classes=num_classes, smoothing=smoothing,
+                                        mix_box=mix_box, grid=grid, out_dtype=torch.float32,
+                                        smoothing_rule=smoothing_rule)
+        return reference.class_token_loss(logits, targets)
     targets = reference.class_targets(values, indices, affine, num_classes=num_classes, smoothing=smoothing,
                                       mix_box=mix_box, grid=grid, smoothing_rule=smoothing_rule)
     return reference.class_token_loss(logits, targets)
