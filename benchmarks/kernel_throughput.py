@@ -332,7 +332,22 @@ def main(argv=None) -> dict:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2, default=float)
+        picture(res, os.path.splitext(args.json)[0] + ".png")
     return res
+
+
+def picture(res: dict, path: str) -> None:
+    """Kernel times against the targets' write floor (f32; the bf16 floor is half the written bytes)."""
+    from plots import save_bars
+
+    t = res["times_s"]
+    keys = [("targets f32", "triton_f32"), ("targets bf16", "triton_bf16"), ("fused loss\nfwd+bwd", "loss_fused"),
+            ("F.cross_entropy\nfwd+bwd", "loss_plain_ce")]
+    ms = [tuple(1e3 * t[key].get(q, t[key]["median"]) for q in ("median", "p20", "p80")) for _, key in keys]
+    png = save_bars(path, f"token-label kernels on {res['machine']}", "ms",
+                    [name for name, _ in keys], {"time": ms}, reference=("targets f32 floor", 1e3 * res["floor_s"]["f32"]))
+    if png:
+        print(f"picture: {png}")
 
 
 if __name__ == "__main__":
