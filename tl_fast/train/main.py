@@ -67,8 +67,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     patch = patch_size(probe, args.img_size)
     del probe
     train_loader, val_loader = make_loaders(args, dist, patch, token_model)
-    torch.manual_seed(args.seed)
-    model = create_model(args, num_classes=train_loader.num_classes)
+    model = create_model(args, num_classes=train_loader.num_classes)  # after the probe: today's initial weights
     if args.initial_checkpoint:
         reinit = load_initial_checkpoint(model, args.initial_checkpoint)
         if dist.is_main:
