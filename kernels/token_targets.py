@@ -387,6 +387,17 @@ def launch_token_rows(values, indices, affine, mix: MixSpec, out: torch.Tensor, 
     )
 
 
+def _checked_inputs(values, indices, affine, num_classes: int, grid: Sequence[int], out_dtype: torch.dtype):
+    """``(grid, values, indices, affine)`` validated and contiguous, or a clear error."""
+    grid = (int(grid[0]), int(grid[1]))
+    if grid[0] <= 0 or grid[1] <= 0:
+        raise ValueError(f"grid must be positive; got {grid}")
+    check_maps(values, indices, affine, num_classes)
+    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16; got {out_dtype}")
+    return grid, values.contiguous(), indices.contiguous(), affine.contiguous()
+
+
 def token_targets(
     values: torch.Tensor, indices: torch.Tensor, affine: torch.Tensor, *, num_classes: int,
     grid: Sequence[int] = (14, 14), smoothing: float = 0.0, mix_box=None,
@@ -399,13 +410,7 @@ def token_targets(
     (normalized output -> source); mix_box None, ``(r1, c1, r2, c2)`` or ``[B, 4]``. Semantics:
     ``tl_fast.ops.reference.token_targets``. ``launch`` sets launch parameters (never the results).
     """
-    grid = (int(grid[0]), int(grid[1]))
-    if grid[0] <= 0 or grid[1] <= 0:
-        raise ValueError(f"grid must be positive; got {grid}")
-    check_maps(values, indices, affine, num_classes)
-    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"out_dtype must be float32, bfloat16 or float16; got {out_dtype}")
-    values, indices, affine = values.contiguous(), indices.contiguous(), affine.contiguous()
+    grid, values, indices, affine = _checked_inputs(values, indices, affine, num_classes, grid, out_dtype)
     bsz = values.shape[0]
     tokens = grid[0] * grid[1]
     out = torch.empty(bsz, 1 + tokens, num_classes, dtype=out_dtype, device=values.device)
@@ -426,13 +431,7 @@ def class_targets(
     """The class rows alone, ``[B, K]`` (row 0 of :func:`token_targets`): the class-row kernel writing
     into a ``[B, K]`` output, for models without token outputs. ``grid`` only sizes the MixToken
     box's area."""
-    grid = (int(grid[0]), int(grid[1]))
-    if grid[0] <= 0 or grid[1] <= 0:
-        raise ValueError(f"grid must be positive; got {grid}")
-    check_maps(values, indices, affine, num_classes)
-    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"out_dtype must be float32, bfloat16 or float16; got {out_dtype}")
-    values, indices, affine = values.contiguous(), indices.contiguous(), affine.contiguous()
+    grid, values, indices, affine = _checked_inputs(values, indices, affine, num_classes, grid, out_dtype)
     out = torch.empty(values.shape[0], num_classes, dtype=out_dtype, device=values.device)
     vec = vector_width(num_classes, out.element_size())
     launch_class_rows(values, indices, affine, mix_spec(mix_box, values.shape[0], values.device), out, num_classes,
