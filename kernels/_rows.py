@@ -90,6 +90,22 @@ def mix_box(box_ptr, box_stride, br1, bc1, br2, bc2, b, GH, GW, GHf, GWf, MIX: t
 
 
 @triton.jit
+def token_source(affine_ptr, box_ptr, box_stride, br1, bc1, br2, bc2, b, tok, B, GH, GW, Hf, Wf, GHf, GWf,
+                 MIX: tl.constexpr, EPS: tl.constexpr, MAX_S: tl.constexpr):
+    """Token ``tok`` of sample ``b``: its grid row and column, the sample its tokens come from (the
+    partner ``B-1-b`` inside the MixToken box) and that sample's :func:`geometry`."""
+    rt = tok // GW
+    ct = tok % GW
+    r1, c1, r2, c2, lam = mix_box(box_ptr, box_stride, br1, bc1, br2, bc2, b, GH, GW, GHf, GWf, MIX)
+    inside = (rt >= r1) & (rt < r2) & (ct >= c1) & (ct < c2)
+    if MIX == 0:
+        inside = rt < 0
+    src = tl.where(inside, B - 1 - b, b)
+    a00, a01, a02, a10, a11, a12, sy, sx, isy, isx, igh, igw = geometry(affine_ptr, src, Hf, Wf, GHf, GWf, EPS, MAX_S)
+    return rt, ct, src, a00, a01, a02, a10, a11, a12, sy, sx, isy, isx, igh, igw
+
+
+@triton.jit
 def lanes(values_ptr, indices_ptr, s, g, r, c, H, W, K, Hf, Wf,
           a00, a01, a02, a10, a11, a12, sy, sx, inv_sy, inv_sx, inv_gh, inv_gw, KTOP: tl.constexpr):
     """Lanes ``g`` (a 1-D block of lane ids) of bin ``(r, c)``'s sparse row of sample ``s``, whose

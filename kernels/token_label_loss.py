@@ -231,15 +231,9 @@ def _rebuild_grad_row(values_ptr, indices_ptr, affine_ptr, box_ptr, box_stride, 
                       KTOP: tl.constexpr, MIX: tl.constexpr, BLOCK_N: tl.constexpr, CB: tl.constexpr,
                       EPS: tl.constexpr, MAX_S: tl.constexpr):
     """Touched-class gradients of a row without a record (longer than one lane block)."""
-    rt = tok // GW
-    ct = tok % GW
-    r1, c1, r2, c2, lam = _rows.mix_box(box_ptr, box_stride, br1, bc1, br2, bc2, b, GH, GW, GHf, GWf, MIX)
-    inside = (rt >= r1) & (rt < r2) & (ct >= c1) & (ct < c2)
-    if MIX == 0:
-        inside = rt < 0
-    src = tl.where(inside, B - 1 - b, b)
-    a00, a01, a02, a10, a11, a12, sy, sx, isy, isx, igh, igw = _rows.geometry(
-        affine_ptr, src, Hf, Wf, GHf, GWf, EPS, MAX_S)
+    rt, ct, src, a00, a01, a02, a10, a11, a12, sy, sx, isy, isx, igh, igw = _rows.token_source(
+        affine_ptr, box_ptr, box_stride, br1, bc1, br2, bc2, b, tok, B, GH, GW, Hf, Wf, GHf, GWf,
+                MIX, EPS, MAX_S)
     m, keep, _r = _rows.general_row(values_ptr, indices_ptr, src, rt, ct, H, W, K, Hf, Wf, Kf, smoothing,
                                     a00, a01, a02, a10, a11, a12, sy, sx, isy, isx, igh, igw, KTOP, BLOCK_N, CB)
     for g0 in range(0, sy * sx * (4 * KTOP), BLOCK_N):
@@ -269,15 +263,9 @@ def loss_long_fwd_kernel(
     b64 = b.to(tl.int64)
     if _rows.has_long_rows(affine_ptr, b, B, Hf, Wf, GHf, GWf, KTOP, MIX, BLOCK_N, EPS, MAX_S):
         for tok in range(t0, tl.minimum(t0 + TILE, T)):
-            rt = tok // GW
-            ct = tok % GW
-            r1, c1, r2, c2, lam = _rows.mix_box(box_ptr, box_stride, br1, bc1, br2, bc2, b, GH, GW, GHf, GWf, MIX)
-            inside = (rt >= r1) & (rt < r2) & (ct >= c1) & (ct < c2)
-            if MIX == 0:
-                inside = rt < 0
-            src = tl.where(inside, B - 1 - b, b)
-            a00, a01, a02, a10, a11, a12, sy, sx, isy, isx, igh, igw = _rows.geometry(
-                affine_ptr, src, Hf, Wf, GHf, GWf, EPS, MAX_S)
+            rt, ct, src, a00, a01, a02, a10, a11, a12, sy, sx, isy, isx, igh, igw = _rows.token_source(
+                affine_ptr, box_ptr, box_stride, br1, bc1, br2, bc2, b, tok, B, GH, GW, Hf, Wf, GHf, GWf,
+                MIX, EPS, MAX_S)
             n_live = sy * sx * (4 * KTOP)
             if n_live > BLOCK_N:
                 trow = b64 * T + tok

@@ -231,15 +231,9 @@ def token_long_rows_kernel(
     T = GH * GW
     if _rows.has_long_rows(affine_ptr, b, B, Hf, Wf, GHf, GWf, KTOP, MIX, BLOCK_N, EPS, MAX_S):
         for tok in range(t0, tl.minimum(t0 + TILE, T)):
-            rt = tok // GW
-            ct = tok % GW
-            r1, c1, r2, c2, lam = _rows.mix_box(box_ptr, box_stride, br1, bc1, br2, bc2, b, GH, GW, GHf, GWf, MIX)
-            inside = (rt >= r1) & (rt < r2) & (ct >= c1) & (ct < c2)
-            if MIX == 0:
-                inside = rt < 0
-            src = tl.where(inside, B - 1 - b, b)
-            a00, a01, a02, a10, a11, a12, sy, sx, isy, isx, igh, igw = _rows.geometry(
-                affine_ptr, src, Hf, Wf, GHf, GWf, EPS, MAX_S)
+            rt, ct, src, a00, a01, a02, a10, a11, a12, sy, sx, isy, isx, igh, igw = _rows.token_source(
+                affine_ptr, box_ptr, box_stride, br1, bc1, br2, bc2, b, tok, B, GH, GW, Hf, Wf, GHf, GWf,
+                MIX, EPS, MAX_S)
             n_live = sy * sx * (4 * KTOP)
             if n_live > BLOCK_N:
                 out_row = out_ptr + (b.to(tl.int64) * (T + 1) + 1 + tok) * K
@@ -446,6 +440,6 @@ def interpreted() -> bool:
     return isinstance(token_tile_kernel, InterpretedFunction)
 
 
-__all__ = ["token_targets", "class_targets", "Launch", "DEFAULT_LAUNCH", "mix_spec", "MixSpec", "check_maps", "vector_width",
-           "lane_block", "class_split", "block_k", "launch_class_rows", "launch_token_rows", "interpreted",
-           "EXTENT_EPS"]
+__all__ = ["token_targets", "class_targets", "Launch", "DEFAULT_LAUNCH", "mix_spec", "MixSpec", "check_maps",
+           "vector_width", "lane_block", "class_split", "block_k", "launch_class_rows", "launch_token_rows",
+           "interpreted", "EXTENT_EPS"]
