@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from contextlib import nullcontext
 from typing import Callable
 
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import tl_fast.ops as ops
-from common import crop_flip_plan, machine_name, smooth_topk_maps
+from common import crop_flip_plan, interleaved_step_times, machine_name, median_ms, smooth_topk_maps
 
 
 def make_steps(model, images, labels, maps, affine, num_classes: int, amp: torch.dtype | None,
@@ -83,28 +82,11 @@ def make_losses(logits, labels, maps, affine, num_classes: int, smoothing: float
 
 
 def measure(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, rounds: int) -> dict:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for fn in steps.values():
-        for _ in range(warmup):
-            fn()
-    sync()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(rounds):
-        for name, fn in steps.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
+    times = interleaved_step_times(steps, device, warmup, rounds)
     base = np.asarray(times["hard"])
-    out = {}
-    for k, v in times.items():
-        v = np.asarray(v)
-        out[k] = {"median_ms": 1e3 * float(np.median(v)), "p20_ms": 1e3 * float(np.percentile(v, 20)),
-                  "p80_ms": 1e3 * float(np.percentile(v, 80)),
-                  # each round's step against the same round's hard-label step: robust to drift
-                  "paired_ratio_median": float(np.median(v / base))}
-    return out
+    # each round's step against the same round's hard-label step: robust to drift
+    return {k: {**median_ms(v), "paired_ratio_median": float(np.median(np.asarray(v) / base))}
+            for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -64,3 +64,29 @@ def time_cpu(fn: Callable[[], object], repeats: int = 7, warmup: int = 1) -> dic
         times.append(time.perf_counter() - t0)
     q = np.percentile(times, [20, 80])
     return {"median": statistics.median(times), "p20": float(q[0]), "p80": float(q[1])}
+
+
+def interleaved_step_times(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int,
+                           rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each step, the steps taking turns in every round (so a drift of the
+    machine's speed touches them alike); CUDA is synchronized around each call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median_ms(seconds) -> dict[str, float]:
+    """Median and 20th / 80th percentiles of ``seconds``, in milliseconds."""
+    return {"median_ms": 1e3 * float(np.median(seconds)), "p20_ms": 1e3 * float(np.percentile(seconds, 20)),
+            "p80_ms": 1e3 * float(np.percentile(seconds, 80))}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from contextlib import nullcontext
 from typing import Callable
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 import tl_fast.ops as ops
 from tl_fast.models import create_lvvit
-from common import crop_flip_plan, machine_name, mix_box, smooth_topk_maps
+from common import crop_flip_plan, interleaved_step_times, machine_name, median_ms, mix_box, smooth_topk_maps
 from timm.optim import create_optimizer_v2
 
 
@@ -77,21 +76,7 @@ def make_steps(model, batch, num_classes: int, grid, amp: torch.dtype | None, sm
 
 
 def measure(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, rounds: int) -> dict:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for fn in steps.values():
-        for _ in range(warmup):
-            fn()
-    sync()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(rounds):
-        for name, fn in steps.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return {k: {"median_ms": 1e3 * float(np.median(v)), "p20_ms": 1e3 * float(np.percentile(v, 20)),
-                "p80_ms": 1e3 * float(np.percentile(v, 80))} for k, v in times.items()}
+    return {k: median_ms(v) for k, v in interleaved_step_times(steps, device, warmup, rounds).items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
