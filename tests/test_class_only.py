@@ -7,7 +7,6 @@ agree with the reference on fresh random inputs; the loader's ``label_mode="clas
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 import numpy as np
@@ -22,17 +21,11 @@ from tl_fast import geometry, ops  # noqa: E402
 from tl_fast.ops import reference  # noqa: E402
 from tl_fast.ops.public import public_token_targets  # noqa: E402
 from tl_fast.plan import AugmentConfig, RandAugmentConfig, draw_mix_box, plan_batch  # noqa: E402
+from test_kernels import _kernel_modules  # noqa: E402
 
 
-def _kernel_module():
-    from tl_fast.kernels import token_targets as kc
-
-    if kc.interpreted() == HAS_CUDA:
-        kc = importlib.reload(kc)
-    return kc
-
-
-KC = _kernel_module()
+# The kernels in the mode this process needs, reloaded (with their shared _rows helpers) if needed.
+KC, _ = _kernel_modules()
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
