@@ -26,6 +26,7 @@ VARIANTS = {  # name -> trainer flags
     "cls-mixtoken": ["--no-token-label", "--mixtoken"],  # (a') same MixToken boxes, hard labels mixed by area
     "token-label": ["--no-mixtoken"],  # (c) token labeling without mixing
     # (b) with the experimental class target weighed by what the mixed tokens show, not by area
+    # (benchmarks/mix_class_target.py)
     "token-label-mixtoken-content": ["--mix-cls-target", "content"],
     # A small timm CNN (the demo-cnn preset's test_resnet): hard labels vs the annotator's pooled crop targets
     "cnn-hard": ["--model", "test_resnet", "--no-token-label"],
@@ -61,7 +62,10 @@ def demo_data(path: str | None) -> Path:
 
 
 def command(args, data: Path, variant: str, seed: int, out: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "examples" / "train_lvvit.py"), "--preset", "demo", "--data", str(data),
+    # Variants with the experiment's options run the trainer through benchmarks/mix_class_target.py.
+    experiment = "--mix-cls-target" in VARIANTS[variant]
+    script = ROOT / "benchmarks" / "mix_class_target.py" if experiment else ROOT / "examples" / "train_lvvit.py"
+    return [sys.executable, str(script), "--preset", "demo", "--data", str(data),
             "--labels", args.labels or str(data / "train_labels.tlstore"), "--epochs", str(args.epochs), "--seed", str(seed),
             "--workers", str(args.workers), "--eval-every", str(args.eval_every), "--output", str(out),
             "--no-progress", *VARIANTS[variant], *args.extra]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -19,11 +20,17 @@ from tl_fast.cli import build_parser
 from tl_fast.demo import DemoConfig, default_root, prepare
 from tl_fast.demo.annotator import DemoCNN, TrainConfig
 from tl_fast.demo.generate import generate_images
-from tl_fast.demo.measure import _main_object_tokens, crop_statistics, measure, mixtoken_statistics
 from tl_fast.demo.scenes import (SceneConfig, SceneLayout, SceneObject, class_specs, layout_class_map,
                                   render_scene, scene_layout)
 from tl_fast.store import LabelStore
 from tl_fast.store.commands import public_pt_bytes
+
+_FIGURES = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_figures.py"
+_spec = importlib.util.spec_from_file_location("demo_figures", _FIGURES)
+demo_figures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo_figures)
+_main_object_tokens, crop_statistics = demo_figures._main_object_tokens, demo_figures.crop_statistics
+measure, mixtoken_statistics = demo_figures.measure, demo_figures.mixtoken_statistics
 
 SMALL_SCENE = SceneConfig(min_side=48, max_side=80)
 TINY = DemoConfig(num_classes=3, train_per_class=5, val_per_class=2, scene=SMALL_SCENE,

@@ -1,11 +1,13 @@
 """tl_fast.train building blocks: timm's optimizer / schedule / EMA / scaler as the trainer builds them,
 gradient accumulation, argument checks, checkpoints, evaluation, logging and the curves plot."""
 import argparse
+import importlib.util
 import json
 import math
 import os
 import random
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -244,8 +246,13 @@ def test_mixed_label_loss_follows_the_box():
 def test_content_mixtoken_weighs_the_class_target_by_visible_class():
     """Token rows as SPEC's MixToken; the class row reduces to the area rule when every token shows its
     image's class, and gives no weight to an image whose class tokens the box covers entirely."""
-    from tl_fast.ops.class_loss import content_mixtoken
     from tl_fast.ops.reference import apply_mixtoken
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "mix_class_target.py"
+    spec = importlib.util.spec_from_file_location("mix_class_target", path)
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    content_mixtoken = experiment.content_mixtoken
 
     b, grid, k = 4, (4, 4), 5
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence().entropy % (1 << 31)))

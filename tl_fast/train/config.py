@@ -129,14 +129,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     "(default: on with token labels, off without; --no-token-label --mixtoken mixes the hard labels "
                     "by area, a token-level CutMix baseline)")
     tl.add_argument("--mixtoken-per-sample", action="store_true", help="one MixToken box per sample")
-    tl.add_argument("--mix-cls-target", choices=("area", "content"), default="area",
-                    help="how MixToken mixes the class-token target: 'area' (LV-ViT, SPEC), or 'content', an "
-                    "experiment weighing each image by how much of its class the mixed tokens' targets show "
-                    "(materializes the targets)")
     tl.add_argument("--dense-weight", type=float, default=1.0, help="weight of the token loss (paper: 0.5)")
-    tl.add_argument("--gt-weight", type=float, default=0.0,
-                    help="share of the ground-truth label in the class-token target (MixToken-mixed); the rest is "
-                    "the annotator's pooled crop target. 0: pure token labeling (SPEC); helps a weak annotator")
     tl.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     tl.add_argument("--label-compat", choices=("tl_fast", "official"), default="tl_fast",
                     help="official: the official TokenLabeling targets (crop box passed to roi_align as (y1, x1, y2, "
@@ -187,6 +180,6 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if args.mixtoken:
             parser.error(f"--mixtoken mixes tokens inside the model; {args.model} has no token outputs "
                          "(it is an LV-ViT option)")
-        if args.mix_cls_target != "area" or args.dense_weight != 1.0:
-            parser.error(f"--mix-cls-target and --dense-weight are LV-ViT token-labeling options; {args.model} "
+        if args.dense_weight != 1.0:
+            parser.error(f"--dense-weight is an LV-ViT token-labeling option; {args.model} "
                          "trains on its class output only")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -30,28 +29,20 @@ class TrainForward(nn.Module):
 def make_loss_fn(args, token_model: bool) -> Callable:
     """``loss_fn(outputs, batch)`` for the run's label mode.
 
-    * LV-ViT with token labels: the dense loss on every token (class target mixed as configured).
+    * LV-ViT with token labels: the dense loss on every token, class target mixed by area (SPEC).
     * another model with token labels: the pooled crop target on the class output (``batch.loss(logits)``).
-    * no token labels: cross-entropy on hard labels, mixed by area when tokens were mixed."""
-    from tl_fast import ops
-    from tl_fast.ops.class_loss import content_mixtoken, mixed_label_loss
+    * no token labels: cross-entropy on hard labels, mixed by area when tokens were mixed.
+
+    ``tl_fast.train.main(make_loss=...)`` takes another factory with this signature (experiments such
+    as ``benchmarks/mix_class_target.py``)."""
 
     def loss_fn(outputs, batch):
         cls, tokens = outputs if token_model else (outputs, None)
         if not args.token_label:
             return batch.loss(cls)
-        # The class-token target is linear in its parts: (1 - w) * annotator + w * ground truth.
-        weights = dict(cls_weight=1.0 - args.gt_weight, dense_weight=args.dense_weight)
         if not token_model:  # the pooled crop target alone, from the compressed maps
-            loss = batch.loss(cls, fused=args.fused_loss, cls_weight=weights["cls_weight"])
-        elif args.mix_cls_target == "content" and batch.mix_box is not None:
-            targets = content_mixtoken(replace(batch, mix_box=None).token_targets(), batch.mix_box, batch.grid)
-            loss = ops.token_label_loss(cls, tokens, targets, **weights)
-        else:
-            loss = batch.loss(cls, tokens, fused=args.fused_loss, **weights)
-        if args.gt_weight > 0:
-            loss = loss + args.gt_weight * mixed_label_loss(cls, batch.labels, batch.mix_box, batch.grid, args.smoothing)
-        return loss
+            return batch.loss(cls, fused=args.fused_loss)
+        return batch.loss(cls, tokens, fused=args.fused_loss, dense_weight=args.dense_weight)
 
     return loss_fn
 

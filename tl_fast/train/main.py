@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -25,12 +26,20 @@ from .loop import TrainForward, TrainStep, make_loss_fn, steps_per_epoch, train_
 from .metrics import JsonlLogger, ThroughputMeter, evaluate
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
-    """Parse ``argv`` and train; returns the last evaluation (and the run's end record)."""
+def main(argv: list[str] | None = None, prog: str | None = None, *,
+         add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+         make_loss: Callable[[argparse.Namespace, bool], Callable] | None = None) -> dict:
+    """Parse ``argv`` and train; returns the last evaluation (and the run's end record).
+
+    An experiment can add its own options (``add_arguments(parser)``) and replace the loss
+    (``make_loss(args, token_model) -> loss_fn(outputs, batch)``, like :func:`make_loss_fn`) without
+    a copy of the trainer; the checkpoint, resume, logging and evaluation stay the same."""
     parser = build_parser(prog)
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return run(args, parser)
+        return run(args, parser, make_loss or make_loss_fn)
     except MissingDependency as err:  # e.g. --loader dali without DALI: one line saying what to install
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
@@ -50,7 +59,8 @@ def locate_data(args: argparse.Namespace, dist) -> None:
         args.labels = args.labels or str(Path(args.data) / "labels.tlstore")
 
 
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
+        make_loss: Callable[[argparse.Namespace, bool], Callable] = make_loss_fn) -> dict:
     apply_preset(args)
     check_args(parser, args)
     dist = setup_distributed(args.device)
@@ -109,7 +119,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
                 checkpoint=str(path), **header)
     else:
         log.log("start", **header)
-    step = TrainStep(model, train_model, make_loss_fn(args, token_model), opt, sched, ema, scaler,
+    step = TrainStep(model, train_model, make_loss(args, token_model), opt, sched, ema, scaler,
                      clip_grad=args.clip_grad, accum_steps=args.grad_accum_steps, amp_dtype=AMP_DTYPES[args.amp],
                      seed=args.seed, rank=dist.rank, mix_tokens=token_model and args.mixtoken)
     if dist.is_main:

@@ -2,7 +2,7 @@
 annotator's real score maps against the public per-image ``.pt`` layout, and how the training crops and
 MixToken boxes meet the scenes' known objects.
 
-    python -m tl_fast.demo.measure [--data DIR]
+    python benchmarks/demo_figures.py [--data DIR]
 
 The public layout is measured, not estimated: every record is written as its own ``torch.save`` of a
 ``[2, k, H, W]`` float16 tensor (values, then class ids as float16) into a temporary folder, and both
@@ -33,9 +33,9 @@ def crop_statistics(config=None, *, epochs: int = 4, scale: tuple[float, float] 
     ``main_missed`` (0%), ``distractor_caught`` (some distractor box >= 50% inside the crop) and
     ``distractor_dominates`` (more distractor than main-object area inside the crop).
     """
-    from ..plan import random_resized_crop
-    from . import DemoConfig
-    from .scenes import scene_layout
+    from tl_fast.plan import random_resized_crop
+    from tl_fast.demo import DemoConfig
+    from tl_fast.demo.scenes import scene_layout
 
     config = config or DemoConfig()
     layouts = [scene_layout(config.seed, "train", c, i, config.num_classes, config.scene)
@@ -97,10 +97,10 @@ def mixtoken_statistics(config=None, *, epochs: int = 4, scale: tuple[float, flo
     sample's own main object, which its crop showed), ``no_main_object`` (neither main object shows)
     and ``mean_lam``.
     """
-    from ..loaders.loader import epoch_order
-    from ..plan import draw_mix_box, random_resized_crop
-    from . import DemoConfig
-    from .scenes import scene_layout
+    from tl_fast.loaders.loader import epoch_order
+    from tl_fast.plan import draw_mix_box, random_resized_crop
+    from tl_fast.demo import DemoConfig
+    from tl_fast.demo.scenes import scene_layout
 
     config = config or DemoConfig()
     layouts = [scene_layout(config.seed, "train", c, i, config.num_classes, config.scene)
@@ -141,8 +141,8 @@ def measure(data: str | os.PathLike | None = None, *, progress: bool = True, con
     its figures."""
     from tqdm.auto import tqdm
 
-    from ..store import LabelStore, StoreWriter
-    from . import prepare
+    from tl_fast.store import LabelStore, StoreWriter
+    from tl_fast.demo import prepare
 
     paths = prepare(data, progress=progress, config=config)
     store = LabelStore.open(paths.labels)
