@@ -18,26 +18,18 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from ..train.distributed import setup_distributed
+from ..train.distributed import RankRole, setup_distributed
 
 CONTROL_TIMEOUT = timedelta(hours=2)
 
 
 @dataclass
-class Ranks:
+class Ranks(RankRole):
     rank: int
     world_size: int
     device: torch.device
     group: Any = None  # gloo control group (None in one process)
     owns_process_group: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order, on every rank."""

@@ -9,12 +9,11 @@ import torch
 import torch.distributed as dist
 
 
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+class RankRole:
+    """``distributed`` and ``is_main`` for a class with ``rank`` and ``world_size``."""
+
+    rank: int
+    world_size: int
 
     @property
     def distributed(self) -> bool:
@@ -23,6 +22,14 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+@dataclass(frozen=True)
+class DistInfo(RankRole):
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
 
 
 def setup_distributed(device: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
