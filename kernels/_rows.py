@@ -90,16 +90,33 @@ def mix_box(box_ptr, box_stride, br1, bc1, br2, bc2, b, GH, GW, GHf, GWf, MIX: t
 
 
 @triton.jit
+def token_cell(tok, GW, r1, c1, r2, c2, MIX: tl.constexpr):
+    """Grid row and column of token ``tok`` and whether the MixToken box ``[r1, r2) x [c1, c2)`` covers it."""
+    rt = tok // GW
+    ct = tok % GW
+    inside = (rt >= r1) & (rt < r2) & (ct >= c1) & (ct < c2)
+    if MIX == 0:
+        inside = rt < 0
+    return rt, ct, inside
+
+
+@triton.jit
+def choose_geometry(inside, p00, p01, p02, p10, p11, p12, psy, psx, pisy, pisx,
+                    g00, g01, g02, g10, g11, g12, gsy, gsx, gisy, gisx):
+    """The partner's :func:`geometry` (``p*``) for a token inside the box, the sample's own (``g*``) outside."""
+    return (tl.where(inside, p00, g00), tl.where(inside, p01, g01), tl.where(inside, p02, g02),
+            tl.where(inside, p10, g10), tl.where(inside, p11, g11), tl.where(inside, p12, g12),
+            tl.where(inside, psy, gsy), tl.where(inside, psx, gsx), tl.where(inside, pisy, gisy),
+            tl.where(inside, pisx, gisx))
+
+
+@triton.jit
 def token_source(affine_ptr, box_ptr, box_stride, br1, bc1, br2, bc2, b, tok, B, GH, GW, Hf, Wf, GHf, GWf,
                  MIX: tl.constexpr, EPS: tl.constexpr, MAX_S: tl.constexpr):
     """Token ``tok`` of sample ``b``: its grid row and column, the sample its tokens come from (the
     partner ``B-1-b`` inside the MixToken box) and that sample's :func:`geometry`."""
-    rt = tok // GW
-    ct = tok % GW
     r1, c1, r2, c2, lam = mix_box(box_ptr, box_stride, br1, bc1, br2, bc2, b, GH, GW, GHf, GWf, MIX)
-    inside = (rt >= r1) & (rt < r2) & (ct >= c1) & (ct < c2)
-    if MIX == 0:
-        inside = rt < 0
+    rt, ct, inside = token_cell(tok, GW, r1, c1, r2, c2, MIX)
     src = tl.where(inside, B - 1 - b, b)
     a00, a01, a02, a10, a11, a12, sy, sx, isy, isx, igh, igw = geometry(affine_ptr, src, Hf, Wf, GHf, GWf, EPS, MAX_S)
     return rt, ct, src, a00, a01, a02, a10, a11, a12, sy, sx, isy, isx, igh, igw

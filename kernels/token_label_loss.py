@@ -125,22 +125,11 @@ def loss_token_fwd_kernel(
         for i in range(TILE):
             tok = j * TILE + i
             if tok < T:
-                rt = tok // GW
-                ct = tok % GW
-                inside = (rt >= r1) & (rt < r2) & (ct >= c1) & (ct < c2)
-                if MIX == 0:
-                    inside = rt < 0
+                rt, ct, inside = _rows.token_cell(tok, GW, r1, c1, r2, c2, MIX)
                 src = tl.where(inside, partner, b)
-                a00 = tl.where(inside, p00, g00)
-                a01 = tl.where(inside, p01, g01)
-                a02 = tl.where(inside, p02, g02)
-                a10 = tl.where(inside, p10, g10)
-                a11 = tl.where(inside, p11, g11)
-                a12 = tl.where(inside, p12, g12)
-                sy = tl.where(inside, psy, gsy)
-                sx = tl.where(inside, psx, gsx)
-                isy = tl.where(inside, pisy, gisy)
-                isx = tl.where(inside, pisx, gisx)
+                a00, a01, a02, a10, a11, a12, sy, sx, isy, isx = _rows.choose_geometry(
+                    inside, p00, p01, p02, p10, p11, p12, psy, psx, pisy, pisx,
+                    g00, g01, g02, g10, g11, g12, gsy, gsx, gisy, gisx)
                 trow = b64 * T + tok
                 z_row = tok_ptr + trow * K
                 n_live = sy * sx * (4 * KTOP)

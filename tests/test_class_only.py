@@ -21,23 +21,12 @@ from tl_fast import geometry, ops  # noqa: E402
 from tl_fast.ops import reference  # noqa: E402
 from tl_fast.ops.public import public_token_targets  # noqa: E402
 from tl_fast.plan import AugmentConfig, RandAugmentConfig, draw_mix_box, plan_batch  # noqa: E402
-from test_kernels import _kernel_modules  # noqa: E402
+from test_kernels import _kernel_modules, random_maps  # noqa: E402
 
 
 # The kernels in the mode this process needs, reloaded (with their shared _rows helpers) if needed.
 KC, _ = _kernel_modules()
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
-
-
-def random_maps(bsz, k, h, w, num_classes, seed, *, distinct=True):
-    gen = torch.Generator().manual_seed(seed)
-    values = (torch.randn(bsz, k, h, w, generator=gen) * 2.5 + 1.0).half()
-    if distinct:
-        ids = torch.rand(bsz * h * w, num_classes, generator=gen).topk(k, dim=1).indices
-        ids = ids.view(bsz, h, w, k).permute(0, 3, 1, 2)
-    else:
-        ids = torch.randint(0, num_classes, (bsz, k, h, w), generator=gen)
-    return values.contiguous().to(DEV), ids.to(torch.int16).contiguous().to(DEV)
 
 
 def crop_flip(bsz, seed):
