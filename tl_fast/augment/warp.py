@@ -68,8 +68,8 @@ def warp_uint8_cv2(images: torch.Tensor, affine: np.ndarray, fill=FILL) -> torch
     """:func:`warp` for uint8 CPU images ``[B, 3, H, W]`` with OpenCV's fixed-point bilinear
     ``warpAffine`` (outside filled with ``fill``); returns uint8, or None without OpenCV.
 
-    About 2-2.5x faster than ``grid_sample`` on CPU, and within one level of :func:`warp` on every pixel
-    (tests/test_augment.py). The CPU path of :func:`augment_batch`; a GPU keeps ``grid_sample``."""
+    Faster than ``grid_sample`` on CPU (BENCHMARKS.md) and within one level of :func:`warp` on every
+    pixel (tests/test_augment.py). The CPU path of :func:`augment_batch`; a GPU keeps ``grid_sample``."""
     cv2 = opencv()
     if cv2 is None:
         return None
