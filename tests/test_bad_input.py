@@ -4,6 +4,7 @@ the file, one-line argument errors. Every bad input is generated here."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import warnings
@@ -309,29 +310,58 @@ def test_inspect_verify_images_checks_a_store_against_a_folder(tmp_path, capsys)
     assert main(["inspect", "--verify", store]) == 0  # records only, as before
 
 
-def test_beton_records_image_fingerprints_and_refuses_changed_bytes(tmp_path):
+def _overwrite(path: str, offset: int, nbytes: int = 16) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(nbytes)
+        f.seek(offset)
+        f.write(bytes(x ^ 0x5A for x in old))
+
+
+def test_beton_hashes_every_packed_image_byte_and_refuses_changed_bytes(tmp_path):
+    import base64
+
     from ffcv.reader import Reader
 
+    from tl_fast.imagecheck import packed_fingerprints
     from tl_fast.loaders.ffcv_backend import PlanRGBImageField, packed_image_spans
     from tl_fast.loaders.ffcv_pack import pack_ffcv
+    from tl_fast.loaders.packed_hash import content_hash
 
-    images = make_folder(tmp_path / "imgs", {"a": 3, "b": 3})
+    images = make_folder(tmp_path / "imgs", {"a": 4, "b": 4}, smooth=False, size_range=(80, 96))  # 10+ KB each
     store = _fingerprinted_store(images, tmp_path / "labels.tls")
     beton = str(tmp_path / "x.beton")
     meta = _quiet(pack_ffcv, images, store, beton, num_workers=1, progress=False)
-    import base64
-    hashes = np.frombuffer(base64.b64decode(meta["image_hashes"]), "<u8")
-    # JPEGs are packed byte for byte: the packed fingerprint is the source file's.
-    assert int(hashes[2]) == file_fingerprint(os.path.join(images, meta["paths"][2]))[1]
-    kw = dict(backend="ffcv", batch_size=2, image_size=S, patch_size=P, num_workers=1, device="cpu", augment=NO_RA,
+    hashes = np.frombuffer(base64.b64decode(meta["image_content_hashes"]), "<u8")
+    # JPEGs are packed byte for byte: the recorded hash is the source file's.
+    src = np.fromfile(os.path.join(images, meta["paths"][2]), np.uint8)
+    assert int(hashes[2]) == int(content_hash(src))
+    kw = dict(backend="ffcv", batch_size=2, image_size=S, patch_size=P, num_workers=2, device="cpu", augment=NO_RA,
               erase=None)
-    assert len(list(TokenLabelLoader(beton, store, **kw))) == 3
-    offsets, _ = packed_image_spans(Reader(beton, custom_handlers={"image": PlanRGBImageField}))
-    with open(beton, "r+b") as f:  # overwrite bytes inside the packed JPEG of sample 4
-        f.seek(int(offsets[4]) + 700)
-        f.write(os.urandom(16))
-    with pytest.raises(RuntimeError, match=r"changed since pack time \(" + meta["paths"][4]):
+    assert len(list(TokenLabelLoader(beton, store, **kw))) == 4
+    offsets, sizes = packed_image_spans(Reader(beton, custom_handlers={"image": PlanRGBImageField}))
+    assert sizes.min() > 3 * 2048
+    mm = lambda: np.fromfile(beton, np.uint8)  # noqa: E731
+    windows = packed_fingerprints(mm(), offsets, sizes)
+    _overwrite(beton, int(offsets[5] + sizes[5] // 2))  # the middle of sample 5's JPEG, outside both 2 KB windows
+    assert np.array_equal(packed_fingerprints(mm(), offsets, sizes), windows)  # the old check could not see it
+    with pytest.raises(RuntimeError, match=r"changed since pack time \(" + meta["paths"][5]):
         list(TokenLabelLoader(beton, store, **kw))
+    # A version 3 file (hashes of the first and last 2 KB) still loads, with its window check.
+    v3 = str(tmp_path / "v3.beton")
+    _quiet(pack_ffcv, images, store, v3, num_workers=1, progress=False)
+    with open(v3 + ".json") as f:
+        old = json.load(f)
+    del old["image_content_hashes"]
+    old["version"] = 3
+    old["image_hashes"] = base64.b64encode(packed_fingerprints(np.fromfile(v3, np.uint8), offsets, sizes)
+                                           .astype("<u8").tobytes()).decode()
+    with open(v3 + ".json", "w") as f:
+        json.dump(old, f)
+    assert len(list(TokenLabelLoader(v3, store, **kw))) == 4
+    _overwrite(v3, int(offsets[4]) + 700)
+    with pytest.raises(RuntimeError, match=r"changed since pack time \(" + meta["paths"][4]):
+        list(TokenLabelLoader(v3, store, **kw))
 
 
 # -- 4. failures surface with the file and the cause ------------------------------------------------
