@@ -147,6 +147,15 @@ class _TurboJPEG:
             h = self._local.handle = self.lib.tjInitDecompress()
         return h
 
+    def _failed(self, h) -> str:
+        """libjpeg-turbo's message for the failed call on ``h``, and a fresh handle for the next
+        call: a failure can leave the decompressor mid-header, so the next file would be parsed
+        as a continuation of this one ("two SOI markers")."""
+        msg = self.lib.tjGetErrorStr2(h).decode(errors="replace")
+        self.lib.tjDestroy(h)
+        self._local.handle = None
+        return msg
+
     def inspect(self, data: bytes, full: bool) -> tuple[int, int, str]:
         """``(height, width, problem)`` of the JPEG ``data``: ``problem`` is ``""`` when it decodes
         without error or warning, else what libjpeg-turbo said. The quick check (``full=False``)
@@ -157,7 +166,7 @@ class _TurboJPEG:
         w, ht, sub, cs = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
         if self.lib.tjDecompressHeader3(h, data, len(data), ctypes.byref(w), ctypes.byref(ht), ctypes.byref(sub),
                                         ctypes.byref(cs)):
-            msg = self.lib.tjGetErrorStr2(h).decode(errors="replace")
+            msg = self._failed(h)
             depth = jpeg_precision(data)
             if depth not in (0, 8):
                 return 0, 0, f"{depth}-bit JPEG: backends decode only 8-bit JPEGs (convert it to 8-bit)"
@@ -171,7 +180,7 @@ class _TurboJPEG:
         out = np.empty(ow * oh * (3 if full else 1), np.uint8)
         if self.lib.tjDecompress2(h, data, len(data), out.ctypes.data, ow, 0, oh, pixel,
                                   _TJFLAG_STOPONWARNING | _TJFLAG_FASTDCT):
-            msg = self.lib.tjGetErrorStr2(h).decode(errors="replace")
+            msg = self._failed(h)
             if "premature end" in msg.lower():
                 return ht.value, w.value, f"truncated or corrupt JPEG: its scan data ends early (libjpeg-turbo: {msg})"
             return ht.value, w.value, f"corrupt JPEG data (libjpeg-turbo: {msg})"
