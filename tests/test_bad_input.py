@@ -124,6 +124,10 @@ def test_validity_rule_refuses_each_corrupt_image_with_its_reason(tmp_path):
     assert len(index) == 4 and set(reasons) == {f"a/{n}" for n in expected}
     for name, words in expected.items():
         assert words in reasons[f"a/{name}"], (name, reasons[f"a/{name}"])
+    # A refused file leaves the thread's decompressor fit for the next file (one thread, in turn).
+    for name in expected:
+        check_image(os.path.join(root, "a", name))
+        assert check_image(os.path.join(root, index.paths[0])).problem == "", name
     # The good files pass both the quick and the full decode.
     for p in index.paths:
         assert check_image(os.path.join(root, p)).problem == "" == check_image(os.path.join(root, p), full=True).problem
@@ -287,8 +291,101 @@ def test_store_without_fingerprints_and_version_1_stores_still_open(tmp_path):
                               num_workers=0, device="cpu")
     assert len(list(loader)) == 2
     fp = LabelStore.open(_fingerprinted_store(images, tmp_path / "fp.tls"))
-    assert fp.header["version"] == 2 and fp.has_fingerprint().all()
+    assert fp.header["version"] == 3 and fp.has_fingerprint().all() and not fp.unsealed().any()
     assert tuple(int(v[1]) for v in fp.fingerprints) == file_fingerprint(os.path.join(images, "a", "001.jpg"))
+    # A version 2 file: fingerprints without seals. It opens, and its fingerprints are compared.
+    v2 = tmp_path / "v2.tls"
+    v2.write_bytes(_as_version_2(open(fp.path, "rb").read()))
+    old = LabelStore.open(v2)
+    assert old.header["version"] == 2 and old.seals is None and old.has_fingerprint().all()
+    assert all(np.array_equal(a, b) for a, b in zip(old.fingerprints, fp.fingerprints))
+    assert len(list(TokenLabelLoader(images, str(v2), backend="torch", batch_size=2, image_size=S, patch_size=P,
+                                     num_workers=0, device="cpu"))) == 2
+
+
+def _recrc(raw: bytearray) -> bytearray:
+    """``raw`` (a store's bytes) with its header crc recomputed over header, index, manifest,
+    metadata and fingerprint section: what a deliberate rewrite of the file would leave."""
+    import zlib
+
+    from tl_fast.store.format import CRC_OFFSET, HEADER_SIZE, fingerprint_columns, unpack_header
+
+    raw[CRC_OFFSET:CRC_OFFSET + 4] = bytes(4)
+    hdr = unpack_header(bytes(raw[:HEADER_SIZE]))
+    crc = zlib.crc32(bytes(raw[:HEADER_SIZE]))
+    crc = zlib.crc32(bytes(raw[hdr["index_offset"]:hdr["meta_offset"] + hdr["meta_bytes"]]), crc)
+    fo, n = hdr["fingerprint_offset"], hdr["num_records"]
+    if fo:
+        crc = zlib.crc32(bytes(raw[fo:fo + 8 * fingerprint_columns(hdr["version"]) * n]), crc)
+    raw[CRC_OFFSET:CRC_OFFSET + 4] = crc.to_bytes(4, "little")
+    return raw
+
+
+def _as_version_2(data: bytes) -> bytes:
+    """A version 3 store with fingerprints rewritten as version 2 (no seal column)."""
+    from tl_fast.store.format import HEADER_SIZE, pack_header, unpack_header
+
+    hdr = unpack_header(data[:HEADER_SIZE])
+    hdr["version"], hdr["file_size"] = 2, hdr["file_size"] - 8 * hdr["num_records"]
+    raw = bytearray(data[:hdr["file_size"]])
+    raw[:HEADER_SIZE] = pack_header(**hdr)
+    return bytes(_recrc(raw))
+
+
+def _rotate_index_rows(data: bytes) -> bytes:
+    """The store ``data`` with its records' index rows (offset, length, checksum) rotated by one and
+    the header crc redone: every record still matches its index checksum, keys and fingerprints
+    stay where they were, so each key now points at its neighbour's record."""
+    from tl_fast.store.format import HEADER_SIZE, unpack_header
+
+    hdr = unpack_header(data[:HEADER_SIZE])
+    n, io = hdr["num_records"], hdr["index_offset"]
+    raw = bytearray(data)
+    for start, width in ((io, 8), (io + 8 * n, 4), (io + 12 * n, 4)):
+        col = bytes(raw[start:start + width * n])
+        raw[start:start + width * n] = col[width:] + col[:width]
+    return bytes(_recrc(raw))
+
+
+def test_records_rotated_under_the_same_keys_fail_the_join(tmp_path, capsys):
+    """A fingerprint that stays with its key cannot see records shifted against the keys: in
+    version 3 it is sealed to its record's checksum, so it moves with the record."""
+    from tl_fast.cli import main
+    from tl_fast.store import LabelStore, StoreError, StoreWriter
+
+    images = make_folder(tmp_path / "imgs", {"a": 3, "b": 3})
+    store = LabelStore.open(_fingerprinted_store(images, tmp_path / "labels.tls"))
+    kw = dict(backend="torch", batch_size=2, image_size=S, patch_size=P, num_workers=0, device="cpu")
+    # 1. The file's index rows rotated (a tool that reordered records and rewrote the crc).
+    rotated = tmp_path / "rotated.tls"
+    rotated.write_bytes(_rotate_index_rows(open(store.path, "rb").read()))
+    moved = LabelStore.open(rotated)
+    moved.read(range(len(moved)))  # each record is intact and matches its index checksum
+    assert moved.unsealed().all()
+    with pytest.raises(ValueError, match=r"6 image\(s\) .* a/000.jpg \(its label record moved.*a/001.jpg") as err:
+        TokenLabelLoader(images, str(rotated), **kw)
+    assert "\n" not in str(err.value)
+    assert main(["inspect", str(rotated), "--verify", images]) == 1
+    assert "6 image(s) differing" in capsys.readouterr().out
+    assert main(["inspect", str(rotated), "--verify"]) == 1
+    assert "moved against their image fingerprints" in capsys.readouterr().err
+    with pytest.raises(StoreError, match="moved against"), StoreWriter(tmp_path / "copy.tls", num_classes=2, topk=2,
+                                                                          map_size=(4, 4)) as w:
+        w.copy_from(moved)  # a copy does not launder it
+    # The same rotation of a version 2 file (fingerprints without seals) is not seen: why version 3 seals them.
+    v2 = tmp_path / "rotated_v2.tls"
+    v2.write_bytes(_rotate_index_rows(_as_version_2(open(store.path, "rb").read())))
+    assert len(list(TokenLabelLoader(images, str(v2), **kw))) == 3
+    # 2. Records rewritten shifted by one under the same keys, each with the fingerprint it was made from.
+    shifted = tmp_path / "shifted.tls"
+    n = len(store)
+    with StoreWriter(shifted, num_classes=store.num_classes, topk=store.topk, map_size=store.map_size) as w:
+        for i, key in enumerate(store.keys):
+            j = (i + 1) % n
+            w.add_encoded(key, store.record_bytes(j), int(store._checksums[j]),
+                          fingerprint=(int(store.fingerprints[0][j]), int(store.fingerprints[1][j])))
+    with pytest.raises(ValueError, match=r"a/000.jpg \(its label record was made from a/001.jpg: records shifted"):
+        TokenLabelLoader(images, str(shifted), **kw)
 
 
 def test_inspect_verify_images_checks_a_store_against_a_folder(tmp_path, capsys):

@@ -220,7 +220,10 @@ def inspect_store(path: str | os.PathLike, *, verify: bool = False, sample: int 
             else np.arange(n)
         if verify:
             store.verify(progress=True)
-            print(f"verify      all {n} records OK (checksums and bounds)", file=out)
+            if images is None:  # with images, the comparison below lists the moved records by image
+                store.check_seals()
+            print(f"verify      all {n} records OK (checksums and bounds"
+                  f"{', fingerprint seals' if store.seals is not None and images is None else ''})", file=out)
         maps = store.read(ids[: min(len(ids), sample)])
         v = maps.values.float()
         top1_cls = maps.indices[:, 0].reshape(-1).long()
