@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_loader_helpers import make_folder, make_store
+from test_loader_helpers import exploding_ffcv_op, make_folder, make_store
 from tl_fast.dataset import ImageFolderIndex, full_check, scan_image_folder
 from tl_fast.imagecheck import check_image, file_fingerprint, fingerprint_bytes, jpeg_checker_available
 from tl_fast.loaders import TokenLabelLoader
@@ -599,10 +599,7 @@ def test_killed_writer_temporaries_are_removed_by_the_next_write(tmp_path):
 
 
 def test_ffcv_pipeline_failure_names_the_batch_images(tmp_path):
-    from dataclasses import replace as dc_replace
-
     from ffcv.loader import OrderOption
-    from ffcv.pipeline.operation import Operation
 
     from tl_fast.loaders.common import PlanMaker
     from tl_fast.loaders.ffcv_backend import PlanCropDecoder, PlanRGBImageField, _GuardedLoader
@@ -611,19 +608,10 @@ def test_ffcv_pipeline_failure_names_the_batch_images(tmp_path):
     images = make_folder(tmp_path / "imgs", {"a": 2, "b": 2})
     beton = str(tmp_path / "x.beton")
     meta = _quiet(pack_ffcv, images, None, beton, num_workers=1, progress=False)
-
-    class Boom(Operation):
-        def declare_state_and_memory(self, previous_state):
-            return dc_replace(previous_state, jit_mode=False), None
-
-        def generate_code(self):
-            def boom(images, dst):
-                raise ValueError("exploding transform")
-            return boom
-
     maker = PlanMaker(0, 0, np.full((4, 2), 64), None)
     loader = _GuardedLoader(beton, batch_size=2, num_workers=1, order=OrderOption.SEQUENTIAL,
-                            pipelines={"image": [PlanCropDecoder(maker, S), Boom()], "label": None, "index": None},
+                            pipelines={"image": [PlanCropDecoder(maker, S), exploding_ffcv_op()], "label": None,
+                                       "index": None},
                             custom_fields={"image": PlanRGBImageField}, drop_last=False)
     loader.timeout_s = 60
     loader.sample_name = lambda i: meta["paths"][i]

@@ -93,7 +93,8 @@ def checked_read(data, ptrs, sizes, expected, changed, address):
     return view
 
 
-def allocation_table(ptrs: np.ndarray, image_ptrs: np.ndarray, image_hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def allocation_table(ptrs: np.ndarray, image_ptrs: np.ndarray,
+                     image_hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(expected, where)``: per allocation of the sorted pointer table ``ptrs``, the recorded hash
     (0 for allocations that are not images), and per sample the position of its image in ``ptrs``."""
     where = np.searchsorted(ptrs, image_ptrs)

@@ -29,6 +29,7 @@ def fingerprint_store(src: str | os.PathLike, images: str | os.PathLike, dst: st
     from ..dataset import MIN_MATCH_FRACTION, ImageFolderIndex
 
     store = LabelStore.open(src)
+    store.check_seals()  # fingerprints by key would hide records that moved against their fingerprints
     index = ImageFolderIndex(images, allow_empty_classes=True, progress=progress)
     found = {k: (int(s), int(h)) for k, s, h in zip(index.keys, index.byte_sizes, index.fingerprints)}
     n = len(store)

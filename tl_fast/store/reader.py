@@ -195,7 +195,8 @@ class LabelStore:
         """Raise :class:`StoreError` naming the first records whose fingerprint is not sealed to them."""
         bad = np.flatnonzero(self.unsealed())
         if bad.size:
-            names = ", ".join(repr(self._keys[i]) for i in bad[:3]) + (f" (and {bad.size - 3} more)" if bad.size > 3 else "")
+            names = ", ".join(repr(self._keys[i]) for i in bad[:3])
+            names += f" (and {bad.size - 3} more)" if bad.size > 3 else ""
             raise StoreError(f"{self.path}: {bad.size} record(s) moved against their image fingerprints: {names} "
                              "(records or index rows reordered against their keys); rewrite the store from its source")
 
