@@ -1,13 +1,12 @@
 """Cost of the FFCV backend's whole-byte image check against the decode it guards, in one run.
 
-Per packed ImageNet-sized JPEG (500x375, quality 90): the content hash the pipeline's read computes
-over every byte (:func:`tl_fast.loaders.packed_hash.content_hash`), the two-window hash it replaces
-(first and last 2 KB), and FFCV's full-size JPEG decode (``ffcv.libffcv.imdecode``, what the
-plan-crop decoder runs before its crop), and the hash followed by the decode (what the pipeline
-runs: the hash brings the bytes into the cache the decode then reads), one thread, on bytes in a
-memory-mapped file (page cache),
-interleaved rounds, medians with 20th-80th percentiles.
-Run: python benchmarks/beton_hash_cost.py [--n 64 --rounds 7]"""
+Per packed ImageNet-sized JPEG (500x375, quality 90): FFCV's full-size JPEG decode
+(``ffcv.libffcv.imdecode``, what the plan-crop decoder runs before its crop), the content hash the
+pipeline's read computes over every byte (:func:`tl_fast.loaders.packed_hash.content_hash`), the
+two-window hash it replaces (first and last 2 KB), and the hash followed by the decode (what the
+pipeline runs: the hash brings the bytes into the cache the decode then reads). One thread, bytes in
+a memory-mapped file (page cache), interleaved rounds, medians with 20th-80th percentiles.
+Run: python benchmarks/beton_hash_cost.py [--n 64 --rounds 7 --blur 1.0]"""
 from __future__ import annotations
 
 import argparse

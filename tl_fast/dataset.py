@@ -418,7 +418,9 @@ def join_labels(index: ImageFolderIndex, store: "LabelStore", *, missing_labels:
     images without a record (unless ``missing_labels="one_hot"``, a counted fall-back), and
     ``ValueError`` naming the first images whose content fingerprint differs from the one the store
     recorded for them (unless ``mismatched_images="accept"``: a warning). Stores without
-    fingerprints (written before version 2, or without them) are joined by key alone.
+    fingerprints (written before version 2, or without them) are joined by key alone. From version
+    3 a fingerprint is sealed to its record, so records reordered against their keys are mismatches
+    too (:func:`fingerprint_mismatches`).
     """
     if missing_labels not in ("error", "one_hot"):
         raise ValueError(f"missing_labels must be 'error' or 'one_hot', got {missing_labels!r}")

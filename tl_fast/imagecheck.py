@@ -28,7 +28,9 @@ early; :func:`jpeg_checker_available` says which one runs.
 
 The image's content **fingerprint** (:func:`fingerprint_bytes`) is computed from the same read: its
 size in bytes and a 64-bit hash of its first and last :data:`FINGERPRINT_WINDOW` bytes. Label stores
-and ``.beton`` files record it, so labels stay bound to the images they were made for.
+record it per record, sealed to the record (:mod:`tl_fast.store.format`), so labels stay bound to the
+images they were made for. (``.beton`` files, whose bytes are read anyway, record a hash of every
+byte instead: :mod:`tl_fast.loaders.packed_hash`.)
 """
 from __future__ import annotations
 

@@ -5,6 +5,10 @@ of the images) or by any writer that passed no fingerprints bind records to imag
 This command copies such a store's records byte for byte (each verified on the way) into a new
 store that also records, per record, the fingerprint of the image with its key under IMAGES; the
 loaders then refuse images that differ from those (:func:`tl_fast.dataset.join_labels`).
+
+Fingerprints added this way vouch for the keys only: records that were already shifted against
+their keys before this command ran are not detected (annotate records each image's fingerprint with
+the map made from it). A store whose records moved against their fingerprints is refused.
 """
 from __future__ import annotations
 
