@@ -265,7 +265,7 @@ def test_store_for_other_images_with_the_same_paths_is_an_error(tmp_path):
         TokenLabelLoader(train, store, **kw)
 
 
-def test_store_without_fingerprints_and_version_1_stores_still_open(tmp_path):
+def test_store_without_fingerprints_and_version_1_stores_still_open(tmp_path, capsys):
     import zlib
 
     from tl_fast.store import LabelStore
@@ -301,6 +301,10 @@ def test_store_without_fingerprints_and_version_1_stores_still_open(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(old.fingerprints, fp.fingerprints))
     assert len(list(TokenLabelLoader(images, str(v2), backend="torch", batch_size=2, image_size=S, patch_size=P,
                                      num_workers=0, device="cpu"))) == 2
+    from tl_fast.cli import main
+
+    assert main(["inspect", str(v2), "--verify", images]) == 0
+    assert "not sealed to its records (format version 2)" in capsys.readouterr().out
 
 
 def _recrc(raw: bytearray) -> bytearray:

@@ -179,6 +179,9 @@ def verify_against_images(store: LabelStore, images: str | os.PathLike, out=None
     if store.fingerprints is None:
         print("            the store records no image fingerprints (older format or writer): only paths compared",
               file=out)
+    elif store.seals is None:
+        print("            the store's fingerprints are not sealed to its records (format version 2): records "
+              "reordered against their keys are not seen; tl-fast fingerprint STORE IMAGES rewrites it sealed", file=out)
     print(f"verify      {'store matches the images' if res['ok'] else 'store does NOT match the images'}", file=out)
     return res
 
