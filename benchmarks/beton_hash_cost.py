@@ -6,7 +6,9 @@ pipeline's read computes over every byte (:func:`tl_fast.loaders.packed_hash.con
 two-window hash it replaces (first and last 2 KB), and the hash followed by the decode (what the
 pipeline runs: the hash brings the bytes into the cache the decode then reads). One thread, bytes in
 a memory-mapped file (page cache), interleaved rounds, medians with 20th-80th percentiles.
-Run: python benchmarks/beton_hash_cost.py [--n 64 --rounds 7 --blur 1.0]"""
+``--loader``: also whole FFCV loader epochs over a packed folder of such images (crop + flip, no
+labels), with the check and with it switched off, interleaved.
+Run: python benchmarks/beton_hash_cost.py [--n 64 --rounds 7 --blur 1.0] [--loader --workers 2]"""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +30,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--blur", type=float, default=1.0, help="Gaussian blur of the noise images (less: larger files)")
+    ap.add_argument("--loader", action="store_true", help="also time FFCV loader epochs with and without the check")
+    ap.add_argument("--workers", type=int, default=2, help="FFCV decoder threads for --loader")
     args = ap.parse_args()
     rs = np.random.RandomState(0)
     blobs = []
@@ -83,6 +87,48 @@ def main() -> None:
         print(f"  {name:38s} {m:9.2f} us [{lo:.2f}-{hi:.2f}]  {100 * m / base:6.2f}% of the decode")
     hash_ts = np.median(times["content hash, every byte (version 4)"])
     print(f"  content hash throughput: {sizes.mean() / hash_ts / 1e3:.1f} GB/s")
+    if args.loader:
+        loader_epochs(blobs, args)
+
+
+def loader_epochs(blobs: list[bytes], args) -> None:
+    """Median epoch time of two FFCV loaders on one ``.beton``, one with its check switched off."""
+    import os
+    import warnings
+
+    from tl_fast.loaders import TokenLabelLoader
+    from tl_fast.loaders.ffcv_pack import pack_ffcv
+    from tl_fast.loaders.packed_hash import EMPTY_HASHES
+    from tl_fast.plan import AugmentConfig
+
+    root = tempfile.mkdtemp()
+    for i, b in enumerate(blobs):
+        os.makedirs(os.path.join(root, "c"), exist_ok=True)
+        with open(os.path.join(root, "c", f"{i:04d}.jpg"), "wb") as f:
+            f.write(b)
+    beton = os.path.join(root, "x.beton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pack_ffcv(root, None, beton, num_workers=1, progress=False)
+    kw = dict(backend="ffcv", batch_size=32, image_size=224, num_workers=args.workers, device="cpu", labels=None,
+              augment=AugmentConfig(randaugment=None), erase=None, drop_last=False)
+    on, off = TokenLabelLoader(beton, **kw), TokenLabelLoader(beton, **kw)
+    for loader in (on, off):
+        list(loader)  # compiles the pipeline
+    off._backend._loader.memory_manager.expected_hashes = EMPTY_HASHES  # nothing recorded: nothing hashed
+    times = {"with the check": [], "check off": []}
+    for _ in range(args.rounds):
+        for name, loader in (("with the check", on), ("check off", off)):
+            t = time.perf_counter()
+            for _batch in loader:
+                pass
+            times[name].append((time.perf_counter() - t) / len(blobs) * 1e3)
+    base = np.median(times["check off"])
+    print(f"FFCV loader epochs ({len(blobs)} images, batch 32, 224 px, {args.workers} decoder threads), "
+          "ms per image (median, 20th-80th percentile):")
+    for name, ts in times.items():
+        lo, hi = np.percentile(ts, [20, 80])
+        print(f"  {name:16s} {np.median(ts):7.3f} ms [{lo:.3f}-{hi:.3f}]  {np.median(ts) / base:.3f}x check off")
 
 
 if __name__ == "__main__":
