@@ -4,6 +4,7 @@ the file, one-line argument errors. Every bad input is generated here."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import warnings
@@ -13,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_loader_helpers import make_folder, make_store
+from test_loader_helpers import exploding_ffcv_op, make_folder, make_store
 from tl_fast.dataset import ImageFolderIndex, full_check, scan_image_folder
 from tl_fast.imagecheck import check_image, file_fingerprint, fingerprint_bytes, jpeg_checker_available
 from tl_fast.loaders import TokenLabelLoader
@@ -60,8 +61,13 @@ def _bad_files(folder) -> dict[str, str]:
     with open(os.path.join(folder, "garbage.jpg"), "wb") as f:
         f.write(os.urandom(300))
     open(os.path.join(folder, "empty.jpg"), "wb").close()
+    deep_jpeg = bytearray(_jpeg_bytes())
+    sof = deep_jpeg.index(b"\xff\xc0")
+    deep_jpeg[sof + 4] = 12  # the frame header says 12 bits per sample
+    with open(os.path.join(folder, "deep12.jpg"), "wb") as f:
+        f.write(bytes(deep_jpeg))
     return {"cut_ffd9.jpg": "ends early", "scan_noise.jpg": "JPEG", "deep.png": "16-bit",
-            "cmyk.jpg": "CMYK", "garbage.jpg": "not an image", "empty.jpg": "empty"}
+            "cmyk.jpg": "CMYK", "garbage.jpg": "not an image", "empty.jpg": "empty", "deep12.jpg": "12-bit JPEG"}
 
 
 # -- 1. walks that cannot loop ----------------------------------------------------------------------
@@ -118,6 +124,10 @@ def test_validity_rule_refuses_each_corrupt_image_with_its_reason(tmp_path):
     assert len(index) == 4 and set(reasons) == {f"a/{n}" for n in expected}
     for name, words in expected.items():
         assert words in reasons[f"a/{name}"], (name, reasons[f"a/{name}"])
+    # A refused file leaves the thread's decompressor fit for the next file (one thread, in turn).
+    for name in expected:
+        check_image(os.path.join(root, "a", name))
+        assert check_image(os.path.join(root, index.paths[0])).problem == "", name
     # The good files pass both the quick and the full decode.
     for p in index.paths:
         assert check_image(os.path.join(root, p)).problem == "" == check_image(os.path.join(root, p), full=True).problem
@@ -134,7 +144,7 @@ def test_every_backend_delivers_exactly_the_valid_images(tmp_path, backend):
     from tl_fast.loaders.ffcv_pack import pack_ffcv
 
     root = make_folder(tmp_path / "imgs", {"a": 3, "b": 3})
-    _bad_files(os.path.join(root, "a"))
+    n_bad = len(_bad_files(os.path.join(root, "a")))
     store = _quiet(make_store, root, tmp_path / "labels.tls")
     images = root
     if backend == "ffcv":
@@ -143,7 +153,7 @@ def test_every_backend_delivers_exactly_the_valid_images(tmp_path, backend):
     loader = _quiet(TokenLabelLoader, images, store, backend=backend, batch_size=2, image_size=S, patch_size=P,
                     num_workers=1 if backend != "torch" else 0, device="cpu", augment=NO_RA, erase=None,
                     drop_last=False)
-    assert loader.num_skipped == 6 and len({s.path for s in loader.skipped}) == 6
+    assert loader.num_skipped == n_bad and len({s.path for s in loader.skipped}) == n_bad
     seen = sorted(int(i) for b in loader for i in b.indices)
     assert len(seen) == 6 and all(torch.isfinite(b.images).all() for b in loader)
 
@@ -255,7 +265,7 @@ def test_store_for_other_images_with_the_same_paths_is_an_error(tmp_path):
         TokenLabelLoader(train, store, **kw)
 
 
-def test_store_without_fingerprints_and_version_1_stores_still_open(tmp_path):
+def test_store_without_fingerprints_and_version_1_stores_still_open(tmp_path, capsys):
     import zlib
 
     from tl_fast.store import LabelStore
@@ -281,8 +291,105 @@ def test_store_without_fingerprints_and_version_1_stores_still_open(tmp_path):
                               num_workers=0, device="cpu")
     assert len(list(loader)) == 2
     fp = LabelStore.open(_fingerprinted_store(images, tmp_path / "fp.tls"))
-    assert fp.header["version"] == 2 and fp.has_fingerprint().all()
+    assert fp.header["version"] == 3 and fp.has_fingerprint().all() and not fp.unsealed().any()
     assert tuple(int(v[1]) for v in fp.fingerprints) == file_fingerprint(os.path.join(images, "a", "001.jpg"))
+    # A version 2 file: fingerprints without seals. It opens, and its fingerprints are compared.
+    v2 = tmp_path / "v2.tls"
+    v2.write_bytes(_as_version_2(open(fp.path, "rb").read()))
+    old = LabelStore.open(v2)
+    assert old.header["version"] == 2 and old.seals is None and old.has_fingerprint().all()
+    assert all(np.array_equal(a, b) for a, b in zip(old.fingerprints, fp.fingerprints))
+    assert len(list(TokenLabelLoader(images, str(v2), backend="torch", batch_size=2, image_size=S, patch_size=P,
+                                     num_workers=0, device="cpu"))) == 2
+    from tl_fast.cli import main
+
+    assert main(["inspect", str(v2), "--verify", images]) == 0
+    assert "not sealed to its records (format version 2)" in capsys.readouterr().out
+
+
+def _recrc(raw: bytearray) -> bytearray:
+    """``raw`` (a store's bytes) with its header crc recomputed over header, index, manifest,
+    metadata and fingerprint section: what a deliberate rewrite of the file would leave."""
+    import zlib
+
+    from tl_fast.store.format import CRC_OFFSET, HEADER_SIZE, fingerprint_columns, unpack_header
+
+    raw[CRC_OFFSET:CRC_OFFSET + 4] = bytes(4)
+    hdr = unpack_header(bytes(raw[:HEADER_SIZE]))
+    crc = zlib.crc32(bytes(raw[:HEADER_SIZE]))
+    crc = zlib.crc32(bytes(raw[hdr["index_offset"]:hdr["meta_offset"] + hdr["meta_bytes"]]), crc)
+    fo, n = hdr["fingerprint_offset"], hdr["num_records"]
+    if fo:
+        crc = zlib.crc32(bytes(raw[fo:fo + 8 * fingerprint_columns(hdr["version"]) * n]), crc)
+    raw[CRC_OFFSET:CRC_OFFSET + 4] = crc.to_bytes(4, "little")
+    return raw
+
+
+def _as_version_2(data: bytes) -> bytes:
+    """A version 3 store with fingerprints rewritten as version 2 (no seal column)."""
+    from tl_fast.store.format import HEADER_SIZE, pack_header, unpack_header
+
+    hdr = unpack_header(data[:HEADER_SIZE])
+    hdr["version"], hdr["file_size"] = 2, hdr["file_size"] - 8 * hdr["num_records"]
+    raw = bytearray(data[:hdr["file_size"]])
+    raw[:HEADER_SIZE] = pack_header(**hdr)
+    return bytes(_recrc(raw))
+
+
+def _rotate_index_rows(data: bytes) -> bytes:
+    """The store ``data`` with its records' index rows (offset, length, checksum) rotated by one and
+    the header crc redone: every record still matches its index checksum, keys and fingerprints
+    stay where they were, so each key now points at its neighbour's record."""
+    from tl_fast.store.format import HEADER_SIZE, unpack_header
+
+    hdr = unpack_header(data[:HEADER_SIZE])
+    n, io = hdr["num_records"], hdr["index_offset"]
+    raw = bytearray(data)
+    for start, width in ((io, 8), (io + 8 * n, 4), (io + 12 * n, 4)):
+        col = bytes(raw[start:start + width * n])
+        raw[start:start + width * n] = col[width:] + col[:width]
+    return bytes(_recrc(raw))
+
+
+def test_records_rotated_under_the_same_keys_fail_the_join(tmp_path, capsys):
+    """A fingerprint that stays with its key cannot see records shifted against the keys: in
+    version 3 it is sealed to its record's checksum, so it moves with the record."""
+    from tl_fast.cli import main
+    from tl_fast.store import LabelStore, StoreError, StoreWriter
+
+    images = make_folder(tmp_path / "imgs", {"a": 3, "b": 3})
+    store = LabelStore.open(_fingerprinted_store(images, tmp_path / "labels.tls"))
+    kw = dict(backend="torch", batch_size=2, image_size=S, patch_size=P, num_workers=0, device="cpu")
+    # 1. The file's index rows rotated (a tool that reordered records and rewrote the crc).
+    rotated = tmp_path / "rotated.tls"
+    rotated.write_bytes(_rotate_index_rows(open(store.path, "rb").read()))
+    moved = LabelStore.open(rotated)
+    moved.read(range(len(moved)))  # each record is intact and matches its index checksum
+    assert moved.unsealed().all()
+    with pytest.raises(ValueError, match=r"6 image\(s\) .* a/000.jpg \(its label record moved.*a/001.jpg") as err:
+        TokenLabelLoader(images, str(rotated), **kw)
+    assert "\n" not in str(err.value)
+    assert main(["inspect", str(rotated), "--verify", images]) == 1
+    assert "6 image(s) differing" in capsys.readouterr().out
+    assert main(["inspect", str(rotated), "--verify"]) == 1
+    assert "moved against their image fingerprints" in capsys.readouterr().err
+    with pytest.raises(StoreError, match="moved against"), StoreWriter(tmp_path / "copy.tls", num_classes=2, topk=2,
+                                                                          map_size=(4, 4)) as w:
+        w.copy_from(moved)  # a copy does not launder it
+    # The same rotation of a version 2 file (fingerprints without seals) is not seen: why version 3 seals them.
+    v2 = tmp_path / "rotated_v2.tls"
+    v2.write_bytes(_rotate_index_rows(_as_version_2(open(store.path, "rb").read())))
+    assert len(list(TokenLabelLoader(images, str(v2), **kw))) == 3
+    # 2. Records rewritten shifted by one under the same keys, each with the fingerprint it was made from.
+    shifted = tmp_path / "shifted.tls"
+    n = len(store)
+    with StoreWriter(shifted, num_classes=store.num_classes, topk=store.topk, map_size=store.map_size) as w:
+        for i, key in enumerate(store.keys):
+            j = (i + 1) % n
+            w.add_encoded(key, store.record_bytes(j), int(store._checksums[j]),
+                          fingerprint=(int(store.fingerprints[0][j]), int(store.fingerprints[1][j])))
+    with pytest.raises(ValueError, match=r"a/000.jpg \(its label record was made from a/001.jpg: records shifted"):
+        TokenLabelLoader(images, str(shifted), **kw)
 
 
 def test_inspect_verify_images_checks_a_store_against_a_folder(tmp_path, capsys):
@@ -304,29 +411,58 @@ def test_inspect_verify_images_checks_a_store_against_a_folder(tmp_path, capsys)
     assert main(["inspect", "--verify", store]) == 0  # records only, as before
 
 
-def test_beton_records_image_fingerprints_and_refuses_changed_bytes(tmp_path):
+def _overwrite(path: str, offset: int, nbytes: int = 16) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        old = f.read(nbytes)
+        f.seek(offset)
+        f.write(bytes(x ^ 0x5A for x in old))
+
+
+def test_beton_hashes_every_packed_image_byte_and_refuses_changed_bytes(tmp_path):
+    import base64
+
     from ffcv.reader import Reader
 
+    from tl_fast.imagecheck import packed_fingerprints
     from tl_fast.loaders.ffcv_backend import PlanRGBImageField, packed_image_spans
     from tl_fast.loaders.ffcv_pack import pack_ffcv
+    from tl_fast.loaders.packed_hash import content_hash
 
-    images = make_folder(tmp_path / "imgs", {"a": 3, "b": 3})
+    images = make_folder(tmp_path / "imgs", {"a": 4, "b": 4}, smooth=False, size_range=(80, 96))  # 10+ KB each
     store = _fingerprinted_store(images, tmp_path / "labels.tls")
     beton = str(tmp_path / "x.beton")
     meta = _quiet(pack_ffcv, images, store, beton, num_workers=1, progress=False)
-    import base64
-    hashes = np.frombuffer(base64.b64decode(meta["image_hashes"]), "<u8")
-    # JPEGs are packed byte for byte: the packed fingerprint is the source file's.
-    assert int(hashes[2]) == file_fingerprint(os.path.join(images, meta["paths"][2]))[1]
-    kw = dict(backend="ffcv", batch_size=2, image_size=S, patch_size=P, num_workers=1, device="cpu", augment=NO_RA,
+    hashes = np.frombuffer(base64.b64decode(meta["image_content_hashes"]), "<u8")
+    # JPEGs are packed byte for byte: the recorded hash is the source file's.
+    src = np.fromfile(os.path.join(images, meta["paths"][2]), np.uint8)
+    assert int(hashes[2]) == int(content_hash(src))
+    kw = dict(backend="ffcv", batch_size=2, image_size=S, patch_size=P, num_workers=2, device="cpu", augment=NO_RA,
               erase=None)
-    assert len(list(TokenLabelLoader(beton, store, **kw))) == 3
-    offsets, _ = packed_image_spans(Reader(beton, custom_handlers={"image": PlanRGBImageField}))
-    with open(beton, "r+b") as f:  # overwrite bytes inside the packed JPEG of sample 4
-        f.seek(int(offsets[4]) + 700)
-        f.write(os.urandom(16))
-    with pytest.raises(RuntimeError, match=r"changed since pack time \(" + meta["paths"][4]):
+    assert len(list(TokenLabelLoader(beton, store, **kw))) == 4
+    offsets, sizes = packed_image_spans(Reader(beton, custom_handlers={"image": PlanRGBImageField}))
+    assert sizes.min() > 3 * 2048
+    mm = lambda: np.fromfile(beton, np.uint8)  # noqa: E731
+    windows = packed_fingerprints(mm(), offsets, sizes)
+    _overwrite(beton, int(offsets[5] + sizes[5] // 2))  # the middle of sample 5's JPEG, outside both 2 KB windows
+    assert np.array_equal(packed_fingerprints(mm(), offsets, sizes), windows)  # the old check could not see it
+    with pytest.raises(RuntimeError, match=r"changed since pack time \(" + meta["paths"][5]):
         list(TokenLabelLoader(beton, store, **kw))
+    # A version 3 file (hashes of the first and last 2 KB) still loads, with its window check.
+    v3 = str(tmp_path / "v3.beton")
+    _quiet(pack_ffcv, images, store, v3, num_workers=1, progress=False)
+    with open(v3 + ".json") as f:
+        old = json.load(f)
+    del old["image_content_hashes"]
+    old["version"] = 3
+    old["image_hashes"] = base64.b64encode(packed_fingerprints(np.fromfile(v3, np.uint8), offsets, sizes)
+                                           .astype("<u8").tobytes()).decode()
+    with open(v3 + ".json", "w") as f:
+        json.dump(old, f)
+    assert len(list(TokenLabelLoader(v3, store, **kw))) == 4
+    _overwrite(v3, int(offsets[4]) + 700)
+    with pytest.raises(RuntimeError, match=r"changed since pack time \(" + meta["paths"][4]):
+        list(TokenLabelLoader(v3, store, **kw))
 
 
 # -- 4. failures surface with the file and the cause ------------------------------------------------
@@ -467,10 +603,7 @@ def test_killed_writer_temporaries_are_removed_by_the_next_write(tmp_path):
 
 
 def test_ffcv_pipeline_failure_names_the_batch_images(tmp_path):
-    from dataclasses import replace as dc_replace
-
     from ffcv.loader import OrderOption
-    from ffcv.pipeline.operation import Operation
 
     from tl_fast.loaders.common import PlanMaker
     from tl_fast.loaders.ffcv_backend import PlanCropDecoder, PlanRGBImageField, _GuardedLoader
@@ -479,19 +612,10 @@ def test_ffcv_pipeline_failure_names_the_batch_images(tmp_path):
     images = make_folder(tmp_path / "imgs", {"a": 2, "b": 2})
     beton = str(tmp_path / "x.beton")
     meta = _quiet(pack_ffcv, images, None, beton, num_workers=1, progress=False)
-
-    class Boom(Operation):
-        def declare_state_and_memory(self, previous_state):
-            return dc_replace(previous_state, jit_mode=False), None
-
-        def generate_code(self):
-            def boom(images, dst):
-                raise ValueError("exploding transform")
-            return boom
-
     maker = PlanMaker(0, 0, np.full((4, 2), 64), None)
     loader = _GuardedLoader(beton, batch_size=2, num_workers=1, order=OrderOption.SEQUENTIAL,
-                            pipelines={"image": [PlanCropDecoder(maker, S), Boom()], "label": None, "index": None},
+                            pipelines={"image": [PlanCropDecoder(maker, S), exploding_ffcv_op()], "label": None,
+                                       "index": None},
                             custom_fields={"image": PlanRGBImageField}, drop_last=False)
     loader.timeout_s = 60
     loader.sample_name = lambda i: meta["paths"][i]

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from test_loader_helpers import coordinate_image, make_folder, make_store
+from test_loader_helpers import coordinate_image, exploding_ffcv_op, make_folder, make_store
 from tl_fast import geometry
 from tl_fast.augment import IMAGENET_MEAN, IMAGENET_STD, augment_batch
 from tl_fast.dataset import ImageFolderIndex, join_labels
@@ -511,26 +511,14 @@ def test_token_labels_from_unlabelled_pack_are_a_clear_error(data, unlabelled, t
 
 
 def test_ffcv_pipeline_error_surfaces_instead_of_hanging(data):
-    from dataclasses import replace as dc_replace
-
     from ffcv.loader import OrderOption
-    from ffcv.pipeline.operation import Operation
 
     from tl_fast.loaders.ffcv_backend import PlanCropDecoder, PlanRGBImageField, _GuardedLoader
 
-    class Boom(Operation):
-        def declare_state_and_memory(self, previous_state):
-            return dc_replace(previous_state, jit_mode=False), None
-
-        def generate_code(self):
-            def boom(images, dst):
-                raise ValueError("exploding transform")
-            return boom
-
     maker = PlanMaker(0, 0, np.full((12, 2), 64), None)
     loader = _GuardedLoader(data["beton"], batch_size=4, num_workers=1, order=OrderOption.SEQUENTIAL,
-                            pipelines={"image": [PlanCropDecoder(maker, S), Boom()], "label": None, "index": None,
-                                       "record": None},
+                            pipelines={"image": [PlanCropDecoder(maker, S), exploding_ffcv_op()], "label": None,
+                                       "index": None, "record": None},
                             custom_fields={"image": PlanRGBImageField}, drop_last=False)
     loader.timeout_s = 60
     with pytest.raises(RuntimeError, match="exploding transform"):

@@ -52,3 +52,22 @@ def make_store(images_root, path, *, num_classes=None, topk: int = 3, map_size=(
             ids = np.stack([rs.permutation(k_classes)[:topk] for _ in range(map_size[0] * map_size[1])], -1)
             w.add(key, values, ids.reshape(topk, *map_size))
     return str(path)
+
+
+def exploding_ffcv_op(message: str = "exploding transform"):
+    """An FFCV pipeline operation that raises ``ValueError(message)`` on its first batch (plain
+    Python, not compiled): for the tests that a pipeline failure surfaces instead of hanging."""
+    from dataclasses import replace
+
+    from ffcv.pipeline.operation import Operation
+
+    class Boom(Operation):
+        def declare_state_and_memory(self, previous_state):
+            return replace(previous_state, jit_mode=False), None
+
+        def generate_code(self):
+            def boom(images, dst):
+                raise ValueError(message)
+            return boom
+
+    return Boom()

@@ -418,7 +418,9 @@ def join_labels(index: ImageFolderIndex, store: "LabelStore", *, missing_labels:
     images without a record (unless ``missing_labels="one_hot"``, a counted fall-back), and
     ``ValueError`` naming the first images whose content fingerprint differs from the one the store
     recorded for them (unless ``mismatched_images="accept"``: a warning). Stores without
-    fingerprints (written before version 2, or without them) are joined by key alone.
+    fingerprints (written before version 2, or without them) are joined by key alone. From version
+    3 a fingerprint is sealed to its record, so records reordered against their keys are mismatches
+    too (:func:`fingerprint_mismatches`).
     """
     if missing_labels not in ("error", "one_hot"):
         raise ValueError(f"missing_labels must be 'error' or 'one_hot', got {missing_labels!r}")
@@ -461,22 +463,34 @@ def join_labels(index: ImageFolderIndex, store: "LabelStore", *, missing_labels:
 
 
 def fingerprint_mismatches(index: ImageFolderIndex, store: "LabelStore", record: np.ndarray) -> list[str]:
-    """``"path: why"`` for every image of ``index`` whose record (``record[i]``, -1: none) carries a
-    content fingerprint other than the image's. One vectorized comparison per join."""
+    """``"path (why)"`` for every image of ``index`` whose record (``record[i]``, -1: none) carries a
+    content fingerprint other than the image's, or one not sealed to the record (records reordered
+    against their keys, :meth:`tl_fast.store.LabelStore.unsealed`). One vectorized comparison per
+    join; the first mismatches also name the image a record was made from when it is in ``index``."""
     if store.fingerprints is None:
         return []
     sizes, hashes = store.fingerprints
     has = record >= 0
     rec = np.where(has, record, 0)
     known = has & store.has_fingerprint()[rec]
+    unsealed = known & store.unsealed()[rec]
     differs = (sizes[rec] != index.byte_sizes.astype(np.uint64)) | (hashes[rec] != index.fingerprints)
-    bad = np.flatnonzero(known & differs)
+    bad = np.flatnonzero(known & (differs | unsealed))
+    owner: dict[tuple[int, int], str] | None = None
     out = []
-    for i in bad:
+    for n, i in enumerate(bad):
         r = rec[i]
-        if int(sizes[r]) != int(index.byte_sizes[i]):
+        if unsealed[i]:
+            why = "its label record moved: the record stored under its key was sealed to another fingerprint"
+        elif int(sizes[r]) != int(index.byte_sizes[i]):
             why = f"{int(index.byte_sizes[i])} bytes, the store's image had {int(sizes[r])}"
         else:
             why = "same size, different content"
+        if n < 5 and not unsealed[i]:  # a record made from another image of this folder: records shifted
+            if owner is None:
+                owner = {(int(b), int(h)): p for b, h, p in zip(index.byte_sizes, index.fingerprints, index.paths)}
+            other = owner.get((int(sizes[r]), int(hashes[r])))
+            if other is not None and other != index.paths[i]:
+                why = f"its label record was made from {other}: records shifted against their keys"
         out.append(f"{index.paths[i]} ({why})")
     return out

@@ -12,10 +12,12 @@ A file is **unusable** (a counted skip, with the reason) when:
   early (a truncated file, also with ``FF D9`` appended), corrupt entropy-coded data. libjpeg only
   warns about these and fills the rest with grey; DALI, FFCV, torchvision and PIL then each
   deliver something different, so the warning is an error here. The quick check (the default)
-  decodes at 1/8 scale: the entropy-coded data, where these errors are found, is decoded in full,
-  the inverse DCT is skipped. ``full=True`` decodes at full size;
+  reads a JPEG with libjpeg-turbo alone (no PIL) and decodes it to 1/8-scale grey: the
+  entropy-coded data of every component, where these errors are found, is decoded in full (no
+  cheaper decode sees a scan that ends early), while the inverse DCT, the chroma planes'
+  upsampling and the colour conversion are skipped. ``full=True`` decodes to full-size RGB;
 * it is a CMYK/YCCK JPEG (decoders disagree on the colour conversion; FFCV's cannot do it);
-* it has more than 8 bits per sample (16-bit PNG, ``I``/``F`` modes): DALI, torchvision and PIL map
+* it has more than 8 bits per sample (12-bit JPEG, 16-bit PNG, ``I``/``F`` modes): DALI, torchvision and PIL map
   16-bit levels to 8 bits differently (correct, wrong levels, saturated white), so it is refused
   everywhere — convert such files to 8-bit;
 * it is another format (PNG, BMP, WebP) that PIL cannot fully decode.
@@ -26,7 +28,9 @@ early; :func:`jpeg_checker_available` says which one runs.
 
 The image's content **fingerprint** (:func:`fingerprint_bytes`) is computed from the same read: its
 size in bytes and a 64-bit hash of its first and last :data:`FINGERPRINT_WINDOW` bytes. Label stores
-and ``.beton`` files record it, so labels stay bound to the images they were made for.
+record it per record, sealed to the record (:mod:`tl_fast.store.format`), so labels stay bound to the
+images they were made for. (``.beton`` files, whose bytes are read anyway, record a hash of every
+byte instead: :mod:`tl_fast.loaders.packed_hash`.)
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ FINGERPRINT_WINDOW = 2048
 _TJFLAG_FASTDCT = 2048
 _TJFLAG_STOPONWARNING = 8192
 _TJCS_CMYK, _TJCS_YCCK = 3, 4
+_TJPF_RGB, _TJPF_GRAY = 0, 6
 _ALLOWED_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "YCbCr")
 
 
@@ -144,25 +149,65 @@ class _TurboJPEG:
             h = self._local.handle = self.lib.tjInitDecompress()
         return h
 
-    def problem(self, data: bytes, full: bool) -> str:
-        """``""`` when ``data`` decodes without error or warning, else what libjpeg-turbo said."""
+    def _failed(self, h) -> str:
+        """libjpeg-turbo's message for the failed call on ``h``, and a fresh handle for the next
+        call: a failure can leave the decompressor mid-header, so the next file would be parsed
+        as a continuation of this one ("two SOI markers")."""
+        msg = self.lib.tjGetErrorStr2(h).decode(errors="replace")
+        self.lib.tjDestroy(h)
+        self._local.handle = None
+        return msg
+
+    def inspect(self, data: bytes, full: bool) -> tuple[int, int, str]:
+        """``(height, width, problem)`` of the JPEG ``data``: ``problem`` is ``""`` when it decodes
+        without error or warning, else what libjpeg-turbo said. The quick check (``full=False``)
+        decodes to 1/8-scale grey: every entropy-coded byte of every component is still decoded
+        (that is where a scan that ends early shows), while the inverse DCT, upsampling and colour
+        conversion of the chroma components are skipped."""
         h = self._handle()
         w, ht, sub, cs = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
         if self.lib.tjDecompressHeader3(h, data, len(data), ctypes.byref(w), ctypes.byref(ht), ctypes.byref(sub),
                                         ctypes.byref(cs)):
-            return f"corrupt JPEG header (libjpeg-turbo: {self.lib.tjGetErrorStr2(h).decode(errors='replace')})"
+            msg = self._failed(h)
+            depth = jpeg_precision(data)
+            if depth not in (0, 8):
+                return 0, 0, f"{depth}-bit JPEG: backends decode only 8-bit JPEGs (convert it to 8-bit)"
+            return 0, 0, f"corrupt JPEG header (libjpeg-turbo: {msg})"
+        if w.value <= 0 or ht.value <= 0:
+            return 0, 0, "zero-sized image"
         if cs.value in (_TJCS_CMYK, _TJCS_YCCK):
-            return "CMYK/YCCK JPEG: decoders disagree on its colours (convert it to RGB)"
-        scale = 1 if full else 8
+            return ht.value, w.value, "CMYK/YCCK JPEG: decoders disagree on its colours (convert it to RGB)"
+        scale, pixel = (1, _TJPF_RGB) if full else (8, _TJPF_GRAY)
         ow, oh = -(-w.value // scale), -(-ht.value // scale)
-        out = np.empty(ow * oh * 3, np.uint8)
-        if self.lib.tjDecompress2(h, data, len(data), out.ctypes.data, ow, 0, oh, 0,
+        out = np.empty(ow * oh * (3 if full else 1), np.uint8)
+        if self.lib.tjDecompress2(h, data, len(data), out.ctypes.data, ow, 0, oh, pixel,
                                   _TJFLAG_STOPONWARNING | _TJFLAG_FASTDCT):
-            msg = self.lib.tjGetErrorStr2(h).decode(errors="replace")
+            msg = self._failed(h)
             if "premature end" in msg.lower():
-                return f"truncated or corrupt JPEG: its scan data ends early (libjpeg-turbo: {msg})"
-            return f"corrupt JPEG data (libjpeg-turbo: {msg})"
-        return ""
+                return ht.value, w.value, f"truncated or corrupt JPEG: its scan data ends early (libjpeg-turbo: {msg})"
+            return ht.value, w.value, f"corrupt JPEG data (libjpeg-turbo: {msg})"
+        return ht.value, w.value, ""
+
+
+def jpeg_precision(data: bytes) -> int:
+    """Bits per sample in the JPEG ``data``'s frame header (0 when no frame header is found)."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return 0
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn
+            return data[i + 4] if i + 4 < len(data) else 0
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before it
+            return 0
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return 0
 
 
 def _load_turbojpeg() -> _TurboJPEG | None:
@@ -220,6 +265,9 @@ def check_image(path: str | os.PathLike, *, full: bool = False) -> ImageCheck:
     nbytes, fp = fingerprint_bytes(data)
     if not data:
         return ImageCheck(0, 0, "empty file", nbytes, fp)
+    if _TURBO is not None and data[:3] == b"\xff\xd8\xff":  # JPEG: libjpeg-turbo alone, no PIL
+        height, width, problem = _TURBO.inspect(data, full)
+        return ImageCheck(height, width, problem, nbytes, fp)
 
     def bad(problem: str, h: int = 0, w: int = 0) -> ImageCheck:
         return ImageCheck(h, w, problem, nbytes, fp)
@@ -242,7 +290,7 @@ def check_image(path: str | os.PathLike, *, full: bool = False) -> ImageCheck:
         return bad(f"unreadable image ({type(err).__name__}: {err})")
     if fmt == "JPEG":
         if _TURBO is not None:
-            problem = _TURBO.problem(data, full)
+            problem = _TURBO.inspect(data, full)[2]
         else:
             problem = _pil_jpeg_problem(data, full)
         if problem:

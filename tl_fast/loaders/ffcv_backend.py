@@ -17,6 +17,9 @@ geometry plan.
 * A failing pipeline thread would leave FFCV's iterator waiting forever; ``_GuardedEpochIterator``
   forwards the exception to the main process, and a watchdog raises ``TimeoutError`` when no batch
   arrives within ``timeout_s``.
+* Every packed image's bytes are hashed at pack time (version 4); the memory read the pipeline
+  uses hashes them again before they are decoded and flags a mismatch, and the loader refuses a
+  batch with a flagged image, naming it (:mod:`tl_fast.loaders.packed_hash`).
 * Label records are packed as a bytes field (uint8; numba has no float16) and decoded in the main
   process with :func:`tl_fast.store.decode_records`. A file packed without labels has no such field
   (``has_records`` false in its JSON); it serves loaders without token labels only.
@@ -52,12 +55,14 @@ from ..optional import require
 from ..plan import _S_CROP, _S_FLIP
 from .batch import LoaderConfig
 from .common import PlanMaker
+from .packed_hash import EMPTY_FLAGS, EMPTY_HASHES, allocation_table, checked_read
 
 META_SUFFIX = ".json"
 FORMAT = "tl_fast-ffcv"
-FORMAT_VERSION = 3
-# Version 2 files (no image fingerprints, no paths) still load, without the per-batch byte check.
-READABLE_FORMAT_VERSIONS = (2, 3)
+FORMAT_VERSION = 4
+# Version 3 files (image hashes of the first and last 2 KB) still load with the window check,
+# version 2 files (no image hashes, no paths) without any byte check.
+READABLE_FORMAT_VERSIONS = (2, 3, 4)
 # Field order in the file (the combined metadata names them f0, f1, ... in this order); a file packed
 # without labels has the first three only.
 FIELDS = ("image", "label", "index", "record")
@@ -72,25 +77,28 @@ from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
 from ffcv.loader import Loader, OrderOption  # noqa: E402
 from ffcv.loader.epoch_iterator import EpochIterator  # noqa: E402
 from ffcv.memory_managers import OSCacheManager  # noqa: E402
+from ffcv.memory_managers.os_cache import OSCacheContext  # noqa: E402
 from ffcv.pipeline.compiler import Compiler  # noqa: E402
 
 _RO_BYTES = numba.types.Array(numba.types.uint8, 1, "C", readonly=True)
 _U64_ARRAY = numba.types.Array(numba.types.uint64, 1, "C")
+_U8_ARRAY = numba.types.Array(numba.types.uint8, 1, "C")
 
 
 def _os_cache_state_type(self) -> numba.types.Tuple:
     """(file bytes (read-only memmap), sample pointers, sample sizes): the types FFCV's OS-cache
-    manager ends up with, built without mutating numba's shared ones."""
-    return numba.types.Tuple([_RO_BYTES, _U64_ARRAY, _U64_ARRAY])
+    manager ends up with, built without mutating numba's shared ones; then the recorded content
+    hash and the changed flag of every allocation (:mod:`tl_fast.loaders.packed_hash`)."""
+    return numba.types.Tuple([_RO_BYTES, _U64_ARRAY, _U64_ARRAY, _U64_ARRAY, _U8_ARRAY])
 
 
 def _os_cache_reader(self):
     """The compiled ``(address, state) -> bytes`` read of the OS-cache manager (a read-only view of
-    the memory-mapped file: the sample at ``address``, its size looked up in the pointer table)."""
+    the memory-mapped file: the sample at ``address``, its size looked up in the pointer table),
+    which also checks the bytes against their recorded hash (:func:`~tl_fast.loaders.packed_hash.checked_read`)."""
     def read(address, mem_state):
-        data, ptrs, sizes = mem_state
-        size = sizes[np.searchsorted(ptrs, address)]
-        return data[address:address + size]
+        data, ptrs, sizes, expected, changed = mem_state
+        return checked_read(data, ptrs, sizes, expected, changed, address)
 
     return Compiler.compile(read, _RO_BYTES(numba.types.uint64, self.state_type))
 
@@ -106,6 +114,9 @@ def _fix_ffcv_state_types() -> None:
     always uses it). Idempotent."""
     OSCacheManager.state_type = property(_os_cache_state_type)
     OSCacheManager.compile_reader = _os_cache_reader
+    OSCacheContext.state = property(lambda self: (
+        self.mmap, self.manager.ptrs, self.manager.sizes, getattr(self.manager, "expected_hashes", EMPTY_HASHES),
+        getattr(self.manager, "changed", EMPTY_FLAGS)))
 
 
 _fix_ffcv_state_types()
@@ -434,7 +445,8 @@ class PackedInfo:
     num_one_hot: int
     skipped: list  # [(relative path, reason)]: left out at indexing or pack time
     paths: list[str] | None  # relative source path of every sample (None: an older file)
-    image_hashes: np.ndarray | None  # uint64 [N] fingerprint hashes of the packed image bytes
+    image_hashes: np.ndarray | None  # uint64 [N] version 3: hashes of the first and last 2 KB of each image
+    content_hashes: np.ndarray | None  # uint64 [N] version 4: packed_hash.content_hash of each image's bytes
     image_spans: tuple[np.ndarray, np.ndarray]  # (offset, size) of every sample's image bytes in the file
 
 
@@ -482,6 +494,8 @@ def read_packed(path: str | os.PathLike) -> PackedInfo:
         skipped=[tuple(s) for s in meta.get("skipped", [])], paths=meta.get("paths"),
         image_hashes=(np.frombuffer(base64.b64decode(meta["image_hashes"]), "<u8").astype(np.uint64)
                       if "image_hashes" in meta else None),
+        content_hashes=(np.frombuffer(base64.b64decode(meta["image_content_hashes"]), "<u8").astype(np.uint64)
+                        if "image_content_hashes" in meta else None),
         image_spans=packed_image_spans(reader))
 
 
@@ -514,6 +528,8 @@ class FFCVBackend:
         st = os.stat(self.path)
         self._identity = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
         self._bytes = np.memmap(self.path, dtype=np.uint8, mode="r") if self.info.image_hashes is not None else None
+        self._changed: np.ndarray | None = None  # per allocation, set by the pipeline's checked read
+        self._image_alloc: np.ndarray | None = None  # per sample, its image's allocation
         self._loader: _GuardedLoader | None = None
         self._compiled_for: tuple | None = None
         self._active: _GuardedEpochIterator | None = None
@@ -537,14 +553,19 @@ class FFCVBackend:
                                "rewrite a .beton under a running loader; restart the loader on the new file")
 
     def check_images(self, idx: np.ndarray) -> None:
-        """Raise naming the images whose packed bytes no longer match their pack-time fingerprints
-        (one hash of two 2 KB windows per image, off the decoder threads)."""
-        if self._bytes is None:
+        """Raise naming the images whose packed bytes no longer match their pack-time hashes: the
+        flags the pipeline's read set while hashing every byte it decoded (version 4), or, for a
+        version 3 file, one hash of two 2 KB windows per image here."""
+        if self._changed is not None:
+            self.check_unchanged()
+            bad = np.flatnonzero(self._changed[self._image_alloc[idx]])
+        elif self._bytes is not None:
+            self.check_unchanged()  # hashing a shrunken map would be SIGBUS
+            offsets, sizes = self.info.image_spans
+            got = packed_fingerprints(self._bytes, offsets[idx], sizes[idx])
+            bad = np.flatnonzero(got != self.info.image_hashes[idx])
+        else:
             return
-        self.check_unchanged()  # hashing a shrunken map would be SIGBUS
-        offsets, sizes = self.info.image_spans
-        got = packed_fingerprints(self._bytes, offsets[idx], sizes[idx])
-        bad = np.flatnonzero(got != self.info.image_hashes[idx])
         if bad.size:
             names = ", ".join(self.sample_name(int(idx[b])) for b in bad[:3])
             raise RuntimeError(f"{self.path}: the packed bytes of {bad.size} image(s) in this batch changed since "
@@ -568,6 +589,12 @@ class FFCVBackend:
                 order=OrderOption.SEQUENTIAL, indices=order, pipelines=pipelines, drop_last=False,
                 custom_fields={"image": PlanRGBImageField}, batches_ahead=2, os_cache=True)
             self._loader.timeout_s = cfg.timeout_s
+            if self.info.content_hashes is not None:  # read by the pipeline's checked read
+                manager = self._loader.memory_manager
+                manager.expected_hashes, self._image_alloc = allocation_table(
+                    np.asarray(manager.ptrs, np.uint64), self.info.image_spans[0].astype(np.uint64),
+                    self.info.content_hashes)
+                manager.changed = self._changed = np.zeros(len(manager.ptrs), np.uint8)
             self._loader.sample_name = self.sample_name
             self._compiled_for = key
         elif key != self._compiled_for:

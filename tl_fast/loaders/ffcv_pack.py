@@ -11,6 +11,9 @@ are resized (longer side = ``--max-side``, bilinear with antialiasing) and encod
 ``--jpeg-quality``. The original size is kept in the image metadata, because the geometry plan is a
 function of it; the FFCV decoder maps the plan's box into the stored pixels proportionally.
 
+A 64-bit hash of every packed image's bytes goes into the JSON (``image_content_hashes``); the
+FFCV backend verifies it where its pipeline reads the bytes (:mod:`tl_fast.loaders.packed_hash`).
+
 Bad input: an image that fails to decode at pack time is a counted skip (stored as a 1x1 placeholder,
 listed in the JSON as ``invalid`` and never sampled); an image without a label record is an error
 naming it unless ``--missing-labels one_hot``. The output is written to a temporary file and renamed,
@@ -111,10 +114,10 @@ def pack_ffcv(images: str, store_path: str | None, out: str, *, max_side: int | 
     if num_workers < 1:
         raise ValueError(f"the number of writer processes must be >= 1, got {num_workers}")
 
-    from ..imagecheck import packed_fingerprints
     from ..store import LabelStore
     from .ffcv_backend import (  # first: it checks that FFCV is installed
         FORMAT, FORMAT_VERSION, META_SUFFIX, PlanRGBImageField, packed_image_spans)
+    from .packed_hash import packed_content_hashes
 
     from ffcv.fields import BytesField, IntField
     from ffcv.writer import DatasetWriter
@@ -147,7 +150,7 @@ def pack_ffcv(images: str, store_path: str | None, out: str, *, max_side: int | 
         md = reader.metadata["f0"]
         invalid = np.flatnonzero(md["orig_height"] == 0).tolist()
         offsets, sizes = packed_image_spans(reader)
-        hashes = packed_fingerprints(np.memmap(tmp, dtype=np.uint8, mode="r"), offsets, sizes)
+        hashes = packed_content_hashes(np.memmap(tmp, dtype=np.uint8, mode="r"), offsets, sizes)
         meta = {
             "format": FORMAT, "version": FORMAT_VERSION, "source": os.path.abspath(images),
             "store": None if store is None else os.path.abspath(store_path), "num_samples": len(index),
@@ -156,7 +159,8 @@ def pack_ffcv(images: str, store_path: str | None, out: str, *, max_side: int | 
             "has_records": store is not None, "max_side": max_side, "jpeg_quality": jpeg_quality, "invalid": invalid,
             "invalid_paths": [index.paths[i] for i in invalid], "num_one_hot": num_one_hot,
             "skipped_at_index": [s.path for s in index.skipped],
-            "paths": index.paths, "image_hashes": base64.b64encode(hashes.astype("<u8").tobytes()).decode(),
+            "paths": index.paths,
+            "image_content_hashes": base64.b64encode(hashes.astype("<u8").tobytes()).decode(),
             "skipped": [[s.path, s.reason] for s in index.skipped]
             + [[index.paths[i], "failed to decode at pack time"] for i in invalid],
         }

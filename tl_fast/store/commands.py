@@ -179,6 +179,9 @@ def verify_against_images(store: LabelStore, images: str | os.PathLike, out=None
     if store.fingerprints is None:
         print("            the store records no image fingerprints (older format or writer): only paths compared",
               file=out)
+    elif store.seals is None:
+        print("            the store's fingerprints are not sealed to its records (format version 2): records "
+              "reordered against their keys are not seen; tl-fast fingerprint STORE IMAGES rewrites it sealed", file=out)
     print(f"verify      {'store matches the images' if res['ok'] else 'store does NOT match the images'}", file=out)
     return res
 
@@ -220,7 +223,10 @@ def inspect_store(path: str | os.PathLike, *, verify: bool = False, sample: int 
             else np.arange(n)
         if verify:
             store.verify(progress=True)
-            print(f"verify      all {n} records OK (checksums and bounds)", file=out)
+            if images is None:  # with images, the comparison below lists the moved records by image
+                store.check_seals()
+            print(f"verify      all {n} records OK (checksums and bounds"
+                  f"{', fingerprint seals' if store.seals is not None and images is None else ''})", file=out)
         maps = store.read(ids[: min(len(ids), sample)])
         v = maps.values.float()
         top1_cls = maps.indices[:, 0].reshape(-1).long()

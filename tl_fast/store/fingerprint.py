@@ -5,6 +5,10 @@ of the images) or by any writer that passed no fingerprints bind records to imag
 This command copies such a store's records byte for byte (each verified on the way) into a new
 store that also records, per record, the fingerprint of the image with its key under IMAGES; the
 loaders then refuse images that differ from those (:func:`tl_fast.dataset.join_labels`).
+
+Fingerprints added this way vouch for the keys only: records that were already shifted against
+their keys before this command ran are not detected (annotate records each image's fingerprint with
+the map made from it). A store whose records moved against their fingerprints is refused.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ def fingerprint_store(src: str | os.PathLike, images: str | os.PathLike, dst: st
     from ..dataset import MIN_MATCH_FRACTION, ImageFolderIndex
 
     store = LabelStore.open(src)
+    store.check_seals()  # fingerprints by key would hide records that moved against their fingerprints
     index = ImageFolderIndex(images, allow_empty_classes=True, progress=progress)
     found = {k: (int(s), int(h)) for k, s, h in zip(index.keys, index.byte_sizes, index.fingerprints)}
     n = len(store)

@@ -1,4 +1,4 @@
-"""On-disk format of a tl_fast label store (version 2; version 1 is still read).
+"""On-disk format of a tl_fast label store (version 3; versions 1 and 2 are still read).
 
 A store is ONE file holding every image's compressed top-k score map. It is read through a memory
 map, so opening is O(header + index + manifest) and reading a record touches only that record.
@@ -15,15 +15,17 @@ File layout::
                                       extension, '/'-separated), UTF-8, joined by '\\n'
     meta_offset       meta_bytes    JSON object: free-form metadata (tool, annotator, ...)
     (zero padding to a multiple of 8)
-    fingerprint_offset  16 * N      version 2, optional: per record the content fingerprint of its
-                                    image, sizes u64[N] then hashes u64[N] (size 2**64-1: unknown);
-                                    see :func:`tl_fast.imagecheck.fingerprint_bytes`
+    fingerprint_offset  24 * N      version 3, optional: per record the content fingerprint of its
+                                    image, sizes u64[N], hashes u64[N] (size 2**64-1: unknown; see
+                                    :func:`tl_fast.imagecheck.fingerprint_bytes`), then seals u64[N]
+                                    (:func:`seal_fingerprints`; 0 where unknown). Version 2 has
+                                    the sizes and hashes only (16 * N bytes)
     = file_size
 
 Header (128 bytes)::
 
     0    8s  magic b"TLFSTORE"
-    8    u32 version (1)
+    8    u32 version (3)
     12   u32 flags (bit 0: values were written in lossy mode)
     16   u32 num_classes K          20  u32 topk k
     24   u32 height H               28  u32 width W
@@ -34,11 +36,20 @@ Header (128 bytes)::
     88   u64 meta_bytes             96  u64 file_size
     104  u32 crc32 (zlib) of: header with this field zeroed, index, manifest, meta, fingerprints
     108  u32 reserved (0)
-    112  u64 fingerprint_offset (version 2; 0: the store records no fingerprints)
+    112  u64 fingerprint_offset (versions 2, 3; 0: the store records no fingerprints)
     120-127 reserved (0)
 
 Version 1 is version 2 without the fingerprint section (bytes 112-127 are zero): it is read as a
-store without fingerprints. Writers write version 2.
+store without fingerprints. Writers write version 3.
+
+**Seals (version 3).** A record's fingerprint says which image its map was made from, so it must
+move with the record, not stay with the key: ``seal[r] = seal_fingerprints(size[r], hash[r],
+checksum[r])`` binds it to the record's checksum (index column; every read checks the record's bytes
+against it). Records (or their index rows) reordered against their keys and fingerprints then fail
+the seal; records moved together with their fingerprints (a rewrite that carries them along) fail
+the comparison with the images. Both are checked when a loader joins images and records, from the
+index and this section alone (no record is read). Version 2 stores have no seals: their fingerprints
+are compared per record id, which a reordering of index rows does not change.
 
 A reader checks magic, version, ``file_size`` against the real size (truncation), the section
 bounds, the crc32, and that every index entry lies inside the data section. A writer streams
@@ -97,8 +108,8 @@ from __future__ import annotations
 import struct
 
 MAGIC = b"TLFSTORE"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 UNKNOWN_FINGERPRINT_SIZE = 2**64 - 1
 HEADER_SIZE = 128
 FLAG_LOSSY = 1
@@ -120,6 +131,28 @@ HEADER_FIELDS = (
 )
 CRC_OFFSET = 104
 assert HEADER_STRUCT.size == 120 and HEADER_STRUCT.size <= HEADER_SIZE
+
+
+def fingerprint_columns(version: int) -> int:
+    """u64 columns of the fingerprint section: sizes and hashes, plus seals from version 3."""
+    return 3 if version >= 3 else 2
+
+
+def seal_fingerprints(sizes, hashes, checksums):
+    """Version 3 seals: per record a 64-bit mix of its image fingerprint (``sizes``, ``hashes``,
+    uint64 ``[N]``) and its record checksum (``checksums``, ``[N]``), as uint64 ``[N]``. Every step
+    is a bijection of the running value, so changing any one input changes the seal."""
+    import numpy as np
+
+    m, c, g = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53), np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        h = (np.asarray(sizes, np.uint64) ^ g) * m
+        h ^= h >> np.uint64(29)
+        h = (h ^ np.asarray(hashes, np.uint64)) * c
+        h ^= h >> np.uint64(32)
+        h = (h ^ np.asarray(checksums).astype(np.uint64)) * m
+        h ^= h >> np.uint64(29)
+    return h
 
 
 def align8(n: int) -> int:

@@ -11,7 +11,7 @@ import torch
 
 from .codec import RecordError, StoreError, TopKMaps, _gather_bytes, decode_into
 from .format import (CRC_OFFSET, FLAG_LOSSY, HEADER_SIZE, MAGIC, READABLE_VERSIONS, UNKNOWN_FINGERPRINT_SIZE, align8,
-                     unpack_header)
+                     fingerprint_columns, seal_fingerprints, unpack_header)
 
 
 def _as_ids(ids) -> np.ndarray:
@@ -75,7 +75,7 @@ class LabelStore:
               and hdr["meta_offset"] + hdr["meta_bytes"] <= size
               and (hdr["fingerprint_offset"] == 0
                    or (hdr["fingerprint_offset"] == align8(hdr["meta_offset"] + hdr["meta_bytes"])
-                       and hdr["fingerprint_offset"] + 16 * n == size))
+                       and hdr["fingerprint_offset"] + 8 * fingerprint_columns(hdr["version"]) * n == size))
               and hdr["index_offset"] % 8 == 0
               and hdr["num_classes"] >= 1 and hdr["topk"] >= 1 and hdr["height"] >= 1 and hdr["width"] >= 1)
         if not ok:
@@ -86,8 +86,9 @@ class LabelStore:
         crc = zlib.crc32(bytes(zeroed))
         crc = zlib.crc32(mm[hdr["index_offset"]:hdr["meta_offset"] + hdr["meta_bytes"]], crc)
         fo = hdr["fingerprint_offset"]
+        fp_cols = fingerprint_columns(hdr["version"])
         if fo:
-            crc = zlib.crc32(mm[fo:fo + 16 * n], crc)
+            crc = zlib.crc32(mm[fo:fo + 8 * fp_cols * n], crc)
         if crc != hdr["crc"]:
             raise StoreError(f"{path}: header/index/manifest checksum mismatch; the store is corrupted")
         io = hdr["index_offset"]
@@ -105,13 +106,16 @@ class LabelStore:
         keys = manifest.split("\n") if n else []
         if len(keys) != n:
             raise StoreError(f"{path}: manifest has {len(keys)} keys for {n} records")
-        fingerprints = None
+        fingerprints = seals = None
         if fo:
             fingerprints = (np.frombuffer(mm, dtype="<u8", count=n, offset=fo).astype(np.uint64),
                             np.frombuffer(mm, dtype="<u8", count=n, offset=fo + 8 * n).astype(np.uint64))
+            if fp_cols == 3:
+                seals = np.frombuffer(mm, dtype="<u8", count=n, offset=fo + 16 * n).astype(np.uint64)
         st = os.stat(path)
         store = cls(path, mm, hdr, keys, metadata, offsets, lengths, checksums)
         store.fingerprints = fingerprints
+        store.seals = seals
         store._identity = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
         return store
 
@@ -174,6 +178,27 @@ class LabelStore:
     fingerprints: tuple[np.ndarray, np.ndarray] | None = None
     """Per record the content fingerprint of its image, ``(sizes, hashes)`` (uint64 ``[N]`` each; a
     size of ``2**64 - 1`` means unknown), or None for a store that records none (e.g. version 1)."""
+
+    seals: np.ndarray | None = None
+    """Version 3: per record the seal binding its fingerprint to its record checksum
+    (:func:`tl_fast.store.format.seal_fingerprints`), uint64 ``[N]``; None before version 3."""
+
+    def unsealed(self) -> np.ndarray:
+        """bool ``[N]``: records carrying a fingerprint that is not sealed to them, i.e. records (or
+        their index rows) that moved against their fingerprints. All False before version 3."""
+        if self.fingerprints is None or self.seals is None:
+            return np.zeros(len(self), bool)
+        sizes, hashes = self.fingerprints
+        return self.has_fingerprint() & (seal_fingerprints(sizes, hashes, self._checksums) != self.seals)
+
+    def check_seals(self) -> None:
+        """Raise :class:`StoreError` naming the first records whose fingerprint is not sealed to them."""
+        bad = np.flatnonzero(self.unsealed())
+        if bad.size:
+            names = ", ".join(repr(self._keys[i]) for i in bad[:3])
+            names += f" (and {bad.size - 3} more)" if bad.size > 3 else ""
+            raise StoreError(f"{self.path}: {bad.size} record(s) moved against their image fingerprints: {names} "
+                             "(records or index rows reordered against their keys); rewrite the store from its source")
 
     def has_fingerprint(self) -> np.ndarray:
         """bool ``[N]``: which records carry their image's fingerprint."""
@@ -268,7 +293,7 @@ class LabelStore:
 
     def verify(self, *, batch_size: int = 4096, progress: bool = False) -> None:
         """Decode every record, checking its checksum and bounds; raises :class:`StoreError` on the
-        first bad one."""
+        first bad one. (:meth:`check_seals` checks the fingerprints' seals.)"""
         from tqdm.auto import tqdm
 
         n = len(self)

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from .codec import StoreError, encode_record
-from .format import FLAG_LOSSY, HEADER_SIZE, UNKNOWN_FINGERPRINT_SIZE, VERSION, align8, pack_header
+from .format import (FLAG_LOSSY, HEADER_SIZE, UNKNOWN_FINGERPRINT_SIZE, VERSION, align8, pack_header,
+                     seal_fingerprints)
 
 _MAX_CLASSES = 2**31 - 1
 
@@ -249,6 +250,7 @@ class StoreWriter:
             if key in self._key_set:
                 raise StoreError(f"duplicate record key {key!r} (from {store.path})")
         base = len(self._keys)
+        store.check_seals()  # a store whose records moved against their fingerprints is not copied on
         if store.fingerprints is not None:  # the images' fingerprints travel with their records
             known = np.flatnonzero(store.has_fingerprint())
             sizes, hashes = store.fingerprints
@@ -306,11 +308,12 @@ class StoreWriter:
         meta_offset = manifest_offset + len(manifest)
         fp_offset = align8(meta_offset + len(meta_raw)) if self.fingerprints else 0
         fp_raw = b""
-        if self.fingerprints:
-            fp = np.zeros((2, n), dtype="<u8")
+        if self.fingerprints:  # sizes, hashes, seals (format.seal_fingerprints; 0 where unknown)
+            fp = np.zeros((3, n), dtype="<u8")
             fp[0] = UNKNOWN_FINGERPRINT_SIZE
             rid = np.fromiter(self.fingerprints, dtype=np.int64, count=len(self.fingerprints))
-            fp[:, rid] = np.array(list(self.fingerprints.values()), dtype=np.uint64).reshape(-1, 2).T
+            fp[:2, rid] = np.array(list(self.fingerprints.values()), dtype=np.uint64).reshape(-1, 2).T
+            fp[2, rid] = seal_fingerprints(fp[0, rid], fp[1, rid], np.asarray(self._checksums, np.uint32)[rid])
             fp_raw = fp.tobytes()
         file_size = align8(meta_offset + len(meta_raw)) + len(fp_raw)
         fields = dict(version=VERSION, flags=FLAG_LOSSY if self.lossy else 0, num_classes=num_classes,
