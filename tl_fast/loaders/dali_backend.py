@@ -18,7 +18,7 @@ import torch
 from ..augment import IMAGENET_MEAN, IMAGENET_STD
 from ..optional import require
 from .batch import LoaderConfig
-from .common import PlanMaker
+from .common import EpochPlans
 
 
 def _import_dali():
@@ -29,21 +29,20 @@ def _import_dali():
 
 
 class _EpochSource:
-    """DALI external source (batch mode): batch ``info.iteration`` of the epoch's list, or
+    """DALI external source (batch mode): batch ``info.iteration`` of the epoch's plans, or
     ``StopIteration`` past its end. Yields JPEG bytes, pixel anchors (x, y), shapes (w, h), mirror
     flags and sample ids."""
 
-    def __init__(self, paths: Sequence[str], batches: Sequence[np.ndarray], plan: PlanMaker) -> None:
+    def __init__(self, paths: Sequence[str], plans: EpochPlans) -> None:
         self.paths = paths
-        self.batches = batches
-        self.plan = plan
+        self.plans = plans
 
     def __call__(self, info):
         i = info.iteration
-        if i >= len(self.batches):
+        if i >= len(self.plans):
             raise StopIteration
-        idx = np.asarray(self.batches[i], dtype=np.int64)
-        plan = self.plan(idx)
+        plan = self.plans[i]
+        idx = plan.index
         jpegs, anchors, shapes, mirror, ids = [], [], [], [], []
         for b, j in enumerate(idx):
             try:
@@ -113,10 +112,11 @@ class DALIBackend:
             return dest
         return torch.from_numpy(np.array(tensor))
 
-    def iterate(self, batches: Sequence[np.ndarray], plan: PlanMaker) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
+    def iterate(self, plans: EpochPlans) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
+        batches = plans.batches
         if not batches:
             return
-        source = _EpochSource(self.paths, batches, plan)
+        source = _EpochSource(self.paths, plans)
         pipe = self._build(source, max(len(b) for b in batches))
         try:
             for step in range(len(batches)):

@@ -113,7 +113,7 @@ def pack_ffcv(images: str, store_path: str | None, out: str, *, max_side: int | 
 
     from ..imagecheck import packed_fingerprints
     from ..store import LabelStore
-    from .ffcv_backend import (  # first: it checks that FFCV is installed
+    from .ffcv import (  # first: it checks that FFCV is installed
         FORMAT, FORMAT_VERSION, META_SUFFIX, PlanRGBImageField, packed_image_spans)
 
     from ffcv.fields import BytesField, IntField

@@ -2,9 +2,12 @@
 
 The loader owns everything that must agree across backends: the epoch's sample order (a
 counter-based permutation keyed by ``(seed, epoch)``), sharding by rank, the plan of every batch,
-the label side (store records by sample index, or records packed beside the images), the MixToken
-box and the device step (:mod:`tl_fast.augment`). A backend only turns lists of sample indices into
-cropped, resized, flipped uint8 images, by the plan, and reports which indices it delivered.
+the label side (store records by sample index, or records packed beside the images) and the device
+step (:mod:`tl_fast.augment`). Each batch's plan — crop, flip, RandAugment, erasing boxes and noise
+seed, MixToken box — is one frozen :class:`tl_fast.plan.BatchPlan`, drawn once (:class:`EpochPlans`)
+and handed to the backend, which only turns it into cropped, resized, flipped uint8 images and
+reports which indices it delivered; the device step and the labels read the same object, and it
+travels on the :class:`Batch`.
 
 Resuming: ``state_dict()`` holds ``(epoch, step)``; every random draw is keyed by sample index,
 epoch and step, so the batches after a resume are the ones an uninterrupted run would have seen.
@@ -23,9 +26,9 @@ import torch
 from .. import rng
 from ..augment import augment_batch
 from ..dataset import ImageFolderIndex, SkippedImage, join_labels
-from ..plan import AugmentConfig, draw_mix_box
+from ..plan import AugmentConfig, BatchPlan
 from .batch import Batch, LoaderConfig
-from .common import PlanMaker, StoreMaps
+from .common import EpochPlans, PlanMaker, StoreMaps
 
 BACKENDS = ("dali", "ffcv", "torch")
 log = logging.getLogger(__name__)
@@ -124,7 +127,7 @@ class TokenLabelLoader:
         self.stats = {"label_s": 0.0, "batches": 0}
 
         if backend == "ffcv":
-            from .ffcv_backend import FFCVBackend, read_packed
+            from .ffcv import FFCVBackend, read_packed
 
             packed = read_packed(images)
             self.classes = packed.classes
@@ -260,9 +263,13 @@ class TokenLabelLoader:
         return [order[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(n)]
 
     def plan_maker(self, epoch: int | None = None) -> PlanMaker:
+        """What draws the plan of any batch of epoch ``epoch`` (default: the current one)."""
         cfg = self.config
+        mix = ("sample" if cfg.mixtoken_per_sample else "batch") if cfg.draws_mix_box else None
         return PlanMaker(cfg.seed, self._epoch if epoch is None else epoch, self._sizes,
-                         cfg.augment if cfg.augmenting else None, cfg.crop_pct)
+                         cfg.augment if cfg.augmenting else None, cfg.crop_pct,
+                         erase=cfg.erase if cfg.augmenting else None, image_size=cfg.image_size, mix=mix,
+                         grid=self.grid)
 
     # -- iteration -------------------------------------------------------------------------------
     def check_files_unchanged(self) -> None:
@@ -274,10 +281,10 @@ class TokenLabelLoader:
         if check is not None:
             check()
 
-    def _iterate(self, batches, plan):
+    def _iterate(self, plans: EpochPlans):
         """The backend's stream, with a failure explained by a changed file when one changed (a
         worker killed by SIGBUS on a shrunken map says nothing of the cause)."""
-        stream = self._backend.iterate(batches, plan)
+        stream = self._backend.iterate(plans)
         try:
             yield from stream
         except Exception as err:
@@ -292,16 +299,19 @@ class TokenLabelLoader:
     def __iter__(self) -> Iterator[Batch]:
         epoch, start = self._epoch, self._step
         batches = self._batches(epoch)
-        plan = self.plan_maker(epoch)
+        # The epoch's plans, one per batch, each drawn once (when the backend first asks for it)
+        # and read by the backend (pixels), the device step and the label side alike.
+        plans = EpochPlans(self.plan_maker(epoch), batches[start:], start)
         self.check_files_unchanged()
-        stream = self._iterate(batches[start:], plan)
+        stream = self._iterate(plans)
         try:
             step = start
             for images, idx, extras in stream:
                 if step >= len(batches) or not np.array_equal(idx, batches[step]):
                     raise RuntimeError(f"{self.backend_name} backend delivered samples {idx[:4]}... at step {step}, "
                                        "expected the planned ones: backend and plan are out of step")
-                batch = self._finish(images, idx, extras, plan, epoch, step)
+                batch = self._finish(images, extras, plans[step - start])
+                plans.release(step - start)
                 step += 1
                 self._step = step
                 yield batch
@@ -326,14 +336,12 @@ class TokenLabelLoader:
                                  "repack the file with tl-fast pack-ffcv") from None
         return self._store_maps(idx)
 
-    def _finish(self, images: torch.Tensor, idx: np.ndarray, extras: dict, plan_maker: PlanMaker, epoch: int,
-                step: int) -> Batch:
+    def _finish(self, images: torch.Tensor, extras: dict, plan: BatchPlan) -> Batch:
         cfg = self.config
         dev = self.device
-        plan = plan_maker(idx)
+        idx = plan.index
         images = images.to(dev, non_blocking=True)
-        x = augment_batch(images, plan, seed=cfg.seed, epoch=epoch, erase=cfg.erase if cfg.augmenting else None,
-                          normalize_output=not getattr(self._backend, "normalizes", False))
+        x = augment_batch(images, plan, normalize_output=not getattr(self._backend, "normalizes", False))
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         labels = torch.from_numpy(self._targets[idx]).to(dev, non_blocking=True)
@@ -354,11 +362,10 @@ class TokenLabelLoader:
                     maps = maps.pin_memory()
             maps = maps.to(dev, non_blocking=True)
             self.stats["label_s"] += time.perf_counter() - t0
-        if cfg.draws_mix_box:  # also without token labels: a mixed-label baseline uses it
-            if cfg.mixtoken_per_sample:
-                mix = draw_mix_box(cfg.seed, epoch, idx, self.grid).tensor(dev)
-            else:
-                mix = draw_mix_box(cfg.seed, epoch, [step], self.grid).tensor(dev)[0]
+        if plan.mix is not None:  # also without token labels: a mixed-label baseline uses it
+            mix = plan.mix.tensor(dev)
+            if not cfg.mixtoken_per_sample:
+                mix = mix[0]
         return Batch(images=x, labels=labels, maps=maps, affine=affine, mix_box=mix, grid=self.grid,
                      num_classes=self.num_classes, smoothing=cfg.smoothing if cfg.train else 0.0,
-                     indices=idx, epoch=epoch, step=step, label_compat=cfg.label_compat)
+                     indices=idx, epoch=plan.epoch, step=plan.step, label_compat=cfg.label_compat, plan=plan)
