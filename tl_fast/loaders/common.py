@@ -83,6 +83,20 @@ class EpochPlans(Sequence[BatchPlan]):
             self._plans.pop(i, None)
 
 
+def map_parts(batch: int, num_classes: int, topk: int, map_size: Sequence[int]) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of the values and indices of ``batch`` decoded top-k maps."""
+    shape = (batch, topk, *map_size)
+    return [(shape, torch.float16), (shape, torch.int16 if num_classes <= 32767 else torch.int32)]
+
+
+def empty_maps(parts: Sequence[tuple[tuple[int, ...], torch.dtype]], pin: bool):
+    """Uninitialized maps of ``parts`` to decode a batch into: pinned when the batch goes to a GPU,
+    so the decode lands where the asynchronous copy to the device reads, without a staging copy."""
+    from ..store import TopKMaps
+
+    return TopKMaps(*(torch.empty(shape, dtype=dtype, pin_memory=pin) for shape, dtype in parts))
+
+
 class StoreMaps:
     """The top-k maps of a batch of sample indices, read from a label store: ``record[i]`` is sample
     i's record (-1: none, then the one-hot fall-back of its class ``targets[i]``).
@@ -97,8 +111,7 @@ class StoreMaps:
 
     def parts(self, batch: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """(shape, dtype) of the values and indices of ``batch`` samples' maps."""
-        shape = (batch, self.store.topk, *self.store.map_size)
-        return [(shape, torch.float16), (shape, self.index_dtype)]
+        return map_parts(batch, self.store.num_classes, self.store.topk, self.store.map_size)
 
     def __call__(self, idx: np.ndarray, out=None):
         """The maps of samples ``idx``, decoded into ``out`` (a ``TopKMaps`` of :meth:`parts`'
@@ -112,7 +125,7 @@ class StoreMaps:
         if not missing.any():
             return self.store.read(rec, out=out)
         if out is None:
-            out = TopKMaps(*(torch.empty(shape, dtype=dtype) for shape, dtype in self.parts(len(idx))))
+            out = empty_maps(self.parts(len(idx)), pin=False)
         # The one-hot fall-back: every position scores ONE_HOT_SCORE for the image's class, the other
         # top-k slots repeat the class with score 0; then the records that exist.
         out.values.zero_()
@@ -133,6 +146,8 @@ class Backend(Protocol):
 
     def iterate(self, plans: EpochPlans) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
         """Yield the batches of ``plans`` in order (``plans.batches[i]`` are batch i's sample indices),
-        each cropped and flipped by its plan, as ``(uint8 images, indices, extras)``."""
+        each cropped and flipped by its plan, as ``(uint8 images, indices, extras)``; with token
+        labels, ``extras["maps"]`` holds the batch's top-k maps, decoded where the images are made
+        (and ``extras["label_s"]`` the host seconds it took, where that is the main process)."""
         ...
 

@@ -189,7 +189,8 @@ class TokenLabelLoader:
             else:
                 from .dali_backend import DALIBackend
 
-                self._backend = DALIBackend(paths, self._sizes, self.config, self.device, normalize=normalize)
+                self._backend = DALIBackend(paths, self._sizes, self.config, self.device, normalize=normalize,
+                                            labels=self._store_maps if self.has_token_labels else None)
         if len(self) == 0:
             warnings.warn(f"loader has no batches: {len(self._ids)} samples, batch_size {batch_size}, "
                           f"world_size {self.world_size}, drop_last {self.config.drop_last}", stacklevel=2)
@@ -323,19 +324,6 @@ class TokenLabelLoader:
                 close()
         self._epoch, self._step = epoch + 1, 0
 
-    def _read_maps(self, idx: np.ndarray, extras: dict):
-        if self._packed_labels:
-            from ..store import RecordError, StoreError, decode_records
-
-            k_classes, topk, map_size = self._map_geometry
-            try:
-                return decode_records(extras["records"], k_classes, topk, map_size, lengths=extras["record_lengths"])
-            except RecordError as err:
-                name = self._backend.sample_name(int(idx[err.position]))
-                raise StoreError(f"{self._backend.path}: the label record packed for {name} is damaged ({err.reason}): "
-                                 "repack the file with tl-fast pack-ffcv") from None
-        return self._store_maps(idx)
-
     def _finish(self, images: torch.Tensor, extras: dict, plan: BatchPlan) -> Batch:
         cfg = self.config
         dev = self.device
@@ -354,14 +342,10 @@ class TokenLabelLoader:
         maps = mix = None
         self.stats["batches"] += 1
         if self.has_token_labels:
+            # Decoded by the backend where it made the images (pinned there, or by the DataLoader, for CUDA).
             t0 = time.perf_counter()
-            maps = extras.get("maps")  # read by the backend's workers (pinned by the DataLoader on CUDA)
-            if maps is None:
-                maps = self._read_maps(idx, extras)
-                if dev.type == "cuda":
-                    maps = maps.pin_memory()
-            maps = maps.to(dev, non_blocking=True)
-            self.stats["label_s"] += time.perf_counter() - t0
+            maps = extras["maps"].to(dev, non_blocking=True)
+            self.stats["label_s"] += extras.get("label_s", 0.0) + time.perf_counter() - t0
         if plan.mix is not None:  # also without token labels: a mixed-label baseline uses it
             mix = plan.mix.tensor(dev)
             if not cfg.mixtoken_per_sample:

@@ -6,13 +6,16 @@ the shard with repeated samples. Before FFCV decodes batch ``i`` (on its pipelin
 backend writes that batch's plan — the same :class:`tl_fast.plan.BatchPlan` object the loader then
 finishes the batch with — into the plan columns the decoder reads (:mod:`.field`).
 
-Label records are packed as a bytes field (uint8; numba has no float16) and decoded in the main
-process with :func:`tl_fast.store.decode_records`. A file packed without labels has no such field
-(``has_records`` false in its JSON); it serves loaders without token labels only.
+Label records are packed as a bytes field (uint8; numba has no float16) and come out of FFCV with
+the batch's images; the backend decodes them right there (:func:`tl_fast.store.decode_records`,
+in the thread that receives FFCV's batches) straight into the batch's map buffer, pinned for a
+GPU. A file packed without labels has no such field (``has_records`` false in its JSON); it serves
+loaders without token labels only.
 """
 from __future__ import annotations
 
 import os
+import time
 from typing import Iterator
 
 import numpy as np
@@ -23,7 +26,7 @@ from ffcv.loader import OrderOption
 
 from ...imagecheck import packed_fingerprints
 from ..batch import LoaderConfig
-from ..common import EpochPlans
+from ..common import EpochPlans, empty_maps, map_parts
 from .field import PlanCropDecoder, PlanRGBImageField, add_plan_columns, write_plan
 from .guard import _GuardedEpochIterator, _GuardedLoader
 from .packed import read_packed
@@ -80,6 +83,22 @@ class FFCVBackend:
             raise RuntimeError(f"{self.path}: the packed bytes of {bad.size} image(s) in this batch changed since "
                                f"pack time ({names}): the file was modified; repack it with tl-fast pack-ffcv")
 
+    def _labels(self, records: np.ndarray, idx: np.ndarray) -> dict:
+        """The batch's maps, decoded from the records FFCV delivered with its images (padded rows of
+        FFCV's buffer) into a fresh buffer; a damaged record names its image."""
+        from ...store import RecordError, StoreError, decode_records
+
+        t0 = time.perf_counter()
+        info = self.info
+        out = empty_maps(map_parts(len(idx), info.num_classes, info.topk, info.map_size), pin=self.device.type == "cuda")
+        try:
+            maps = decode_records(records, info.num_classes, info.topk, info.map_size,
+                                  lengths=info.record_lengths[idx], out=out)
+        except RecordError as err:
+            raise StoreError(f"{self.path}: the label record packed for {self.sample_name(int(idx[err.position]))} is "
+                             f"damaged ({err.reason}): repack the file with tl-fast pack-ffcv") from None
+        return {"maps": maps, "label_s": time.perf_counter() - t0}
+
     def _ffcv_loader(self, order: np.ndarray) -> _GuardedLoader:
         """The FFCV loader, built (and compiled) on first use, then re-pointed at each epoch's order."""
         from ffcv.traversal_order.sequential import Sequential
@@ -129,10 +148,7 @@ class FFCVBackend:
                 images = torch.from_numpy(out[0]).permute(0, 3, 1, 2).contiguous()  # copy out of FFCV's buffer
                 idx = np.asarray(out[1], dtype=np.int64).reshape(-1)
                 self.check_images(idx)
-                extras = {}
-                if self.with_records:
-                    extras["records"] = np.array(out[2])
-                    extras["record_lengths"] = self.info.record_lengths[idx]
+                extras = self._labels(out[2], idx) if self.with_records else {}
                 if self.device.type == "cuda":
                     images = images.pin_memory()
                 yield images, idx, extras
