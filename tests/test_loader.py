@@ -633,3 +633,21 @@ def test_torch_backend_on_cuda_delivers_the_cpu_batch(tmp_path, randaugment):
             assert diff.max() <= level and (diff > 1e-5).float().mean() < 0.02
         else:
             assert diff.max() <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "ffcv"])
+def test_loader_takes_a_source_object(data, backend):
+    """A source built by the caller gives the batches of the same loader built from paths."""
+    from tl_fast.loaders.source import ImageFolderSource, PackedSource
+
+    source = (PackedSource(data["beton"]) if backend == "ffcv"
+              else ImageFolderSource(data["images"], data["store"]))
+    kw = dict(batch_size=4, image_size=S, patch_size=P, num_workers=1 if backend == "ffcv" else 0, device="cpu", seed=2)
+    got = _epoch(TokenLabelLoader(source, backend=backend, **kw))
+    want = _epoch(_loader(data, backend, **kw))
+    assert len(got) == len(want) == 3
+    for a, b in zip(got, want):
+        assert np.array_equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1:4], b[1:4]))
+        assert torch.equal(a[4][0], b[4][0]) and torch.equal(a[5], b[5])
+    with pytest.raises(ValueError, match="reads an ImageFolder directory"):
+        TokenLabelLoader(PackedSource(data["beton"]), backend="torch", **kw)

@@ -29,16 +29,17 @@ from ..batch import LoaderConfig
 from ..common import EpochPlans, empty_maps, map_parts
 from .field import PlanCropDecoder, PlanRGBImageField, add_plan_columns, write_plan
 from .guard import _GuardedEpochIterator, _GuardedLoader
-from .packed import read_packed
+from .packed import PackedInfo, read_packed
 
 
 class FFCVBackend:
     name = "ffcv"
     normalizes = False
 
-    def __init__(self, path: str | os.PathLike, config: LoaderConfig, device: torch.device, *, with_records: bool) -> None:
+    def __init__(self, path: str | os.PathLike, config: LoaderConfig, device: torch.device, *, with_records: bool,
+                 info: PackedInfo | None = None) -> None:
         self.path = str(path)
-        self.info = read_packed(self.path)
+        self.info = info if info is not None else read_packed(self.path)
         if with_records and not self.info.has_records:
             raise ValueError(f"{self.path} was packed without label records: repack it with a label store")
         self.config = config
