@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, replace
-from typing import Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from ..dataset import ONE_HOT_SCORE
 from ..plan import AugmentConfig, BatchPlan, EraseConfig, center_crop_plan, draw_mix_box, plan_batch, with_erase
+
+if TYPE_CHECKING:
+    from ..store import TopKMaps
 
 
 @dataclass(frozen=True)
@@ -83,13 +86,14 @@ class EpochPlans(Sequence[BatchPlan]):
             self._plans.pop(i, None)
 
 
-def map_parts(batch: int, num_classes: int, topk: int, map_size: Sequence[int]) -> list[tuple[tuple[int, ...], torch.dtype]]:
+def map_parts(batch: int, num_classes: int, topk: int,
+              map_size: Sequence[int]) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """(shape, dtype) of the values and indices of ``batch`` decoded top-k maps."""
     shape = (batch, topk, *map_size)
     return [(shape, torch.float16), (shape, torch.int16 if num_classes <= 32767 else torch.int32)]
 
 
-def empty_maps(parts: Sequence[tuple[tuple[int, ...], torch.dtype]], pin: bool):
+def empty_maps(parts: Sequence[tuple[tuple[int, ...], torch.dtype]], pin: bool) -> TopKMaps:
     """Uninitialized maps of ``parts`` to decode a batch into: pinned when the batch goes to a GPU,
     so the decode lands where the asynchronous copy to the device reads, without a staging copy."""
     from ..store import TopKMaps
@@ -113,7 +117,7 @@ class StoreMaps:
         """(shape, dtype) of the values and indices of ``batch`` samples' maps."""
         return map_parts(batch, self.store.num_classes, self.store.topk, self.store.map_size)
 
-    def __call__(self, idx: np.ndarray, out=None):
+    def __call__(self, idx: np.ndarray, out: TopKMaps | None = None) -> TopKMaps:
         """The maps of samples ``idx``, decoded into ``out`` (a ``TopKMaps`` of :meth:`parts`'
         shapes, e.g. views of a batch buffer) or into new tensors."""
         from ..store import TopKMaps

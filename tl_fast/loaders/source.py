@@ -15,7 +15,7 @@ import torch
 
 from ..dataset import ImageFolderIndex, SkippedImage, join_labels
 from .batch import LoaderConfig
-from .common import StoreMaps
+from .common import Backend, StoreMaps
 
 
 def _open_store(labels):
@@ -62,7 +62,7 @@ class ImageFolderSource:
         if self.store_maps is not None:
             self.store_maps.store.check_unchanged()
 
-    def backend(self, name: str, config: LoaderConfig, device: torch.device, *, token_labels: bool):
+    def backend(self, name: str, config: LoaderConfig, device: torch.device, *, token_labels: bool) -> Backend:
         """The ``name`` backend over these images; it reads the maps too when ``token_labels``."""
         paths = [self.index.abspath(i) for i in range(len(self.index))]
         labels = self.store_maps if token_labels else None
@@ -120,7 +120,7 @@ class PackedSource:
     def check_unchanged(self) -> None:
         """Nothing beside the ``.beton`` is mapped (the backend checks the file itself)."""
 
-    def backend(self, name: str, config: LoaderConfig, device: torch.device, *, token_labels: bool):
+    def backend(self, name: str, config: LoaderConfig, device: torch.device, *, token_labels: bool) -> Backend:
         """The FFCV backend over this file; it decodes the packed records too when ``token_labels``."""
         if name != "ffcv":
             raise ValueError(f"backend {name!r} reads an ImageFolder directory; {self.path} is not one")

@@ -5,9 +5,9 @@ A worker builds whole batches: the DataLoader's sampler is the epoch's plans, so
 each batch's :class:`tl_fast.plan.BatchPlan` (drawn once, in the main process) and cuts the images
 by it. It writes the batch's images, and decodes its label maps (``LabelStore.read(..., out=)``),
 straight into one slot of a shared-memory ring that the main process allocated once
-(:class:`_SlotRing`): only the plan and the slot's number travel through the DataLoader's queues. A decode failure raises in
-the main process with the image's path (the DataLoader re-raises worker exceptions); a stalled
-worker raises after ``timeout_s``.
+(:class:`_SlotRing`): only the plan and the slot's number travel through the DataLoader's queues.
+A decode failure raises in the main process with the image's path (the DataLoader re-raises worker
+exceptions); a stalled worker raises after ``timeout_s``.
 """
 from __future__ import annotations
 

@@ -91,7 +91,8 @@ class FFCVBackend:
 
         t0 = time.perf_counter()
         info = self.info
-        out = empty_maps(map_parts(len(idx), info.num_classes, info.topk, info.map_size), pin=self.device.type == "cuda")
+        parts = map_parts(len(idx), info.num_classes, info.topk, info.map_size)
+        out = empty_maps(parts, pin=self.device.type == "cuda")
         try:
             maps = decode_records(records, info.num_classes, info.topk, info.map_size,
                                   lengths=info.record_lengths[idx], out=out)

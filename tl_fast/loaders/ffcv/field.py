@@ -18,6 +18,7 @@ import numpy as np
 from ffcv.fields import RGBImageField
 from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader
 from ffcv.pipeline.compiler import Compiler
 
 # The per-sample plan the decoder reads, added to the image metadata in memory.
@@ -53,7 +54,7 @@ class PlanRGBImageField(RGBImageField):
         storage[:] = data
 
 
-def add_plan_columns(loader) -> np.ndarray:
+def add_plan_columns(loader: Loader) -> np.ndarray:
     """Replace the in-memory metadata of the FFCV ``loader`` (before its first epoch) by a copy whose
     image field also has :data:`PLAN_COLUMNS`, set to the whole image, unflipped; returns that
     image field's metadata, for :func:`write_plan`."""
