@@ -651,3 +651,20 @@ def test_loader_takes_a_source_object(data, backend):
         assert torch.equal(a[4][0], b[4][0]) and torch.equal(a[5], b[5])
     with pytest.raises(ValueError, match="reads an ImageFolder directory"):
         TokenLabelLoader(PackedSource(data["beton"]), backend="torch", **kw)
+
+
+def test_ffcv_decoder_reads_each_epochs_plan(data):
+    """The FFCV decoder is compiled once and reads the crops written before each batch: its images
+    follow the plan of every epoch (a stale or baked-in crop would drift from torch's in epoch 1),
+    and each batch carries the plan it was made with."""
+    kw = dict(augment=NO_RA, erase=None, seed=8)
+    ffcv, ref = _loader(data, "ffcv", **kw), _loader(data, "torch", **kw)
+    for epoch in range(2):
+        got, want = list(ffcv), list(ref)
+        assert len(got) == len(want) == 3 and got[0].epoch == epoch
+        for a, b in zip(got, want):
+            assert np.array_equal(a.indices, b.indices) and np.array_equal(a.plan.index, a.indices)
+            assert np.array_equal(a.plan.crop, b.plan.crop) and torch.equal(a.affine, b.affine)
+            assert torch.equal(a.mix_box, torch.as_tensor(a.plan.mix.boxes[0], dtype=torch.int32))
+            diff = (_levels(a.images) - _levels(b.images)).abs()
+            assert diff.mean() <= 3.0 and diff.max() <= 24.5, (a.epoch, diff.mean(), diff.max())
