@@ -41,7 +41,8 @@ def resolve_backend(backend: str, images) -> str:
     if backend == "auto":
         from ..optional import available
 
-        if isinstance(images, PackedSource) or (not isinstance(images, ImageFolderSource) and os.path.isfile(images)):
+        packed = isinstance(images, PackedSource)
+        if packed or (not isinstance(images, ImageFolderSource) and os.path.isfile(images)):
             backend = "ffcv"
         else:
             backend = "dali" if available("nvidia.dali") else "torch"
