@@ -65,10 +65,13 @@ def make_data(root: str) -> dict:
 
 
 def _batch_record(b) -> dict:
-    return {"indices": torch.from_numpy(np.asarray(b.indices)), "images": b.images.cpu(), "labels": b.labels.cpu(),
-            "affine": b.affine.cpu(), "values": None if b.maps is None else b.maps.values.cpu(),
-            "map_ids": None if b.maps is None else b.maps.indices.cpu(),
-            "mix_box": None if b.mix_box is None else b.mix_box.cpu()}
+    """The batch's tensors as copies (a backend's tensors may be views of one shared buffer)."""
+    def own(t):
+        return None if t is None else t.detach().cpu().clone()
+
+    return {"indices": torch.from_numpy(np.array(b.indices)), "images": own(b.images), "labels": own(b.labels),
+            "affine": own(b.affine), "values": None if b.maps is None else own(b.maps.values),
+            "map_ids": None if b.maps is None else own(b.maps.indices), "mix_box": own(b.mix_box)}
 
 
 def dump(data: dict, backends: list[str], workers: int, epochs: int) -> dict:
