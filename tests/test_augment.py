@@ -8,7 +8,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from tl_fast import augment, geometry
 from tl_fast.augment import erase
-from tl_fast.plan import RA_OPS, AugmentConfig, plan_batch
+from tl_fast.plan import RA_OPS, AugmentConfig, plan_batch, with_erase
 
 
 def _images(n=4, h=37, w=45, seed=0) -> np.ndarray:
@@ -190,12 +190,12 @@ def test_random_erase_cpu_and_gpu_strategies_agree():
 def test_augment_batch_deterministic_and_normalized():
     imgs = torch.from_numpy(_images(n=8, h=32, w=32)).permute(0, 3, 1, 2).contiguous()
     plan = plan_batch(0, 2, np.arange(8), np.full((8, 2), 32), AugmentConfig())
-    a = augment.augment_batch(imgs, plan, seed=0, epoch=2)
-    b = augment.augment_batch(imgs, plan, seed=0, epoch=2)
+    a = augment.augment_batch(imgs, with_erase(plan, 0, (32, 32)))
+    b = augment.augment_batch(imgs, with_erase(plan, 0, (32, 32)))
     assert a.dtype == torch.float32 and a.shape == (8, 3, 32, 32)
     assert torch.equal(a, b)
     no_ra = plan_batch(0, 2, np.arange(8), np.full((8, 2), 32), AugmentConfig(randaugment=None))
-    c = augment.augment_batch(imgs, no_ra, seed=0, epoch=2, erase=None)
+    c = augment.augment_batch(imgs, no_ra)
     mean = torch.tensor(augment.IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(augment.IMAGENET_STD).view(1, 3, 1, 1)
     assert torch.allclose(c, (imgs.float() / 255 - mean) / std, atol=1e-5)

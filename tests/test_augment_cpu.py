@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tl_fast import augment
-from tl_fast.plan import RA_OPS, AugmentConfig, plan_batch
+from tl_fast.plan import RA_OPS, AugmentConfig, plan_batch, with_erase
 
 cv2 = pytest.importorskip("cv2")
 from tl_fast.augment.tables import augment_photometric_normalize  # noqa: E402
@@ -75,7 +75,7 @@ def test_augment_batch_cpu_is_warp_then_float_reference():
     n, s = 40, 32
     imgs = _images(rng, n, s)
     plan = plan_batch(seed % 1000, 3, np.arange(n), np.full((n, 2), 48), AugmentConfig())
-    got = augment.augment_batch(imgs, plan, seed=5, epoch=3)
+    got = augment.augment_batch(imgs, with_erase(plan, 5, (s, s)))
     geo = np.flatnonzero(np.isin(plan.ra_op, augment.GEOMETRIC_IDS).any(1))
     x = imgs.clone()
     if len(geo):
@@ -91,8 +91,8 @@ def test_without_opencv_falls_back_to_the_float_path(monkeypatch):
     imgs = _images(rng, 16, 24)
     plan = plan_batch(seed % 1000, 0, np.arange(16), np.full((16, 2), 24), AugmentConfig())
     plan.ra_op[np.isin(plan.ra_op, augment.GEOMETRIC_IDS)] = -1  # no warp: both paths then agree exactly
-    with_cv2 = augment.augment_batch(imgs, plan, seed=0, epoch=0, erase=None)
+    with_cv2 = augment.augment_batch(imgs, plan)
     monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now raises ImportError
     assert augment_photometric_normalize(imgs, plan.ra_op, plan.ra_level) is None
-    without = augment.augment_batch(imgs, plan, seed=0, epoch=0, erase=None)
+    without = augment.augment_batch(imgs, plan)
     assert torch.equal(with_cv2, without), f"seed {seed}"

@@ -425,7 +425,7 @@ def test_beton_hashes_every_packed_image_byte_and_refuses_changed_bytes(tmp_path
     from ffcv.reader import Reader
 
     from tl_fast.imagecheck import packed_fingerprints
-    from tl_fast.loaders.ffcv_backend import PlanRGBImageField, packed_image_spans
+    from tl_fast.loaders.ffcv import PlanRGBImageField, packed_image_spans
     from tl_fast.loaders.ffcv_pack import pack_ffcv
     from tl_fast.loaders.packed_hash import content_hash
 
@@ -500,7 +500,7 @@ def test_beton_changed_under_the_loader_is_an_error_at_epoch_start(tmp_path):
 def test_damaged_packed_record_names_the_image(tmp_path):
     from ffcv.reader import Reader
 
-    from tl_fast.loaders.ffcv_backend import PlanRGBImageField
+    from tl_fast.loaders.ffcv import PlanRGBImageField
     from tl_fast.loaders.ffcv_pack import pack_ffcv
 
     images = make_folder(tmp_path / "imgs", {"a": 2, "b": 2})
@@ -605,18 +605,17 @@ def test_killed_writer_temporaries_are_removed_by_the_next_write(tmp_path):
 def test_ffcv_pipeline_failure_names_the_batch_images(tmp_path):
     from ffcv.loader import OrderOption
 
-    from tl_fast.loaders.common import PlanMaker
-    from tl_fast.loaders.ffcv_backend import PlanCropDecoder, PlanRGBImageField, _GuardedLoader
+    from tl_fast.loaders.ffcv import PlanCropDecoder, PlanRGBImageField, _GuardedLoader, add_plan_columns
     from tl_fast.loaders.ffcv_pack import pack_ffcv
 
     images = make_folder(tmp_path / "imgs", {"a": 2, "b": 2})
     beton = str(tmp_path / "x.beton")
     meta = _quiet(pack_ffcv, images, None, beton, num_workers=1, progress=False)
-    maker = PlanMaker(0, 0, np.full((4, 2), 64), None)
     loader = _GuardedLoader(beton, batch_size=2, num_workers=1, order=OrderOption.SEQUENTIAL,
-                            pipelines={"image": [PlanCropDecoder(maker, S), exploding_ffcv_op()], "label": None,
+                            pipelines={"image": [PlanCropDecoder(S), exploding_ffcv_op()], "label": None,
                                        "index": None},
                             custom_fields={"image": PlanRGBImageField}, drop_last=False)
+    add_plan_columns(loader)  # whole images, unflipped
     loader.timeout_s = 60
     loader.sample_name = lambda i: meta["paths"][i]
     with pytest.raises(RuntimeError, match=r"failed on a batch of 2 images \(a/000.jpg, a/001.jpg\).*exploding"):

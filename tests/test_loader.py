@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from tl_fast import geometry
 from tl_fast.augment import IMAGENET_MEAN, IMAGENET_STD, augment_batch
 from tl_fast.dataset import ImageFolderIndex, join_labels
 from tl_fast.loaders import TokenLabelLoader
-from tl_fast.loaders.common import PlanMaker
+from tl_fast.loaders.common import EpochPlans
 from tl_fast.plan import RA_GEOMETRIC, RA_OPS, AugmentConfig
 from tl_fast.store import LabelStore
 
@@ -239,20 +240,6 @@ def test_torch_workers_started_by_spawn_share_the_ring(tmp_path):
 
 # -- agreement between backends ------------------------------------------------------------------
 
-def test_ffcv_compiled_plan_equals_numpy_plan():
-    from tl_fast.loaders.ffcv_backend import plan_crops_numba
-
-    rs = np.random.RandomState(0)
-    sizes = np.stack([rs.randint(1, 900, 3000), rs.randint(1, 900, 3000)], 1)
-    idx = np.arange(3000)
-    for augment in (AugmentConfig(), AugmentConfig(scale=(0.35, 1), ratio=(0.5, 2.0), hflip=0.3), None):
-        maker = PlanMaker(seed=11, epoch=3, sizes=sizes, augment=augment)
-        crops, flips = plan_crops_numba(maker, idx)
-        plan = maker(idx)
-        assert np.array_equal(crops, plan.crop)
-        assert np.array_equal(flips, plan.flip)
-
-
 @pytest.mark.parametrize("augment", [NO_RA, AugmentConfig()], ids=["crop_flip", "randaugment"])
 def test_backends_agree(data, augment):
     runs = {be: _epoch(_loader(data, be, augment=augment, erase=None, seed=3)) for be in BACKENDS}
@@ -311,14 +298,14 @@ def test_randaugment_geometry_follows_label_affine(tmp_path):
         Image.fromarray(coordinate_image(220, 250)).save(root / "a" / f"{i}.jpg", quality=100, subsampling=0)
     loader = TokenLabelLoader(str(root), None, backend="torch", batch_size=8, image_size=64, patch_size=8,
                               num_workers=0, device="cpu", augment=AugmentConfig(), erase=None, seed=4)
-    maker = loader.plan_maker(0)
-    batches = loader._batches(0)
-    images, idx, _ = next(iter(loader._backend.iterate(batches, maker)))
-    plan = maker(idx)
+    plans = EpochPlans(loader.plan_maker(0), loader._batches(0))
+    images, idx, _ = next(iter(loader._backend.iterate(plans)))
+    plan = plans[0]
+    assert np.array_equal(plan.index, idx)
     geometric = np.isin(plan.ra_op, [RA_OPS.index(n) for n in RA_GEOMETRIC])
-    plan.ra_op = np.where(geometric, plan.ra_op, -1)  # keep the warp, drop pixel ops
+    plan = replace(plan, ra_op=np.where(geometric, plan.ra_op, -1))  # keep the warp, drop pixel ops
     assert geometric.any()
-    out = _levels(augment_batch(images, plan, seed=4, epoch=0, erase=None))
+    out = _levels(augment_batch(images, plan))
     ii, jj = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
     u, v = (jj + 0.5) / 64, (ii + 0.5) / 64
     x, y = geometry.apply_affine(torch.from_numpy(plan.affine), u[None].double(), v[None].double())
@@ -449,7 +436,7 @@ def test_pack_ffcv_cli_with_downscale(data, tmp_path):
         assert np.array_equal(x[0], y[0]) and torch.equal(x[3], y[3]) and torch.equal(x[4][0], y[4][0])
         diff = (_levels(x[1]) - _levels(y[1])).abs()
         assert diff.mean() < 8  # a downscaled, re-encoded source: same content, softer
-    from tl_fast.loaders.ffcv_backend import read_packed
+    from tl_fast.loaders.ffcv import read_packed
 
     info = read_packed(out)
     assert info.stored_sizes.max() <= 48 and np.array_equal(info.sizes, ImageFolderIndex(data["images"]).sizes)
@@ -468,7 +455,7 @@ def unlabelled(data):
 def test_pack_ffcv_without_labels_reads_like_the_labelled_pack(data, unlabelled):
     import json
 
-    from tl_fast.loaders.ffcv_backend import read_packed
+    from tl_fast.loaders.ffcv import read_packed
 
     with open(unlabelled["beton"] + ".json") as f:
         meta = json.load(f)
@@ -513,13 +500,13 @@ def test_token_labels_from_unlabelled_pack_are_a_clear_error(data, unlabelled, t
 def test_ffcv_pipeline_error_surfaces_instead_of_hanging(data):
     from ffcv.loader import OrderOption
 
-    from tl_fast.loaders.ffcv_backend import PlanCropDecoder, PlanRGBImageField, _GuardedLoader
+    from tl_fast.loaders.ffcv import PlanCropDecoder, PlanRGBImageField, _GuardedLoader, add_plan_columns
 
-    maker = PlanMaker(0, 0, np.full((12, 2), 64), None)
     loader = _GuardedLoader(data["beton"], batch_size=4, num_workers=1, order=OrderOption.SEQUENTIAL,
-                            pipelines={"image": [PlanCropDecoder(maker, S), exploding_ffcv_op()], "label": None,
+                            pipelines={"image": [PlanCropDecoder(S), exploding_ffcv_op()], "label": None,
                                        "index": None, "record": None},
                             custom_fields={"image": PlanRGBImageField}, drop_last=False)
+    add_plan_columns(loader)  # whole images, unflipped
     loader.timeout_s = 60
     with pytest.raises(RuntimeError, match="exploding transform"):
         for _ in loader:
@@ -547,7 +534,7 @@ def test_ffcv_leaves_numba_shared_types_intact_and_compiles_before_returning(dat
     thread (the first batch) before ``iter`` returns, so compilation never overlaps the caller."""
     import numba
 
-    from tl_fast.loaders.ffcv_backend import _GuardedEpochIterator
+    from tl_fast.loaders.ffcv import _GuardedEpochIterator
 
     u8 = numba.types.Array(numba.types.uint8, 1, "C")
     key, h = u8.key, hash(u8)
@@ -634,3 +621,38 @@ def test_torch_backend_on_cuda_delivers_the_cpu_batch(tmp_path, randaugment):
             assert diff.max() <= level and (diff > 1e-5).float().mean() < 0.02
         else:
             assert diff.max() <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "ffcv"])
+def test_loader_takes_a_source_object(data, backend):
+    """A source built by the caller gives the batches of the same loader built from paths."""
+    from tl_fast.loaders.source import ImageFolderSource, PackedSource
+
+    source = (PackedSource(data["beton"]) if backend == "ffcv"
+              else ImageFolderSource(data["images"], data["store"]))
+    kw = dict(batch_size=4, image_size=S, patch_size=P, num_workers=1 if backend == "ffcv" else 0, device="cpu", seed=2)
+    got = _epoch(TokenLabelLoader(source, backend=backend, **kw))
+    want = _epoch(_loader(data, backend, **kw))
+    assert len(got) == len(want) == 3
+    for a, b in zip(got, want):
+        assert np.array_equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1:4], b[1:4]))
+        assert torch.equal(a[4][0], b[4][0]) and torch.equal(a[5], b[5])
+    with pytest.raises(ValueError, match="reads an ImageFolder directory"):
+        TokenLabelLoader(PackedSource(data["beton"]), backend="torch", **kw)
+
+
+def test_ffcv_decoder_reads_each_epochs_plan(data):
+    """The FFCV decoder is compiled once and reads the crops written before each batch: its images
+    follow the plan of every epoch (a stale or baked-in crop would drift from torch's in epoch 1),
+    and each batch carries the plan it was made with."""
+    kw = dict(augment=NO_RA, erase=None, seed=8)
+    ffcv, ref = _loader(data, "ffcv", **kw), _loader(data, "torch", **kw)
+    for epoch in range(2):
+        got, want = list(ffcv), list(ref)
+        assert len(got) == len(want) == 3 and got[0].epoch == epoch
+        for a, b in zip(got, want):
+            assert np.array_equal(a.indices, b.indices) and np.array_equal(a.plan.index, a.indices)
+            assert np.array_equal(a.plan.crop, b.plan.crop) and torch.equal(a.affine, b.affine)
+            assert torch.equal(a.mix_box, torch.as_tensor(a.plan.mix.boxes[0], dtype=torch.int32))
+            diff = (_levels(a.images) - _levels(b.images)).abs()
+            assert diff.mean() <= 3.0 and diff.max() <= 24.5, (a.epoch, diff.mean(), diff.max())

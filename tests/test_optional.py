@@ -37,7 +37,7 @@ def test_missing_dependency_is_one_line_with_the_install_command(without, module
 
 def test_pack_ffcv_without_ffcv_is_an_error_line(without, monkeypatch, tmp_path, capsys):
     without("ffcv")
-    monkeypatch.delitem(sys.modules, "tl_fast.loaders.ffcv_backend", raising=False)  # restored afterwards
+    monkeypatch.delitem(sys.modules, "tl_fast.loaders.ffcv", raising=False)  # restored afterwards
     (tmp_path / "a").mkdir()
     rc = cli.main(["pack-ffcv", str(tmp_path), str(tmp_path / "x.beton"), "--no-labels"])
     err = capsys.readouterr().err.strip().splitlines()

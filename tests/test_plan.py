@@ -44,7 +44,7 @@ def test_rrc_matches_torchvision_rule():
     sizes = np.array([[375, 500], [500, 375], [20, 900], [900, 20], [1, 1], [224, 224], [7, 3]] * 30)
     idx = np.arange(len(sizes))
     got = plan.random_resized_crop(0, 2, idx, sizes)
-    u = rng.uniform(0, 2, idx, plan._S_CROP, 40).reshape(-1, 10, 4)
+    u = rng.uniform(0, 2, idx, rng.Stream.CROP, 40).reshape(-1, 10, 4)
     for n, (h, w) in enumerate(sizes):
         assert tuple(got[n]) == torchvision_rrc_scalar(int(h), int(w), u[n]), n
 

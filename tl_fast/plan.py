@@ -6,12 +6,15 @@ size)`` only. Image backends crop by ``plan.crop``; label ops use ``plan.affine`
 its own crop, so images and labels agree by construction, in any process, on any resume.
 
 ``draw_mix_box`` draws MixToken boxes keyed by ``(seed, epoch, step)`` (one per batch, as in the
-paper) or by sample index (one per sample).
+paper) or by sample index (one per sample); ``erase_boxes`` and ``noise_seed`` draw timm's random
+erasing. These are the drawing primitives; the loader composes them into one frozen
+:class:`BatchPlan` per batch (:class:`tl_fast.loaders.common.PlanMaker`), which the image backends,
+the device step (:mod:`tl_fast.augment`, which draws nothing) and the label side all read.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -19,9 +22,6 @@ import torch
 from . import geometry, rng
 
 from .rng import Stream
-
-# Plain ints of the plan's streams, for numba-compiled code that reads them as globals.
-_S_CROP, _S_FLIP = int(Stream.CROP), int(Stream.FLIP)
 
 # timm's ``rand-*-inc1`` operation list (``_RAND_INCREASING_TRANSFORMS``), in timm's order.
 RA_OPS = (
@@ -77,10 +77,11 @@ class AugmentConfig:
     randaugment: RandAugmentConfig | None = field(default_factory=RandAugmentConfig)
 
 
-@dataclass
+@dataclass(frozen=True)
 class BatchPlan:
-    """Per-sample plan for a batch (numpy arrays, host side).
+    """Everything random about one batch (numpy arrays, host side), drawn once and read by all sides.
 
+    index:     [B] int64 dataset sample indices
     crop:      [B, 4] int64, ``(top, left, height, width)`` in source pixels (torchvision's order)
     box:       [B, 4] float64, the crop normalized as ``(x1, y1, x2, y2)``
     flip:      [B] bool
@@ -88,6 +89,11 @@ class BatchPlan:
     ra_level:  [B, L] float64, the operation's argument (degrees, shear factor, bits, ...)
     ra_affine: [B, 2, 3] output -> pre-RandAugment image map (identity without geometric ops)
     affine:    [B, 2, 3] output -> source map, ``crop_flip ∘ ra_affine``: what the labels use
+    erase:     [B, 4] int64 random-erasing boxes ``(top, left, h, w)`` in output pixels (``h = 0``:
+               none), or None when the batch is not erased
+    noise_seed: seed of the erasing noise (one per batch)
+    mix:       the MixToken box(es), or None
+    epoch, step: where in the run the batch is (the keys of its draws)
     """
 
     index: np.ndarray
@@ -98,6 +104,11 @@ class BatchPlan:
     ra_level: np.ndarray
     ra_affine: np.ndarray
     affine: np.ndarray
+    erase: np.ndarray | None = None
+    noise_seed: int = 0
+    mix: MixBox | None = None
+    epoch: int = 0
+    step: int = 0
 
     def affine_tensor(self, device=None, dtype=torch.float32) -> torch.Tensor:
         return torch.as_tensor(self.affine, dtype=dtype, device=device)
@@ -200,7 +211,7 @@ def plan_batch(
         ra_level = np.zeros((len(indices), 0))
         ra_affine = geometry.identity(len(indices))
     affine = geometry.compose(geometry.crop_flip_affine_np(box, flip), ra_affine)
-    return BatchPlan(indices, crop, box, flip, ra_op, ra_level, ra_affine, affine)
+    return BatchPlan(indices, crop, box, flip, ra_op, ra_level, ra_affine, affine, epoch=epoch)
 
 
 def center_crop_plan(indices, sizes, crop_pct: float = 0.875) -> BatchPlan:
@@ -246,3 +257,52 @@ def draw_mix_box(seed: int, epoch: int, keys, grid: tuple[int, int] = (14, 14)) 
     c1, c2 = np.clip(cx - cut_w // 2, 0, gw), np.clip(cx + cut_w // 2, 0, gw)
     lam = 1.0 - (r2 - r1) * (c2 - c1) / float(gh * gw)
     return MixBox(np.stack([r1, c1, r2, c2], 1), lam)
+
+
+@dataclass(frozen=True)
+class EraseConfig:
+    """timm ``RandomErasing(probability, mode="pixel", max_count=1)``."""
+
+    prob: float = 0.25
+    min_area: float = 0.02
+    max_area: float = 1.0 / 3.0
+    min_aspect: float = 0.3
+    max_aspect: float | None = None  # None: 1 / min_aspect
+
+
+def erase_boxes(seed: int, epoch: int, indices: np.ndarray, size: tuple[int, int],
+                cfg: EraseConfig = EraseConfig()) -> np.ndarray:
+    """timm's RandomErasing box per sample, ``[B, 4]`` = (top, left, h, w); ``h = w = 0`` for none.
+
+    Draws: the apply test, then ten attempts of (area, log-aspect, top, left), first valid wins."""
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    img_h, img_w = size
+    u = rng.uniform(seed, epoch, indices, Stream.ERASE, 41)
+    apply = u[:, 0] < cfg.prob
+    att = u[:, 1:].reshape(-1, 10, 4)
+    max_aspect = cfg.max_aspect if cfg.max_aspect is not None else 1.0 / cfg.min_aspect
+    log_a = (math.log(cfg.min_aspect), math.log(max_aspect))
+    area = img_h * img_w * (cfg.min_area + att[..., 0] * (cfg.max_area - cfg.min_area))
+    aspect = np.exp(log_a[0] + att[..., 1] * (log_a[1] - log_a[0]))
+    h = np.round(np.sqrt(area * aspect))
+    w = np.round(np.sqrt(area / aspect))
+    ok = (w < img_w) & (h < img_h) & (h > 0) & (w > 0)
+    top = np.floor(att[..., 2] * (img_h - h + 1))
+    left = np.floor(att[..., 3] * (img_w - w + 1))
+    first = ok.argmax(1)
+    rows = np.arange(len(indices))
+    found = ok.any(1) & apply
+    out = np.stack([top[rows, first], left[rows, first], h[rows, first], w[rows, first]], 1)
+    return np.where(found[:, None], out, 0).astype(np.int64)
+
+
+def noise_seed(seed: int, epoch: int, indices: np.ndarray) -> int:
+    """The seed of a batch's erasing noise: keyed by ``(seed, epoch, first sample index)``."""
+    return int(rng.hash_keys(seed, epoch, np.asarray(indices)[:1], Stream.ERASE_NOISE)[0])
+
+
+def with_erase(plan: BatchPlan, seed: int, size: tuple[int, int], cfg: EraseConfig = EraseConfig()) -> BatchPlan:
+    """``plan`` with its batch's random-erasing boxes (for output images of ``size``) and noise seed,
+    keyed by the plan's epoch and sample indices."""
+    return replace(plan, erase=erase_boxes(seed, plan.epoch, plan.index, size, cfg),
+                   noise_seed=noise_seed(seed, plan.epoch, plan.index))

@@ -15,9 +15,13 @@ samples):
    On CPU, steps 2 and 3's normalization run as per-sample look-up tables on uint8
    (:mod:`tl_fast.augment.tables`), with the same results.
 3. Normalization (ImageNet mean/std), then random erasing (timm's ``RandomErasing``: probability
-   0.25, area 2%..1/3, aspect 0.3..3.3, one box, per-pixel normal noise). The box is drawn from the
-   counter RNG keyed by ``(seed, epoch, sample index)`` on stream ``rng.Stream.ERASE``; the noise comes
-   from a device generator keyed by ``(seed, epoch, first sample index of the batch)``.
+   0.25, area 2%..1/3, aspect 0.3..3.3, one box, per-pixel normal noise) of the plan's boxes.
+
+Nothing here draws: the plan (:class:`tl_fast.plan.BatchPlan`, drawn once per batch by the loader)
+carries the RandAugment operations, the erasing boxes (counter RNG keyed by ``(seed, epoch, sample
+index)``, stream ``rng.Stream.ERASE``) and the seed of the erasing noise (keyed by ``(seed, epoch,
+first sample index of the batch)``, which seeds a device generator). ``EraseConfig``,
+``erase_boxes`` and ``noise_seed`` are the plan's, re-exported here.
 
 One deliberate difference from timm: the geometric warp is applied once, composed, before the
 photometric operations (timm interleaves them as drawn). The geometry is identical; only the fill

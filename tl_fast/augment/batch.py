@@ -5,21 +5,21 @@ import numpy as np
 import torch
 
 from ..plan import BatchPlan
-from .erase import EraseConfig, erase_boxes, noise_seed, random_erase
+from .erase import random_erase
 from .normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
 from .photometric import GEOMETRIC_IDS, apply_photometric
 from .warp import warp, warp_uint8_cv2
 
 
 def augment_batch(
-    images: torch.Tensor, plan: BatchPlan, *, seed: int, epoch: int, erase: EraseConfig | None = EraseConfig(),
-    normalize_output: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    images: torch.Tensor, plan: BatchPlan, *, normalize_output: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
 ) -> torch.Tensor:
     """Finish a batch: uint8 ``[B, 3, S, S]`` (on the target device) -> float32 normalized images.
 
-    Applies the plan's RandAugment warp and photometric operations, normalizes, and erases. With
-    ``normalize_output=False`` the images are already normalized floats (a backend normalized them)
-    and only erasing runs."""
+    Applies the plan's RandAugment warp and photometric operations, normalizes, and erases the
+    plan's boxes (``plan.erase``; none when it is None). It draws nothing: every parameter comes
+    from the plan. With ``normalize_output=False`` the images are already normalized floats (a
+    backend normalized them) and only erasing runs."""
     if normalize_output:
         geo = np.isin(plan.ra_op, GEOMETRIC_IDS).any(1) if plan.ra_op.size else np.zeros(len(images), bool)
         sel = np.flatnonzero(geo)
@@ -43,7 +43,6 @@ def augment_batch(
             x = normalize(x, mean, std)
     else:
         x = images.float()
-    if erase is not None and erase.prob > 0:
-        boxes = erase_boxes(seed, epoch, plan.index, tuple(x.shape[-2:]), erase)
-        x = random_erase(x, boxes, noise_seed(seed, epoch, plan.index))
+    if plan.erase is not None:
+        x = random_erase(x, plan.erase, plan.noise_seed)
     return x

@@ -1,51 +1,11 @@
-"""timm's ``RandomErasing`` (pixel mode, one box): boxes keyed by sample index, noise keyed by batch."""
+"""timm's ``RandomErasing`` (pixel mode, one box), applied: the boxes and the noise seed are drawn
+in the plan (:func:`tl_fast.plan.erase_boxes`, :func:`tl_fast.plan.noise_seed`; re-exported here)."""
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .. import rng
-from ..rng import Stream
-
-
-@dataclass(frozen=True)
-class EraseConfig:
-    """timm ``RandomErasing(probability, mode="pixel", max_count=1)``."""
-
-    prob: float = 0.25
-    min_area: float = 0.02
-    max_area: float = 1.0 / 3.0
-    min_aspect: float = 0.3
-    max_aspect: float | None = None  # None: 1 / min_aspect
-
-
-def erase_boxes(seed: int, epoch: int, indices: np.ndarray, size: tuple[int, int],
-                cfg: EraseConfig = EraseConfig()) -> np.ndarray:
-    """timm's RandomErasing box per sample, ``[B, 4]`` = (top, left, h, w); ``h = w = 0`` for none.
-
-    Draws: the apply test, then ten attempts of (area, log-aspect, top, left), first valid wins."""
-    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    img_h, img_w = size
-    u = rng.uniform(seed, epoch, indices, Stream.ERASE, 41)
-    apply = u[:, 0] < cfg.prob
-    att = u[:, 1:].reshape(-1, 10, 4)
-    max_aspect = cfg.max_aspect if cfg.max_aspect is not None else 1.0 / cfg.min_aspect
-    log_a = (math.log(cfg.min_aspect), math.log(max_aspect))
-    area = img_h * img_w * (cfg.min_area + att[..., 0] * (cfg.max_area - cfg.min_area))
-    aspect = np.exp(log_a[0] + att[..., 1] * (log_a[1] - log_a[0]))
-    h = np.round(np.sqrt(area * aspect))
-    w = np.round(np.sqrt(area / aspect))
-    ok = (w < img_w) & (h < img_h) & (h > 0) & (w > 0)
-    top = np.floor(att[..., 2] * (img_h - h + 1))
-    left = np.floor(att[..., 3] * (img_w - w + 1))
-    first = ok.argmax(1)
-    rows = np.arange(len(indices))
-    found = ok.any(1) & apply
-    out = np.stack([top[rows, first], left[rows, first], h[rows, first], w[rows, first]], 1)
-    return np.where(found[:, None], out, 0).astype(np.int64)
+from ..plan import EraseConfig, erase_boxes, noise_seed  # noqa: F401  (the drawing side, re-exported)
 
 
 def random_erase(x: torch.Tensor, boxes: np.ndarray, noise_seed: int) -> torch.Tensor:
@@ -89,8 +49,3 @@ def _erase_by_mask(x: torch.Tensor, boxes: np.ndarray, sel: np.ndarray, noise: t
     sub.masked_scatter_(inside.expand_as(sub), noise)
     x.index_copy_(0, idx, sub)
     return x
-
-
-def noise_seed(seed: int, epoch: int, indices: np.ndarray) -> int:
-    """The seed of a batch's erasing noise: keyed by ``(seed, epoch, first sample index)``."""
-    return int(rng.hash_keys(seed, epoch, np.asarray(indices)[:1], Stream.ERASE_NOISE)[0])

@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..augment import EraseConfig
 from ..compat import check_label_compat, official_smoothing
-from ..plan import AugmentConfig
+from ..plan import AugmentConfig, BatchPlan, EraseConfig
 
 
 LABEL_MODES = ("tokens", "class")
@@ -101,6 +100,8 @@ class Batch:
     mix_box  int32 ``[4]`` (one box for the batch) or ``[B, 4]`` (per sample) in token units, or None
     indices  [B] int64 dataset sample indices (numpy, host)
     label_compat  "tl_fast", or "official": targets smoothed as the official code does
+    plan     the batch's :class:`tl_fast.plan.BatchPlan` (host side): every random draw the images
+             and labels above were made with (crop, flip, RandAugment, erasing, MixToken box)
     """
 
     images: torch.Tensor
@@ -115,6 +116,7 @@ class Batch:
     epoch: int = 0
     step: int = 0
     label_compat: str = "tl_fast"
+    plan: BatchPlan | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])

@@ -5,11 +5,14 @@ flips and lays out CHW (``fn.crop_mirror_normalize``), normalizing too when no R
 operation has to see uint8 levels on the device.
 
 One pipeline is built per epoch (or resumed part of one) over exactly that epoch's batches of this
-rank, so the source never has to guess which epoch DALI's prefetching is asking for. Label records
-are read by sample id in the main process (one batched store read per batch).
+rank, so the source never has to guess which epoch DALI's prefetching is asking for. The images
+come out of ``pipe.run()`` in the thread that drives the pipeline; the batch's label records are
+decoded right there, by sample id, straight into the batch's map buffer (one batched store read,
+``LabelStore.read(..., out=)``, pinned for a GPU).
 """
 from __future__ import annotations
 
+import time
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -18,7 +21,7 @@ import torch
 from ..augment import IMAGENET_MEAN, IMAGENET_STD
 from ..optional import require
 from .batch import LoaderConfig
-from .common import PlanMaker
+from .common import EpochPlans, StoreMaps, empty_maps
 
 
 def _import_dali():
@@ -29,21 +32,20 @@ def _import_dali():
 
 
 class _EpochSource:
-    """DALI external source (batch mode): batch ``info.iteration`` of the epoch's list, or
+    """DALI external source (batch mode): batch ``info.iteration`` of the epoch's plans, or
     ``StopIteration`` past its end. Yields JPEG bytes, pixel anchors (x, y), shapes (w, h), mirror
     flags and sample ids."""
 
-    def __init__(self, paths: Sequence[str], batches: Sequence[np.ndarray], plan: PlanMaker) -> None:
+    def __init__(self, paths: Sequence[str], plans: EpochPlans) -> None:
         self.paths = paths
-        self.batches = batches
-        self.plan = plan
+        self.plans = plans
 
     def __call__(self, info):
         i = info.iteration
-        if i >= len(self.batches):
+        if i >= len(self.plans):
             raise StopIteration
-        idx = np.asarray(self.batches[i], dtype=np.int64)
-        plan = self.plan(idx)
+        plan = self.plans[i]
+        idx = plan.index
         jpegs, anchors, shapes, mirror, ids = [], [], [], [], []
         for b, j in enumerate(idx):
             try:
@@ -62,9 +64,10 @@ class DALIBackend:
     name = "dali"
 
     def __init__(self, paths: Sequence[str], sizes: np.ndarray, config: LoaderConfig, device: torch.device, *,
-                 normalize: bool) -> None:
+                 normalize: bool, labels: StoreMaps | None = None) -> None:
         _import_dali()
         self.paths = list(paths)
+        self.labels = labels
         self.config = config
         self.device = device
         self.normalizes = normalize
@@ -113,10 +116,11 @@ class DALIBackend:
             return dest
         return torch.from_numpy(np.array(tensor))
 
-    def iterate(self, batches: Sequence[np.ndarray], plan: PlanMaker) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
+    def iterate(self, plans: EpochPlans) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
+        batches = plans.batches
         if not batches:
             return
-        source = _EpochSource(self.paths, batches, plan)
+        source = _EpochSource(self.paths, plans)
         pipe = self._build(source, max(len(b) for b in batches))
         try:
             for step in range(len(batches)):
@@ -126,9 +130,18 @@ class DALIBackend:
                     raise RuntimeError("DALI pipeline ended before the epoch's last batch") from None
                 except RuntimeError as err:
                     raise self._explain(err, batches[step:step + 3]) from err
-                yield self._to_torch(images), np.array(ids.as_tensor()).reshape(-1).astype(np.int64), {}
+                idx = np.array(ids.as_tensor()).reshape(-1).astype(np.int64)
+                yield self._to_torch(images), idx, self._labels(idx)
         finally:
             del pipe
+
+    def _labels(self, idx: np.ndarray) -> dict:
+        """The batch's maps (when it has token labels), read into a fresh buffer beside its images."""
+        if self.labels is None:
+            return {}
+        t0 = time.perf_counter()
+        maps = self.labels(idx, out=empty_maps(self.labels.parts(len(idx)), pin=self.gpu))
+        return {"maps": maps, "label_s": time.perf_counter() - t0}
 
     def _explain(self, err: RuntimeError, suspects: Sequence[np.ndarray]) -> RuntimeError:
         """DALI's decoder errors do not name the file ("nvImageCodec failure: '#4'"): find it by

@@ -115,7 +115,7 @@ def pack_ffcv(images: str, store_path: str | None, out: str, *, max_side: int | 
         raise ValueError(f"the number of writer processes must be >= 1, got {num_workers}")
 
     from ..store import LabelStore
-    from .ffcv_backend import (  # first: it checks that FFCV is installed
+    from .ffcv import (  # first: it checks that FFCV is installed
         FORMAT, FORMAT_VERSION, META_SUFFIX, PlanRGBImageField, packed_image_spans)
     from .packed_hash import packed_content_hashes
 

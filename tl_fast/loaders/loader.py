@@ -2,9 +2,12 @@
 
 The loader owns everything that must agree across backends: the epoch's sample order (a
 counter-based permutation keyed by ``(seed, epoch)``), sharding by rank, the plan of every batch,
-the label side (store records by sample index, or records packed beside the images), the MixToken
-box and the device step (:mod:`tl_fast.augment`). A backend only turns lists of sample indices into
-cropped, resized, flipped uint8 images, by the plan, and reports which indices it delivered.
+the label side (store records by sample index, or records packed beside the images) and the device
+step (:mod:`tl_fast.augment`). Each batch's plan — crop, flip, RandAugment, erasing boxes and noise
+seed, MixToken box — is one frozen :class:`tl_fast.plan.BatchPlan`, drawn once (:class:`EpochPlans`)
+and handed to the backend, which only turns it into cropped, resized, flipped uint8 images and
+reports which indices it delivered; the device step and the labels read the same object, and it
+travels on the :class:`Batch`.
 
 Resuming: ``state_dict()`` holds ``(epoch, step)``; every random draw is keyed by sample index,
 epoch and step, so the batches after a resume are the ones an uninterrupted run would have seen.
@@ -22,25 +25,28 @@ import torch
 
 from .. import rng
 from ..augment import augment_batch
-from ..dataset import ImageFolderIndex, SkippedImage, join_labels
-from ..plan import AugmentConfig, draw_mix_box
+from ..dataset import ImageFolderIndex
+from ..plan import AugmentConfig, BatchPlan
 from .batch import Batch, LoaderConfig
-from .common import PlanMaker, StoreMaps
+from .common import EpochPlans, PlanMaker
+from .source import ImageFolderSource, PackedSource, open_source
 
 BACKENDS = ("dali", "ffcv", "torch")
 log = logging.getLogger(__name__)
 
 
-def resolve_backend(backend: str, images: str | os.PathLike) -> str:
-    """``"auto"``: FFCV for a packed file, else DALI when it imports, else torch; others as given."""
+def resolve_backend(backend: str, images) -> str:
+    """``"auto"``: FFCV for a packed file (or source), else DALI when it imports, else torch; others
+    as given."""
     if backend == "auto":
         from ..optional import available
 
-        if os.path.isfile(images):
+        packed = isinstance(images, PackedSource)
+        if packed or (not isinstance(images, ImageFolderSource) and os.path.isfile(images)):
             backend = "ffcv"
         else:
             backend = "dali" if available("nvidia.dali") else "torch"
-        log.info("TokenLabelLoader: backend='auto' chose %r for %s", backend, images)
+        log.info("TokenLabelLoader: backend='auto' chose %r for %s", backend, getattr(images, "path", images))
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     return backend
@@ -73,7 +79,8 @@ class TokenLabelLoader:
     Args:
         images: ImageFolder-layout directory (``root/<class>/<image>``); for ``backend="ffcv"`` the
             ``.beton`` written by ``tl-fast pack-ffcv`` (labels packed inside, or none with
-            ``--no-labels``: then only without token labels).
+            ``--no-labels``: then only without token labels); or a source already built
+            (:class:`tl_fast.loaders.source.ImageFolderSource`, ``PackedSource``), labels inside it.
         labels: a label store path or an open ``LabelStore``; None for plain labels / evaluation.
         backend: ``"dali"``, ``"ffcv"``, ``"torch"`` or ``"auto"`` (the default: ``"ffcv"`` for a
             packed file, else DALI when it is installed, else torch; the choice is logged).
@@ -97,8 +104,8 @@ class TokenLabelLoader:
     """
 
     def __init__(
-        self, images: str | os.PathLike, labels=None, *, backend: str = "auto", batch_size: int,
-        image_size: int = 224, patch_size: int = 16, augment: AugmentConfig | None = AugmentConfig(),
+        self, images: str | os.PathLike | ImageFolderSource | PackedSource, labels=None, *, backend: str = "auto",
+        batch_size: int, image_size: int = 224, patch_size: int = 16, augment: AugmentConfig | None = AugmentConfig(),
         mixtoken: bool | None = None, mixtoken_per_sample: bool = False, smoothing: float = 0.1,
         device: str | torch.device | None = None, seed: int = 0, train: bool = True, drop_last: bool | None = None,
         num_workers: int = 4, channels_last: bool = False, rank: int | None = None, world_size: int | None = None,
@@ -115,89 +122,24 @@ class TokenLabelLoader:
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
         self._epoch = 0
         self._step = 0
-        self._store_maps: StoreMaps | None = None  # reads a batch's maps from the store (torch/DALI backends)
-        self._packed_labels = False
-        self.num_missing_labels = 0
-        self.skipped: list = []
-        # Host seconds spent on the label side (record read/decode, copy, MixToken box) and batches
-        # delivered: what token labels add to a batch (benchmarks/loader_throughput.py reports it).
+        # Host seconds spent on the label side (record read/decode, copy) and batches delivered: what
+        # token labels add to a batch (benchmarks/loader_throughput.py reports it).
         self.stats = {"label_s": 0.0, "batches": 0}
-
-        if backend == "ffcv":
-            from .ffcv_backend import FFCVBackend, read_packed
-
-            packed = read_packed(images)
-            self.classes = packed.classes
-            self._sizes, self._targets, self._ids = packed.sizes, packed.targets, packed.valid_ids
-            self.skipped = [SkippedImage(path, reason) for path, reason in packed.skipped]
-            self.num_skipped = max(len(self.skipped), packed.num_invalid)
-            if self.skipped:
-                listing = "; ".join(f"{s.path}: {s.reason}" for s in self.skipped[:5])
-                warnings.warn(f"{images}: {len(self.skipped)} image(s) were skipped when it was packed: {listing}"
-                              + (f" (and {len(self.skipped) - 5} more)" if len(self.skipped) > 5 else ""),
-                              stacklevel=2)
-            self._map_geometry = (packed.num_classes, packed.topk, packed.map_size) if packed.has_records else None
-            self.num_classes = packed.num_classes
-            self.num_missing_labels = packed.num_one_hot
-            if not packed.has_records:
-                if labels is not None and train and self.config.token_labels:
-                    raise ValueError(
-                        f"{images} was packed without label records (pack-ffcv --no-labels), so it cannot give token "
-                        f"labels: repack it with the store (tl-fast pack-ffcv IMAGES STORE OUT.beton), or load it "
-                        "without token labels (labels=None, token_labels=False or train=False)")
-            elif labels is not None:
-                store = self._open_store(labels)
-                if (store.num_classes, store.topk, store.map_size) != self._map_geometry:
-                    raise ValueError(f"{images} packs labels with (K, k, map) = {self._map_geometry} but the store "
-                                     f"{labels} has {(store.num_classes, store.topk, store.map_size)}: "
-                                     "repack with this store")
-            self._packed_labels = self._map_geometry is not None
-            reads_records = self._packed_labels and train and self.config.token_labels
-            self._backend = FFCVBackend(images, self.config, self.device, with_records=reads_records)
-        else:
-            if not os.path.isdir(images):
-                raise ValueError(f"backend {backend!r} reads an ImageFolder directory; {images} is not one")
-            index = ImageFolderIndex(images, bad_images=self.config.bad_images)
-            self.index = index
-            self.skipped = index.skipped
-            self.num_skipped = len(index.skipped)
-            self.classes = index.classes
-            self._sizes, self._targets = index.sizes, index.targets
-            self._ids = np.arange(len(index), dtype=np.int64)
-            self.num_classes = index.num_classes
-            self._map_geometry = None
-            if labels is not None:
-                store = self._open_store(labels)
-                join = join_labels(index, store, missing_labels=self.config.missing_labels,
-                                   mismatched_images=self.config.mismatched_images)
-                self._store_maps = StoreMaps(store, join.record, self._targets)
-                self.num_missing_labels = join.num_missing
-                self.num_classes = store.num_classes
-                self._map_geometry = (store.num_classes, store.topk, store.map_size)
-            paths = [index.abspath(i) for i in range(len(index))]
-            normalize = not self.config.device_pixel_ops
-            if backend == "torch":
-                from .torch_backend import TorchBackend
-
-                # Token labels are read in the DataLoader workers, beside the images: the main process,
-                # which also drives the GPU, only copies them to the device.
-                self._backend = TorchBackend(paths, self._sizes, self.config, self.device,
-                                             labels=self._store_maps if self.has_token_labels else None)
-            else:
-                from .dali_backend import DALIBackend
-
-                self._backend = DALIBackend(paths, self._sizes, self.config, self.device, normalize=normalize)
+        self.source = source = open_source(images, labels, backend, self.config)
+        self.classes, self.num_classes = source.classes, source.num_classes
+        self._sizes, self._targets, self._ids = source.sizes, source.targets, source.ids
+        self.skipped, self.num_skipped = source.skipped, source.num_skipped
+        self.num_missing_labels = source.num_missing_labels
+        self._map_geometry = source.map_geometry
+        self._backend = source.backend(backend, self.config, self.device, token_labels=self.has_token_labels)
         if len(self) == 0:
             warnings.warn(f"loader has no batches: {len(self._ids)} samples, batch_size {batch_size}, "
                           f"world_size {self.world_size}, drop_last {self.config.drop_last}", stacklevel=2)
 
-    @staticmethod
-    def _open_store(labels):
-        from ..store import LabelStore
-
-        if isinstance(labels, (str, os.PathLike)):
-            return LabelStore.open(labels)
-        return labels
+    @property
+    def index(self) -> ImageFolderIndex:
+        """The image folder's index (a loader over an image folder only)."""
+        return self.source.index
 
     # -- public API ------------------------------------------------------------------------------
     @property
@@ -260,24 +202,27 @@ class TokenLabelLoader:
         return [order[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(n)]
 
     def plan_maker(self, epoch: int | None = None) -> PlanMaker:
+        """What draws the plan of any batch of epoch ``epoch`` (default: the current one)."""
         cfg = self.config
+        mix = ("sample" if cfg.mixtoken_per_sample else "batch") if cfg.draws_mix_box else None
         return PlanMaker(cfg.seed, self._epoch if epoch is None else epoch, self._sizes,
-                         cfg.augment if cfg.augmenting else None, cfg.crop_pct)
+                         cfg.augment if cfg.augmenting else None, cfg.crop_pct,
+                         erase=cfg.erase if cfg.augmenting else None, image_size=cfg.image_size, mix=mix,
+                         grid=self.grid)
 
     # -- iteration -------------------------------------------------------------------------------
     def check_files_unchanged(self) -> None:
         """Raise if a mapped file this loader reads (the label store, the ``.beton``) changed since it
         was opened: run at every epoch start, so a rewritten file is an error naming it, not SIGBUS."""
-        if self._store_maps is not None:
-            self._store_maps.store.check_unchanged()
+        self.source.check_unchanged()
         check = getattr(self._backend, "check_unchanged", None)
         if check is not None:
             check()
 
-    def _iterate(self, batches, plan):
+    def _iterate(self, plans: EpochPlans):
         """The backend's stream, with a failure explained by a changed file when one changed (a
         worker killed by SIGBUS on a shrunken map says nothing of the cause)."""
-        stream = self._backend.iterate(batches, plan)
+        stream = self._backend.iterate(plans)
         try:
             yield from stream
         except Exception as err:
@@ -292,16 +237,19 @@ class TokenLabelLoader:
     def __iter__(self) -> Iterator[Batch]:
         epoch, start = self._epoch, self._step
         batches = self._batches(epoch)
-        plan = self.plan_maker(epoch)
+        # The epoch's plans, one per batch, each drawn once (when the backend first asks for it)
+        # and read by the backend (pixels), the device step and the label side alike.
+        plans = EpochPlans(self.plan_maker(epoch), batches[start:], start)
         self.check_files_unchanged()
-        stream = self._iterate(batches[start:], plan)
+        stream = self._iterate(plans)
         try:
             step = start
             for images, idx, extras in stream:
                 if step >= len(batches) or not np.array_equal(idx, batches[step]):
                     raise RuntimeError(f"{self.backend_name} backend delivered samples {idx[:4]}... at step {step}, "
                                        "expected the planned ones: backend and plan are out of step")
-                batch = self._finish(images, idx, extras, plan, epoch, step)
+                batch = self._finish(images, extras, plans[step - start])
+                plans.release(step - start)
                 step += 1
                 self._step = step
                 yield batch
@@ -313,27 +261,12 @@ class TokenLabelLoader:
                 close()
         self._epoch, self._step = epoch + 1, 0
 
-    def _read_maps(self, idx: np.ndarray, extras: dict):
-        if self._packed_labels:
-            from ..store import RecordError, StoreError, decode_records
-
-            k_classes, topk, map_size = self._map_geometry
-            try:
-                return decode_records(extras["records"], k_classes, topk, map_size, lengths=extras["record_lengths"])
-            except RecordError as err:
-                name = self._backend.sample_name(int(idx[err.position]))
-                raise StoreError(f"{self._backend.path}: the label record packed for {name} is damaged ({err.reason}): "
-                                 "repack the file with tl-fast pack-ffcv") from None
-        return self._store_maps(idx)
-
-    def _finish(self, images: torch.Tensor, idx: np.ndarray, extras: dict, plan_maker: PlanMaker, epoch: int,
-                step: int) -> Batch:
+    def _finish(self, images: torch.Tensor, extras: dict, plan: BatchPlan) -> Batch:
         cfg = self.config
         dev = self.device
-        plan = plan_maker(idx)
+        idx = plan.index
         images = images.to(dev, non_blocking=True)
-        x = augment_batch(images, plan, seed=cfg.seed, epoch=epoch, erase=cfg.erase if cfg.augmenting else None,
-                          normalize_output=not getattr(self._backend, "normalizes", False))
+        x = augment_batch(images, plan, normalize_output=not getattr(self._backend, "normalizes", False))
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         labels = torch.from_numpy(self._targets[idx]).to(dev, non_blocking=True)
@@ -346,19 +279,14 @@ class TokenLabelLoader:
         maps = mix = None
         self.stats["batches"] += 1
         if self.has_token_labels:
+            # Decoded by the backend where it made the images (pinned there, or by the DataLoader, for CUDA).
             t0 = time.perf_counter()
-            maps = extras.get("maps")  # read by the backend's workers (pinned by the DataLoader on CUDA)
-            if maps is None:
-                maps = self._read_maps(idx, extras)
-                if dev.type == "cuda":
-                    maps = maps.pin_memory()
-            maps = maps.to(dev, non_blocking=True)
-            self.stats["label_s"] += time.perf_counter() - t0
-        if cfg.draws_mix_box:  # also without token labels: a mixed-label baseline uses it
-            if cfg.mixtoken_per_sample:
-                mix = draw_mix_box(cfg.seed, epoch, idx, self.grid).tensor(dev)
-            else:
-                mix = draw_mix_box(cfg.seed, epoch, [step], self.grid).tensor(dev)[0]
+            maps = extras["maps"].to(dev, non_blocking=True)
+            self.stats["label_s"] += extras.get("label_s", 0.0) + time.perf_counter() - t0
+        if plan.mix is not None:  # also without token labels: a mixed-label baseline uses it
+            mix = plan.mix.tensor(dev)
+            if not cfg.mixtoken_per_sample:
+                mix = mix[0]
         return Batch(images=x, labels=labels, maps=maps, affine=affine, mix_box=mix, grid=self.grid,
                      num_classes=self.num_classes, smoothing=cfg.smoothing if cfg.train else 0.0,
-                     indices=idx, epoch=epoch, step=step, label_compat=cfg.label_compat)
+                     indices=idx, epoch=plan.epoch, step=plan.step, label_compat=cfg.label_compat, plan=plan)

@@ -1,12 +1,13 @@
 """PyTorch backend: ``DataLoader`` workers decode with ``torchvision.io``, crop by the plan's pixel
 box, resize to S (antialiased bilinear), flip, and return uint8 batches with their label maps.
 
-A worker builds whole batches (the DataLoader's sampler hands it the plan's list of indices), so the
-plan is computed once per batch, vectorized, and it writes each batch's images and maps into one
-slot of a shared-memory ring that the main process allocated once (:class:`_SlotRing`): only the
-indices and the slot's number travel through the DataLoader's queue. A decode failure raises in
-the main process with the image's path (the DataLoader re-raises worker exceptions); a stalled
-worker raises after ``timeout_s``.
+A worker builds whole batches: the DataLoader's sampler is the epoch's plans, so a worker receives
+each batch's :class:`tl_fast.plan.BatchPlan` (drawn once, in the main process) and cuts the images
+by it. It writes the batch's images, and decodes its label maps (``LabelStore.read(..., out=)``),
+straight into one slot of a shared-memory ring that the main process allocated once
+(:class:`_SlotRing`): only the plan and the slot's number travel through the DataLoader's queues.
+A decode failure raises in the main process with the image's path (the DataLoader re-raises worker
+exceptions); a stalled worker raises after ``timeout_s``.
 """
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ try:  # torchvision's libjpeg-turbo decoder (deprecated since torchvision 0.29 i
 except ImportError:  # a torchvision without it: PIL (the same pixels on 200 JPEGs tried here)
     decode_image = None
 
+from ..plan import BatchPlan
 from ..store import TopKMaps
 from .batch import LoaderConfig
-from .common import PlanMaker, StoreMaps
+from .common import EpochPlans, StoreMaps
 
 
 def decode_rgb(path: str) -> torch.Tensor:
@@ -205,29 +207,24 @@ def _worker_init(worker_id: int) -> None:
 
 
 class _BatchDataset(Dataset):
-    """Item ``i`` is the whole batch ``batches[i]`` as a :class:`_WorkerBatch`, whose bytes hold the
-    images uint8 ``[B, 3, S, S]`` and, when ``labels`` reads them, the batch's top-k maps ``values``
-    and ``indices``. In a worker with a ``ring``, the bytes go into the worker's next ring slot."""
+    """Item ``plan`` (a :class:`BatchPlan`: the DataLoader's sampler yields the epoch's plans) is the
+    batch of ``plan.index`` as a :class:`_WorkerBatch`, whose bytes hold the images uint8
+    ``[B, 3, S, S]`` and, when ``labels`` reads them, the batch's top-k maps ``values`` and
+    ``indices``. In a worker with a ``ring``, the bytes go into the worker's next ring slot."""
 
-    def __init__(self, paths: Sequence[str], batches: Sequence[np.ndarray], plan: PlanMaker, size: int,
-                 labels: StoreMaps | None = None, ring: _SlotRing | None = None) -> None:
+    def __init__(self, paths: Sequence[str], sizes: np.ndarray, size: int, labels: StoreMaps | None = None,
+                 ring: _SlotRing | None = None) -> None:
         self.paths = paths
-        self.batches = batches
-        self.plan = plan
+        self.sizes = sizes
         self.size = size
         self.labels = labels
         self.ring = ring
 
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, i: int) -> _WorkerBatch:
-        idx = np.asarray(self.batches[i], dtype=np.int64)
-        plan = self.plan(idx)
-        maps = self.labels(idx) if self.labels is not None else None
+    def __getitem__(self, plan: BatchPlan) -> _WorkerBatch:
+        idx = np.asarray(plan.index, dtype=np.int64)
         parts = [((len(idx), 3, self.size, self.size), torch.uint8)]
-        if maps is not None:
-            parts += [(tuple(t.shape), t.dtype) for t in maps]
+        if self.labels is not None:
+            parts += self.labels.parts(len(idx))
         nbytes = _layout(parts)[1]
         worker = torch.utils.data.get_worker_info()
         slot = None
@@ -240,12 +237,12 @@ class _BatchDataset(Dataset):
             buffer = _batch_buffer(parts)
             batch = _WorkerBatch(idx, parts, buffer=buffer)
         out, *map_views = batch_views(buffer, parts)
-        for view, t in zip(map_views, maps if maps is not None else ()):
-            view.copy_(t)
+        if self.labels is not None:
+            self.labels(idx, out=TopKMaps(*map_views))
         for b, j in enumerate(idx):
             path = self.paths[j]
             image = decode_rgb(path)
-            expected = tuple(int(v) for v in self.plan.sizes[j])
+            expected = tuple(int(v) for v in self.sizes[j])
             if tuple(image.shape[1:]) != expected:
                 raise RuntimeError(f"{path} decodes to {tuple(image.shape[1:])} but was indexed as {expected} "
                                    "(height, width): the file changed after indexing; delete the index cache")
@@ -260,6 +257,7 @@ class TorchBackend:
     def __init__(self, paths: Sequence[str], sizes: np.ndarray, config: LoaderConfig, device: torch.device,
                  labels: StoreMaps | None = None) -> None:
         self.paths = list(paths)
+        self.sizes = np.asarray(sizes)
         self.config = config
         self.device = device
         self.labels = labels
@@ -279,19 +277,19 @@ class TorchBackend:
         if self._ring is None or self._ring.workers != workers:
             b, size = self.config.batch_size, self.config.image_size
             parts = [((b, 3, size, size), torch.uint8)]
-            if self.labels is not None:  # a batch's maps: B times one sample's
-                parts += [((b, *t.shape[1:]), t.dtype) for t in self.labels(np.zeros(1, np.int64))]
+            if self.labels is not None:
+                parts += self.labels.parts(b)
             self._ring = _SlotRing(workers, _PREFETCH + 1, _layout(parts)[1])
         self._ring.start_epoch()
         return self._ring
 
-    def iterate(self, batches: Sequence[np.ndarray], plan: PlanMaker) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
+    def iterate(self, plans: EpochPlans) -> Iterator[tuple[torch.Tensor, np.ndarray, dict]]:
         cfg = self.config
         workers = max(0, int(cfg.num_workers))
         ring = None if self._ring_in_use else self._slot_ring(workers)
         loader = DataLoader(
-            _BatchDataset(self.paths, list(batches), plan, cfg.image_size, self.labels, ring), batch_size=None,
-            shuffle=False, num_workers=workers, pin_memory=self.device.type == "cuda",
+            _BatchDataset(self.paths, self.sizes, cfg.image_size, self.labels, ring), batch_size=None,
+            sampler=plans, num_workers=workers, pin_memory=self.device.type == "cuda",
             timeout=cfg.timeout_s if workers else 0, prefetch_factor=_PREFETCH if workers else None,
             worker_init_fn=_worker_init if workers else None, collate_fn=_as_is,
         )
