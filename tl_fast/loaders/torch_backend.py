@@ -104,9 +104,8 @@ class _SlotRing:
     and reused for every batch of every epoch.
 
     A fresh shared-memory buffer per batch costs a file descriptor sent over a socket and a mapping
-    in the main process (about 1 ms each on the H100 machine's pin-memory thread), and page faults
-    on both sides as the new pages are first touched (3.5-5.5 ms of system time per batch of 32 in a
-    worker here). The slots are mapped once and stay mapped. The main process hands a slot back to
+    in the main process, and page faults on both sides as the new pages are first touched
+    (BENCHMARKS.md has what that cost). The slots are mapped once and stay mapped. The main process hands a slot back to
     its worker through a queue once it is done with it; a worker that finds none free within
     ``wait_s`` builds that batch in a buffer of its own instead, so a slot never holds up a worker
     for long (or a shutdown), whatever order batches are consumed in."""
