@@ -74,7 +74,8 @@ class TokenLabelLoader:
         images: ImageFolder-layout directory (``root/<class>/<image>``); for ``backend="ffcv"`` the
             ``.beton`` written by ``tl-fast pack-ffcv`` (labels packed inside, or none with
             ``--no-labels``: then only without token labels).
-        labels: a label store path or an open ``LabelStore``; None for plain labels / evaluation.
+        labels: a label store path (opened with ``access="auto"``) or an open ``LabelStore`` (used as
+            opened); None for plain labels / evaluation.
         backend: ``"dali"``, ``"ffcv"``, ``"torch"`` or ``"auto"`` (the default: ``"ffcv"`` for a
             packed file, else DALI when it is installed, else torch; the choice is logged).
         batch_size, image_size, patch_size: batch and network input geometry (grid = S / patch).
@@ -196,7 +197,9 @@ class TokenLabelLoader:
         from ..store import LabelStore
 
         if isinstance(labels, (str, os.PathLike)):
-            return LabelStore.open(labels)
+            # Batches gather scattered records: map them in at open, or read only the pages asked
+            # for when the store is too big to stay cached (tl_fast.store.reader).
+            return LabelStore.open(labels, access="auto")
         return labels
 
     # -- public API ------------------------------------------------------------------------------
