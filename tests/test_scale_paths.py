@@ -166,6 +166,25 @@ def test_auto_access_follows_the_memory_available(store_path, monkeypatch):
         LabelStore.open(store_path, access="sideways")
 
 
+def test_cgroup_limits_cap_the_memory_available(tmp_path):
+    proc = tmp_path / "cgroup"
+    (tmp_path / "memory" / "job").mkdir(parents=True)
+    (tmp_path / "memory" / "job" / "memory.limit_in_bytes").write_text("1000\n")
+    (tmp_path / "memory" / "job" / "memory.usage_in_bytes").write_text("400\n")
+    proc.write_text("4:memory:/job\n0::/\n")
+    assert reader._cgroup_headroom(str(proc), str(tmp_path)) == 600  # v1
+    (tmp_path / "memory" / "job" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))
+    assert reader._cgroup_headroom(str(proc), str(tmp_path)) is None  # v1 "no limit"
+    (tmp_path / "ctr").mkdir()
+    (tmp_path / "ctr" / "memory.max").write_text("5000\n")
+    (tmp_path / "ctr" / "memory.current").write_text("1000\n")
+    proc.write_text("0::/ctr\n")
+    assert reader._cgroup_headroom(str(proc), str(tmp_path)) == 4000  # v2
+    (tmp_path / "ctr" / "memory.max").write_text("max\n")
+    assert reader._cgroup_headroom(str(proc), str(tmp_path)) is None
+    assert reader._cgroup_headroom(str(tmp_path / "absent"), str(tmp_path)) is None
+
+
 def test_loader_opens_its_store_for_scattered_reads(tmp_path):
     from test_loader_helpers import make_store
     from tl_fast.loaders import TokenLabelLoader

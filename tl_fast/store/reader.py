@@ -29,19 +29,57 @@ _MADV_POPULATE_READ = 22  # Linux >= 5.14; Python's mmap module has no name for 
 
 
 def available_memory() -> int:
-    """Bytes of memory available without swapping (``MemAvailable``), or physical memory where
-    that is unknown; 0 if neither can be read."""
+    """Bytes of memory available without swapping (``MemAvailable``, or physical memory where that
+    is unknown), at most what this process's cgroup (v2) may still use: a container's limit caps
+    the page cache it gets, not the host's memory. 0 if nothing can be read."""
+    avail = 0
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
+    if not avail:
+        try:
+            avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - platform without sysconf
+            avail = 0
+    limit = _cgroup_headroom()
+    return min(avail, limit) if limit is not None else avail
+
+
+def _cgroup_headroom(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """What this process's memory cgroup may still use (v2 ``memory.max - memory.current``, v1
+    ``memory.limit_in_bytes - memory.usage_in_bytes``), or None without a limit."""
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - platform without sysconf
-        return 0
+        with open(proc) as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    for parts in lines:
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        if controllers == "":
+            names = ("memory.max", "memory.current")
+            base = os.path.join(root, rel.lstrip("/"))
+        elif "memory" in controllers.split(","):
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            base = os.path.join(root, "memory", rel.lstrip("/"))
+        else:
+            continue
+        try:
+            with open(os.path.join(base, names[0])) as f:
+                limit = f.read().strip()
+            if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as a huge number
+                continue
+            with open(os.path.join(base, names[1])) as f:
+                return max(0, int(limit) - int(f.read().strip()))
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def resolve_access(access: str, record_bytes: int) -> str:
