@@ -70,3 +70,16 @@ def test_epoch_files_pad_each_batch_with_its_last_sample():
     paths = [f"p{i}" for i in range(10)]
     files, ids = epoch_files(paths, [np.array([3, 1, 4]), np.array([9])], 3)
     assert files == ["p3", "p1", "p4", "p9", "p9", "p9"] and ids == [3, 1, 4, 9, 9, 9]
+
+
+def test_file_removed_after_indexing_is_named(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loader = TokenLabelLoader(root, None, backend="dali", batch_size=4, image_size=32, patch_size=8,
+                                  num_workers=1, device="cpu")
+    gone = tmp_path / "imgs" / "cat" / "001.jpg"
+    gone.unlink()
+    with pytest.raises(RuntimeError, match="001.jpg: unreadable file"):
+        for _ in loader:
+            pass
