@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from ..imagecheck import packed_fingerprints
+from ..memory import new_output
 from ..optional import require
 from ..plan import _S_CROP, _S_FLIP
 from .batch import LoaderConfig
@@ -499,6 +500,26 @@ def packed_image_spans(reader) -> tuple[np.ndarray, np.ndarray]:
     return ptrs, np.asarray(table["size"], dtype=np.int64)[order][pos]
 
 
+@numba.njit(nogil=True, cache=True)
+def _normalized_chw(src, table, out):  # pragma: no cover - compiled
+    """``out[b, c, y, x] = table[c, src[b, y, x, c]]``: FFCV's uint8 HWC batch to normalized float32
+    CHW in one pass (the copy out of FFCV's buffer and the normalization look-up together)."""
+    for b in range(src.shape[0]):
+        for c in range(3):
+            levels = table[c]
+            for y in range(src.shape[1]):
+                for x in range(src.shape[2]):
+                    out[b, c, y, x] = levels[src[b, y, x, c]]
+
+
+def _normalize_table() -> np.ndarray:
+    """float32 ``[3, 256]``: each level normalized exactly as :func:`tl_fast.augment.normalize` does."""
+    from ..augment import normalize
+
+    levels = torch.arange(256, dtype=torch.float32).view(1, 1, 1, 256).expand(1, 3, 1, 256).clone()
+    return np.ascontiguousarray(normalize(levels).view(3, 256).numpy())
+
+
 class FFCVBackend:
     name = "ffcv"
     normalizes = False
@@ -511,6 +532,10 @@ class FFCVBackend:
         self.config = config
         self.device = device
         self.with_records = with_records
+        # On the CPU without RandAugment pixel operations the batch leaves FFCV's buffer normalized,
+        # in the same pass that copies it out; on a GPU uint8 crosses the bus and normalizes there.
+        self.normalizes = device.type == "cpu" and not config.device_pixel_ops
+        self._table = _normalize_table() if self.normalizes else None
         st = os.stat(self.path)
         self._identity = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
         self._bytes = np.memmap(self.path, dtype=np.uint8, mode="r") if self.info.image_hashes is not None else None
@@ -595,7 +620,12 @@ class FFCVBackend:
         self._active = it
         try:
             for out in it:
-                images = torch.from_numpy(out[0]).permute(0, 3, 1, 2).contiguous()  # copy out of FFCV's buffer
+                if self.normalizes:
+                    b, h, w, _ = out[0].shape
+                    images = new_output((b, 3, h, w), torch.float32, torch.device("cpu"))
+                    _normalized_chw(out[0], self._table, images.numpy())  # copies out of FFCV's buffer
+                else:
+                    images = torch.from_numpy(out[0]).permute(0, 3, 1, 2).contiguous()  # copy out of FFCV's buffer
                 idx = np.asarray(out[1], dtype=np.int64).reshape(-1)
                 self.check_images(idx)
                 extras = {}
