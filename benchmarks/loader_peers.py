@@ -14,7 +14,9 @@ Two recipes, each on the same images at the same size, batch and worker count:
 
 Every configuration runs once per round, in reverse order every other round; each run skips
 ``--warmup`` batches and times ``--batches``. Reported: median images/s with 20th/80th percentiles,
-and tl_fast with labels on over the native peer (target >= 1.0 for FFCV and DALI).
+tl_fast with labels on over the native peer (target >= 1.0 for FFCV and DALI), and the CPU
+milliseconds per image this process spent over the timed batches (every thread of DALI's and
+FFCV's pipelines; not DataLoader worker processes), the figure a busy machine moves least.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/loader_peers.py --batch-size 32 --workers 2 --rounds 7 \\
         --json peers.json                     # demo dataset; writes peers.json and peers.png
@@ -192,22 +194,27 @@ def main(argv=None) -> None:
     runs = build(images, labels, beton, workdir, args)
     order = list(runs)
     rates = {key: [] for key in order}
+    # CPU ms per image of this process over the timed batches (all its threads: DALI's and FFCV's
+    # pipelines run here; DataLoader worker processes are not counted): what a pipeline costs apart
+    # from how busy the machine is.
+    cpu_ms = {key: [] for key in order}
     device = torch.device("cpu")
     for r in tqdm(range(args.rounds), desc="rounds"):
         for key in order if r % 2 == 0 else order[::-1]:
             run = runs[key]
             if isinstance(run, TokenLabelLoader):
                 run.set_epoch(1000 + r)
-                rates[key].append(measure(lambda: run, args.warmup, args.batches, device))
+                rates[key].append(measure(lambda: run, args.warmup, args.batches, device, cpu=cpu_ms[key]))
             else:
-                rates[key].append(measure(run, args.warmup, args.batches, device))
+                rates[key].append(measure(run, args.warmup, args.batches, device, cpu=cpu_ms[key]))
 
     def stat(v):
         return statistics.median(v), float(np.percentile(v, 20)), float(np.percentile(v, 80))
 
     print(f"\nloaders vs native pipelines, images/s (median [p20, p80] of {args.rounds} rounds x {args.batches} "
           f"batches), batch {args.batch_size}, {args.image_size}px, {args.workers} workers, {os.cpu_count()} CPUs")
-    print(f"{'recipe':<10} {'pipeline':<28} {'images/s':>24} {'labels on / peer':>17}")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"{'recipe':<10} {'pipeline':<28} {'images/s':>24} {'labels on / peer':>17} {'CPU ms/img':>11}")
     for recipe, name in order:
         m, lo, hi = stat(rates[(recipe, name)])
         ratio = ""
@@ -215,13 +222,15 @@ def main(argv=None) -> None:
             peer = PEERS.get((recipe, name.split()[1].rstrip(",")))
             if (recipe, peer) in rates:
                 ratio = f"{m / stat(rates[(recipe, peer)])[0]:.2f} vs {peer}"
-        print(f"{recipe:<10} {name:<28} {m:9.1f} [{lo:6.1f},{hi:6.1f}] {ratio:>17}")
+        cpu = statistics.median(cpu_ms[(recipe, name)])
+        print(f"{recipe:<10} {name:<28} {m:9.1f} [{lo:6.1f},{hi:6.1f}] {ratio:>17} {cpu:11.2f}")
     if args.json:
         import json
 
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "cpus": os.cpu_count(),
-                       "runs": [{"recipe": rc, "pipeline": nm, "stat": stat(rates[(rc, nm)]), "rounds": rates[(rc, nm)]}
+                       "runs": [{"recipe": rc, "pipeline": nm, "stat": stat(rates[(rc, nm)]), "rounds": rates[(rc, nm)],
+                         "cpu_ms_per_image": statistics.median(cpu_ms[(rc, nm)])}
                                 for rc, nm in order]}, f, indent=1)
         from plots import save_bars
 

@@ -75,10 +75,13 @@ def write_public_labels(index: ImageFolderIndex, store_path: str, out_dir: str) 
             torch.save(torch.stack([maps.values[j], maps.indices[j].half()]), path)
 
 
-def measure(iterable_factory, warmup: int, batches: int, device: torch.device, whole_epoch: bool = False) -> float:
+def measure(iterable_factory, warmup: int, batches: int, device: torch.device, whole_epoch: bool = False,
+            cpu: list | None = None) -> float:
     """Images/s over ``batches`` batches after ``warmup`` batches, or over one whole epoch from the
-    call to ``iter`` (worker start-up included, as a trainer sees it)."""
+    call to ``iter`` (worker start-up included, as a trainer sees it). ``cpu``: gets this process's
+    CPU milliseconds per image over the same window (all its threads; not worker processes)."""
     start = time.perf_counter() if whole_epoch else None
+    cpu0 = time.process_time() if whole_epoch else None
     it = iter(iterable_factory())
     seen = 0
     for i, batch in enumerate(it):
@@ -90,6 +93,7 @@ def measure(iterable_factory, warmup: int, batches: int, device: torch.device, w
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
+            cpu0 = time.process_time()
         elif i > warmup:
             seen += n
         if i == warmup + batches:
@@ -97,6 +101,8 @@ def measure(iterable_factory, warmup: int, batches: int, device: torch.device, w
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    if cpu is not None:
+        cpu.append(1000 * (time.process_time() - cpu0) / max(seen, 1))
     if hasattr(it, "close"):
         it.close()
     return seen / elapsed

@@ -34,7 +34,7 @@ import os
 import stat
 import tempfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -311,12 +311,40 @@ def _save_npz(paths: Sequence[Path], **arrays) -> bool:
 
 
 def _check_all(paths: Sequence[str], full: bool, num_threads: int, desc: str, progress: bool) -> list[ImageCheck]:
-    """:func:`tl_fast.imagecheck.check_image` of every path, in threads (the decoders release the GIL)."""
+    """:func:`tl_fast.imagecheck.check_image` of every path, in threads (the decoders release the GIL).
+
+    The pool gets chunks of paths, not one task per image: ``Executor.map`` submits every task before
+    yielding the first result (its ``chunksize`` does nothing for threads), so at ImageNet scale most
+    of the time went into queueing tasks while the progress bar was not yet shown. The bar is made
+    first and advances as chunks finish."""
     from tqdm import tqdm
 
-    with ThreadPoolExecutor(max(1, num_threads)) as pool:
-        it = pool.map(lambda p: check_image(p, full=full), paths, chunksize=64)
-        return list(tqdm(it, total=len(paths), desc=desc, unit="img", disable=not progress or len(paths) < 2000))
+    threads = max(1, num_threads)
+    chunk = _chunk_size(len(paths), threads)
+    results: list[list[ImageCheck]] = [[] for _ in range(0, len(paths), chunk)]
+
+    def check_chunk(start: int) -> int:
+        part = [check_image(p, full=full) for p in paths[start:start + chunk]]
+        results[start // chunk] = part
+        return len(part)
+
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not progress or len(paths) < 2000)
+    with bar, ThreadPoolExecutor(threads) as pool:
+        futures = [pool.submit(check_chunk, start) for start in range(0, len(paths), chunk)]
+        try:
+            for done in as_completed(futures):
+                bar.update(done.result())
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    return [c for part in results for c in part]
+
+
+def _chunk_size(n: int, threads: int, most: int = 256) -> int:
+    """Paths per pool task: up to ``most``, and small enough that every thread gets several chunks
+    (an even spread and a bar that moves)."""
+    return max(1, min(most, -(-n // (threads * 8))))
 
 
 # -- the thorough check (tl-fast check) -------------------------------------------------------------

@@ -1,11 +1,15 @@
-"""DALI backend: an external source feeds JPEG bytes with the plan's crop windows; DALI decodes only
-the window (``fn.decoders.image_slice``; ``device="mixed"`` — nvJPEG on the GPU — when the loader's
-device is CUDA, ``"cpu"`` with ``device_id=None`` otherwise), resizes to S (antialiased bilinear),
-flips and lays out CHW (``fn.crop_mirror_normalize``), normalizing too when no RandAugment pixel
-operation has to see uint8 levels on the device.
+"""DALI backend: DALI's file reader reads the epoch's JPEGs in plan order, an external source feeds
+the plan's crop windows and flips for the same batches; DALI decodes only the window
+(``fn.decoders.image_slice``; ``device="mixed"`` — nvJPEG on the GPU — when the loader's device is
+CUDA, ``"cpu"`` with ``device_id=None`` otherwise), resizes to S (antialiased bilinear), flips and
+lays out CHW (``fn.crop_mirror_normalize``), normalizing too when no RandAugment pixel operation has
+to see uint8 levels on the device.
 
 One pipeline is built per epoch (or resumed part of one) over exactly that epoch's batches of this
-rank, so the source never has to guess which epoch DALI's prefetching is asking for. The images
+rank: the reader's file list is those batches' files in order (no shuffling, each batch padded to
+the pipeline's batch size), so batch ``i`` of the reader and of the external source are the same
+samples, and the reader's labels (the sample ids) say which samples the images are. Files are read
+in DALI's own reader thread, as in a native DALI pipeline, not in the training process. The images
 come out of ``pipe.run()`` in the thread that drives the pipeline; the batch's label records are
 decoded right there, by sample id, straight into the batch's map buffer (one batched store read,
 ``LabelStore.read(..., out=)``, pinned for a GPU).
@@ -32,32 +36,41 @@ def _import_dali():
 
 
 class _EpochSource:
-    """DALI external source (batch mode): batch ``info.iteration`` of the epoch's plans, or
-    ``StopIteration`` past its end. Yields JPEG bytes, pixel anchors (x, y), shapes (w, h), mirror
-    flags and sample ids."""
+    """DALI external source (batch mode): the plan of batch ``info.iteration`` of the epoch's plans,
+    or ``StopIteration`` past its end. Yields pixel anchors (x, y), shapes (w, h) and mirror flags,
+    each batch padded to ``size`` samples by repeating its last one (as the reader's file list is)."""
 
-    def __init__(self, paths: Sequence[str], plans: EpochPlans) -> None:
-        self.paths = paths
+    def __init__(self, plans: EpochPlans, size: int) -> None:
         self.plans = plans
+        self.size = size
 
     def __call__(self, info):
         i = info.iteration
         if i >= len(self.plans):
             raise StopIteration
         plan = self.plans[i]
-        idx = plan.index
-        jpegs, anchors, shapes, mirror, ids = [], [], [], [], []
-        for b, j in enumerate(idx):
-            try:
-                jpegs.append(np.fromfile(self.paths[j], dtype=np.uint8))
-            except OSError as err:
-                raise RuntimeError(f"cannot read image {self.paths[j]}: {err}") from err
-            top, left, h, w = (float(v) for v in plan.crop[b])
-            anchors.append(np.array([left, top], dtype=np.float32))
-            shapes.append(np.array([w, h], dtype=np.float32))
-            mirror.append(np.array(int(plan.flip[b]), dtype=np.int32))
-            ids.append(np.array(j, dtype=np.int64))
-        return jpegs, anchors, shapes, mirror, ids
+        crop = _pad(np.asarray(plan.crop, dtype=np.float32).reshape(-1, 4), self.size)  # (top, left, h, w)
+        flip = _pad(np.asarray(plan.flip).astype(np.int32).reshape(-1), self.size)
+        # One array per output, its first axis the batch: (x, y) anchors, (w, h) shapes, flags.
+        return np.ascontiguousarray(crop[:, [1, 0]]), np.ascontiguousarray(crop[:, [3, 2]]), flip
+
+
+def _pad(rows: np.ndarray, size: int) -> np.ndarray:
+    """``rows`` with its last row repeated up to ``size`` rows."""
+    if len(rows) >= size:
+        return rows
+    return np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), axis=0)])
+
+
+def epoch_files(paths: Sequence[str], batches: Sequence[np.ndarray], size: int) -> tuple[list[str], list[int]]:
+    """The reader's file list and labels (sample ids) for ``batches``: their samples in order, each
+    batch padded to ``size`` by repeating its last sample."""
+    files, ids = [], []
+    for idx in batches:
+        idx = _pad(np.asarray(idx, dtype=np.int64).reshape(-1), size)
+        files.extend(paths[j] for j in idx)
+        ids.extend(int(j) for j in idx)
+    return files, ids
 
 
 class DALIBackend:
@@ -73,7 +86,7 @@ class DALIBackend:
         self.normalizes = normalize
         self.gpu = device.type == "cuda"
 
-    def _build(self, source: _EpochSource, batch: int):
+    def _build(self, source: _EpochSource, files: list[str], ids: list[int], batch: int):
         fn, pipeline_def, types = _import_dali()
         cfg = self.config
         size = cfg.image_size
@@ -82,9 +95,11 @@ class DALIBackend:
 
         @pipeline_def
         def graph():
-            jpegs, anchor, shape, mirror, ids = fn.external_source(
-                source=source, num_outputs=5, batch=True, batch_info=True,
-                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32, types.INT64])
+            # The file list is the plan's order: no shuffling, and labels carry the sample ids.
+            jpegs, sample_ids = fn.readers.file(files=files, labels=ids, random_shuffle=False, name="Reader")
+            anchor, shape, mirror = fn.external_source(
+                source=source, num_outputs=3, batch=True, batch_info=True,
+                dtype=[types.FLOAT, types.FLOAT, types.INT32])
             images = fn.decoders.image_slice(
                 jpegs, anchor, shape, normalized_anchor=False, normalized_shape=False, axis_names="WH",
                 device="mixed" if gpu else "cpu", output_type=types.RGB,
@@ -97,7 +112,7 @@ class DALIBackend:
                     mean=[255.0 * m for m in IMAGENET_MEAN], std=[255.0 * s for s in IMAGENET_STD])
             else:
                 images = fn.crop_mirror_normalize(images, mirror=mirror, output_layout="CHW", dtype=types.UINT8)
-            return images, ids
+            return images, sample_ids
 
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
         pipe = graph(batch_size=batch, num_threads=max(1, int(cfg.num_workers)), device_id=device_id,
@@ -105,8 +120,13 @@ class DALIBackend:
         pipe.build()
         return pipe
 
-    def _to_torch(self, out) -> torch.Tensor:
+    def _to_torch(self, out, shared: bool) -> torch.Tensor:
+        """The batch as a torch tensor. ``shared``: DALI's dynamic executor hands out buffers it will
+        not reuse while a consumer holds them, so the CPU batch is shared through DLPack (as DALI's
+        own iterator does) instead of copied."""
         tensor = out.as_tensor()
+        if not self.gpu and shared:
+            return torch.from_dlpack(tensor)
         if self.gpu:
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
@@ -120,18 +140,23 @@ class DALIBackend:
         batches = plans.batches
         if not batches:
             return
-        source = _EpochSource(self.paths, plans)
-        pipe = self._build(source, max(len(b) for b in batches))
+        size = max(len(b) for b in batches)
+        source = _EpochSource(plans, size)
+        files, ids = epoch_files(self.paths, batches, size)
+        pipe = self._build(source, files, ids, size)
+        shared = bool(getattr(pipe, "exec_dynamic", False))
         try:
             for step in range(len(batches)):
                 try:
-                    images, ids = pipe.run()
+                    images, sample_ids = pipe.run()
                 except StopIteration:
                     raise RuntimeError("DALI pipeline ended before the epoch's last batch") from None
                 except RuntimeError as err:
                     raise self._explain(err, batches[step:step + 3]) from err
-                idx = np.array(ids.as_tensor()).reshape(-1).astype(np.int64)
-                yield self._to_torch(images), idx, self._labels(idx)
+                n = len(batches[step])  # the reader's padding is dropped here
+                images = self._to_torch(images, shared)
+                idx = np.array(sample_ids.as_tensor()).reshape(-1)[:n].astype(np.int64)
+                yield images[:n], idx, self._labels(idx)
         finally:
             del pipe
 

@@ -81,7 +81,8 @@ class TokenLabelLoader:
             ``.beton`` written by ``tl-fast pack-ffcv`` (labels packed inside, or none with
             ``--no-labels``: then only without token labels); or a source already built
             (:class:`tl_fast.loaders.source.ImageFolderSource`, ``PackedSource``), labels inside it.
-        labels: a label store path or an open ``LabelStore``; None for plain labels / evaluation.
+        labels: a label store path (opened with ``access="auto"``) or an open ``LabelStore`` (used as
+            opened); None for plain labels / evaluation.
         backend: ``"dali"``, ``"ffcv"``, ``"torch"`` or ``"auto"`` (the default: ``"ffcv"`` for a
             packed file, else DALI when it is installed, else torch; the choice is logged).
         batch_size, image_size, patch_size: batch and network input geometry (grid = S / patch).

@@ -22,7 +22,9 @@ def _open_store(labels):
     from ..store import LabelStore
 
     if isinstance(labels, (str, os.PathLike)):
-        return LabelStore.open(labels)
+        # Batches gather scattered records: map them in at open, or read only the pages asked
+        # for when the store is too big to stay cached (tl_fast.store.reader).
+        return LabelStore.open(labels, access="auto")
     return labels
 
 

@@ -87,8 +87,29 @@ def _load_job(job: tuple[str, tuple[int, int, int], torch.dtype]) -> tuple[np.nd
     return _load_public(Path(job[0]), job[1], job[2])
 
 
+# Below this many files convert-pt's default loads them in process: a pool's start-up costs more.
+POOL_MIN_FILES = 512
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask, which containers and ``taskset`` narrow;
+    ``os.cpu_count()`` where the platform has no affinity call)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_workers(num_files: int) -> int:
+    """convert-pt's default loader processes for ``num_files`` files: one per available core, or 0
+    (load in process) with a single core or fewer than :data:`POOL_MIN_FILES` files."""
+    cores = available_cores()
+    return cores if cores > 1 and num_files >= POOL_MIN_FILES else 0
+
+
 def convert_pt(src: str | os.PathLike, dst: str | os.PathLike, *, num_classes: int | None = None,
-               lossy: bool = False, progress: bool = True, workers: int = 0, layout: str = "auto") -> LabelStore:
+               lossy: bool = False, progress: bool = True, workers: int | None = None,
+               layout: str = "auto") -> LabelStore:
     """Convert ``src/<class>/<stem>.pt`` files into the store ``dst``; returns the opened store.
 
     ``layout`` is ``"tokenlabeling"`` (float16 files), ``"relabel"`` (float32) or ``"auto"`` (from the
@@ -96,11 +117,13 @@ def convert_pt(src: str | os.PathLike, dst: str | os.PathLike, *, num_classes: i
     11 significant bits). Keys are the files' paths relative to ``src`` without ``.pt``: the image
     name cut at its first ``.``, which the loader's join accepts beside its own key rule. Without
     ``num_classes`` it is inferred as the largest class id seen + 1. ``workers > 0`` loads the files
-    in that many processes (records are still written in sorted order)."""
+    in that many processes (records are still written in sorted order), 0 in this process; the
+    default (None) is one process per available core, or this process for a few files or one core,
+    where starting processes costs more than it saves (:func:`default_workers`)."""
     from tqdm.auto import tqdm
 
     root = Path(src)
-    if workers < 0:
+    if workers is not None and workers < 0:
         raise ValueError(f"workers must be >= 0 (0: load in this process), got {workers}")
     if not root.is_dir():
         raise StoreError(f"{root}: not a directory")
@@ -113,6 +136,8 @@ def convert_pt(src: str | os.PathLike, dst: str | os.PathLike, *, num_classes: i
     shape = first[0].shape
     layout = detect_layout(first[2], files[0]) if layout == "auto" else layout
     dtype = LAYOUTS[layout]
+    if workers is None:
+        workers = default_workers(len(files))
     source_bytes = sum(p.stat().st_size for p in files)
     meta = {"source": "convert-pt", "src": str(root), "source_bytes": source_bytes, "source_files": len(files),
             "layout": layout}
@@ -300,7 +325,8 @@ def register(subparsers) -> None:
     p.add_argument("dst", help="output store file (written atomically)")
     p.add_argument("--num-classes", type=int, default=None, help="K (default: largest class id + 1)")
     p.add_argument("--lossy", action="store_true", help="quantize scores to 8-bit codes (see tl_fast.store.format)")
-    p.add_argument("--workers", type=int, default=0, help="processes loading .pt files (default 0: in process)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes loading .pt files (default: one per available core; 0: in process)")
     p.add_argument("--layout", choices=["auto", *LAYOUTS], default="auto",
                    help="the files' layout: tokenlabeling (float16) or relabel (float32); default auto: from the "
                    "first file's dtype (every file must match)")

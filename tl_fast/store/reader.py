@@ -1,7 +1,17 @@
-"""Memory-mapped reader of label stores (format: :mod:`tl_fast.store.format`)."""
+"""Memory-mapped reader of label stores (format: :mod:`tl_fast.store.format`).
+
+How the record section is mapped is the ``access`` of :meth:`LabelStore.open`: ``"normal"`` (the
+kernel's default, for tools that read a store once in order), ``"random"`` (``MADV_RANDOM``: a page
+fault reads only its page, not the kernel's read-ahead window around it, which for scattered
+records is mostly other samples' records), ``"populate"`` (every page read in and mapped at open,
+so gathers never fault) and ``"auto"`` (the loaders'): ``"populate"`` when the records fit in half
+the memory available, else ``"random"`` (a store the page cache cannot hold would have read-ahead
+evicted before it is used). BENCHMARKS.md (issue 19, scale) has the measurements behind this.
+"""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import zlib
 from typing import Iterable
@@ -12,6 +22,74 @@ import torch
 from .codec import RecordError, StoreError, TopKMaps, _gather_bytes, decode_into
 from .format import (CRC_OFFSET, FLAG_LOSSY, HEADER_SIZE, MAGIC, READABLE_VERSIONS, UNKNOWN_FINGERPRINT_SIZE, align8,
                      fingerprint_columns, seal_fingerprints, unpack_header)
+
+
+ACCESS_MODES = ("normal", "random", "populate", "auto")
+_MADV_POPULATE_READ = 22  # Linux >= 5.14; Python's mmap module has no name for it
+
+
+def available_memory() -> int:
+    """Bytes of memory available without swapping (``MemAvailable``, or physical memory where that
+    is unknown), at most what this process's cgroup (v2) may still use: a container's limit caps
+    the page cache it gets, not the host's memory. 0 if nothing can be read."""
+    avail = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if not avail:
+        try:
+            avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - platform without sysconf
+            avail = 0
+    limit = _cgroup_headroom()
+    return min(avail, limit) if limit is not None else avail
+
+
+def _cgroup_headroom(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """What this process's memory cgroup may still use (v2 ``memory.max - memory.current``, v1
+    ``memory.limit_in_bytes - memory.usage_in_bytes``), or None without a limit."""
+    try:
+        with open(proc) as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    for parts in lines:
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        if controllers == "":
+            names = ("memory.max", "memory.current")
+            base = os.path.join(root, rel.lstrip("/"))
+        elif "memory" in controllers.split(","):
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            base = os.path.join(root, "memory", rel.lstrip("/"))
+        else:
+            continue
+        try:
+            with open(os.path.join(base, names[0])) as f:
+                limit = f.read().strip()
+            if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as a huge number
+                continue
+            with open(os.path.join(base, names[1])) as f:
+                return max(0, int(limit) - int(f.read().strip()))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def resolve_access(access: str, record_bytes: int) -> str:
+    """The mapping ``access`` (see the module docstring) for a record section of ``record_bytes``:
+    ``"auto"`` becomes ``"populate"`` when it fits in half of :func:`available_memory`, else ``"random"``."""
+    if access not in ACCESS_MODES:
+        raise ValueError(f"access must be one of {ACCESS_MODES}, got {access!r}")
+    if access != "auto":
+        return access
+    return "populate" if 2 * record_bytes <= available_memory() else "random"
 
 
 def _as_ids(ids) -> np.ndarray:
@@ -30,7 +108,11 @@ class LabelStore:
 
     ``LabelStore.open(path)`` checks the header (magic, version, sizes) and a crc32 of header, index
     and manifest; every :meth:`read` verifies each record's checksum while decoding. Any mismatch
-    raises :class:`StoreError` naming the file (and the record)."""
+    raises :class:`StoreError` naming the file (and the record). ``access`` says how the records are
+    mapped (module docstring); the loaders open stores with ``"auto"``."""
+
+    access: str = "normal"  # as asked (pickled with the path: a worker decides "auto" again)
+    _advice: str = "normal"  # what was applied
 
     def __init__(self, path: str, mm: np.ndarray, header: dict, keys: list[str], metadata: dict,
                  offsets: np.ndarray, lengths: np.ndarray, checksums: np.ndarray):
@@ -47,8 +129,10 @@ class LabelStore:
 
     # ----------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "LabelStore":
-        """Open and validate the store at ``path``."""
+    def open(cls, path: str | os.PathLike, *, access: str = "normal") -> "LabelStore":
+        """Open and validate the store at ``path``; map its records for ``access`` (:meth:`advise`)."""
+        if access not in ACCESS_MODES:
+            raise ValueError(f"access must be one of {ACCESS_MODES}, got {access!r}")
         path = os.fspath(path)
         size = os.path.getsize(path)
         if size < HEADER_SIZE:
@@ -117,11 +201,40 @@ class LabelStore:
         store.fingerprints = fingerprints
         store.seals = seals
         store._identity = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+        if access != "normal":
+            store.advise(access)
         return store
+
+    def advise(self, access: str) -> str:
+        """Map the record section for ``access`` (module docstring) and return what was applied
+        (``"auto"`` resolved). Advice only: reads are correct whatever the kernel does with it, and
+        a platform without ``madvise`` (or a kernel without ``MADV_POPULATE_READ``, then read-ahead
+        of the whole section is asked for instead) keeps what it can."""
+        applied = resolve_access(access, int(self.header["index_offset"]))
+        self.access = access
+        self._advice = applied
+        self._madvise({"normal": "MADV_NORMAL", "random": "MADV_RANDOM", "populate": "MADV_NORMAL"}[applied])
+        if applied == "populate" and not self._madvise(_MADV_POPULATE_READ):
+            self._madvise("MADV_WILLNEED")
+        return applied
+
+    def _madvise(self, advice: str | int) -> bool:
+        """``madvise(advice)`` over the record section (the index, manifest and fingerprints are read
+        once at open); False where it is not available or the kernel refused it."""
+        raw = getattr(self._mm, "_mmap", None)
+        flag = getattr(mmap, advice, None) if isinstance(advice, str) else advice
+        end = int(self.header["index_offset"]) // mmap.PAGESIZE * mmap.PAGESIZE
+        if flag is None or raw is None or not hasattr(raw, "madvise") or end <= 0:
+            return False
+        try:
+            raw.madvise(flag, 0, end)
+        except (OSError, ValueError):
+            return False
+        return True
 
     def __reduce__(self):
         # Pickle by path (DataLoader workers reopen the map) instead of copying the mapped bytes.
-        return (LabelStore.open, (self.path,))
+        return (_reopen, (self.path, self.access))
 
     def __enter__(self) -> "LabelStore":
         return self
@@ -298,16 +411,25 @@ class LabelStore:
 
         n = len(self)
         bar = tqdm(total=n, unit="rec", desc=f"verify {os.path.basename(self.path)}", disable=not progress)
-        with bar:
-            for start in range(0, n, batch_size):
-                stop = min(n, start + batch_size)
-                self.read(np.arange(start, stop))
-                bar.update(stop - start)
+        self._madvise("MADV_SEQUENTIAL")  # one pass in file order: read ahead, whatever the access
+        try:
+            with bar:
+                for start in range(0, n, batch_size):
+                    stop = min(n, start + batch_size)
+                    self.read(np.arange(start, stop))
+                    bar.update(stop - start)
+        finally:
+            if self._mm is not None:
+                self._madvise("MADV_RANDOM" if self._advice == "random" else "MADV_NORMAL")
 
 
-def open_store(path: str | os.PathLike) -> LabelStore:
+def _reopen(path: str, access: str = "normal") -> LabelStore:
+    return LabelStore.open(path, access=access)
+
+
+def open_store(path: str | os.PathLike, *, access: str = "normal") -> LabelStore:
     """Alias of :meth:`LabelStore.open`."""
-    return LabelStore.open(path)
+    return LabelStore.open(path, access=access)
 
 
-__all__ = ["LabelStore", "open_store"]
+__all__ = ["ACCESS_MODES", "LabelStore", "available_memory", "open_store", "resolve_access"]

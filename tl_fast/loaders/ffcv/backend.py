@@ -22,6 +22,7 @@ import os
 import time
 from typing import Iterator
 
+import numba
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
@@ -29,12 +30,33 @@ from ffcv.fields.bytes import BytesDecoder
 from ffcv.loader import OrderOption
 
 from ...imagecheck import packed_fingerprints
+from ...memory import new_output
 from ..batch import LoaderConfig
 from ..common import EpochPlans, empty_maps, map_parts
 from ..packed_hash import allocation_table
 from .field import PlanCropDecoder, PlanRGBImageField, add_plan_columns, write_plan
 from .guard import _GuardedEpochIterator, _GuardedLoader
 from .packed import PackedInfo, read_packed
+
+
+@numba.njit(nogil=True, cache=True)
+def _normalized_chw(src, table, out):  # pragma: no cover - compiled
+    """``out[b, c, y, x] = table[c, src[b, y, x, c]]``: FFCV's uint8 HWC batch to normalized float32
+    CHW in one pass (the copy out of FFCV's buffer and the normalization look-up together)."""
+    for b in range(src.shape[0]):
+        for c in range(3):
+            levels = table[c]
+            for y in range(src.shape[1]):
+                for x in range(src.shape[2]):
+                    out[b, c, y, x] = levels[src[b, y, x, c]]
+
+
+def _normalize_table() -> np.ndarray:
+    """float32 ``[3, 256]``: each level normalized exactly as :func:`tl_fast.augment.normalize` does."""
+    from ...augment import normalize
+
+    levels = torch.arange(256, dtype=torch.float32).view(1, 1, 1, 256).expand(1, 3, 1, 256).clone()
+    return np.ascontiguousarray(normalize(levels).view(3, 256).numpy())
 
 
 class FFCVBackend:
@@ -50,6 +72,10 @@ class FFCVBackend:
         self.config = config
         self.device = device
         self.with_records = with_records
+        # On the CPU without RandAugment pixel operations the batch leaves FFCV's buffer normalized,
+        # in the same pass that copies it out; on a GPU uint8 crosses the bus and normalizes there.
+        self.normalizes = device.type == "cpu" and not config.device_pixel_ops
+        self._table = _normalize_table() if self.normalizes else None
         st = os.stat(self.path)
         self._identity = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
         self._bytes = np.memmap(self.path, dtype=np.uint8, mode="r") if self.info.image_hashes is not None else None
@@ -165,7 +191,12 @@ class FFCVBackend:
         self._active = it
         try:
             for out in it:
-                images = torch.from_numpy(out[0]).permute(0, 3, 1, 2).contiguous()  # copy out of FFCV's buffer
+                if self.normalizes:
+                    b, h, w, _ = out[0].shape
+                    images = new_output((b, 3, h, w), torch.float32, torch.device("cpu"))
+                    _normalized_chw(out[0], self._table, images.numpy())  # copies out of FFCV's buffer
+                else:
+                    images = torch.from_numpy(out[0]).permute(0, 3, 1, 2).contiguous()  # copy out of FFCV's buffer
                 idx = np.asarray(out[1], dtype=np.int64).reshape(-1)
                 self.check_images(idx)
                 extras = self._labels(out[2], idx) if self.with_records else {}
