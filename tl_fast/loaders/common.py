@@ -120,8 +120,6 @@ class StoreMaps:
     def __call__(self, idx: np.ndarray, out: TopKMaps | None = None) -> TopKMaps:
         """The maps of samples ``idx``, decoded into ``out`` (a ``TopKMaps`` of :meth:`parts`'
         shapes, e.g. views of a batch buffer) or into new tensors."""
-        from ..store import TopKMaps
-
         self.store.check_unchanged()  # one stat per batch: a shrunken map is an error, not SIGBUS
         idx = np.asarray(idx, dtype=np.int64)
         rec = self.record[idx]
