@@ -29,10 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.reference import EXTENT_EPS  # sample counts are ceil(extent - EXTENT_EPS), as in the reference
 from . import _rows
-
-# Must equal tl_fast.ops.reference.EXTENT_EPS: sample counts are ceil(extent - EXTENT_EPS).
-EXTENT_EPS = 1e-4
 # Sample counts are capped per axis (an affine that blows a token up to > 1024 map pixels is not an
 # augmentation); it keeps lane indices inside int32.
 MAX_SAMPLES_PER_AXIS = 1024
