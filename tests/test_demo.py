@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tl_fast.annotate import annotate, list_images, load_checkpoint
+from tl_fast.annotate import annotate, list_images, load_weights
 from tl_fast.cli import build_parser
 from tl_fast.demo import DemoConfig, default_root, prepare
 from tl_fast.demo.annotator import DemoCNN, TrainConfig
@@ -186,7 +186,7 @@ def test_prepare_end_to_end_and_idempotent(tmp_path):
 
     # The store is what the annotate path gives for the saved checkpoint.
     net = DemoCNN(num_classes=3, width=4)
-    load_checkpoint(net, paths.annotator)
+    load_weights(net, paths.annotator)
     annotate(paths.train, tmp_path / "again.tls", model=net, img_size=32, topk=2, num_workers=0, progress=False)
     again = LabelStore.open(tmp_path / "again.tls").read(np.arange(15))
     assert torch.equal(again.values, maps.values) and torch.equal(again.indices, maps.indices)

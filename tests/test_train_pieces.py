@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from tl_fast.models import lvvit_demo
 from tl_fast.train import (
-    JsonlLogger, ThroughputMeter, evaluate, format_seconds, load_checkpoint, rng_state, save_checkpoint,
+    JsonlLogger, ThroughputMeter, evaluate, format_seconds, read_checkpoint, rng_state, save_checkpoint,
     set_rng_state, step_seed,
 )
 from tl_fast.train.config import build_parser
@@ -177,17 +177,17 @@ def test_argument_errors_are_one_line(argv, message, capsys):
 def test_checkpoint_atomic_and_roundtrip(tmp_path):
     path = tmp_path / "ck" / "last.pth"
     save_checkpoint(path, {"a": torch.arange(3), "b": 1})
-    assert load_checkpoint(path)["b"] == 1
+    assert read_checkpoint(path)["b"] == 1
 
     class Boom:
         def __reduce__(self):
             raise RuntimeError("disk full")
     with pytest.raises(RuntimeError, match="disk full"):
         save_checkpoint(path, {"a": Boom()})
-    assert load_checkpoint(path)["b"] == 1  # the previous checkpoint survives
+    assert read_checkpoint(path)["b"] == 1  # the previous checkpoint survives
     assert sorted(os.listdir(path.parent)) == ["last.pth"]  # no temporary left behind
     with pytest.raises(FileNotFoundError, match="--resume"):
-        load_checkpoint(tmp_path / "missing.pth")
+        read_checkpoint(tmp_path / "missing.pth")
 
 
 def test_rng_state_roundtrip():

@@ -21,9 +21,9 @@ One job per module:
 from .command import register
 from .dense import DenseClassifier
 from .images import ImageList, list_images
-from .models import build_model, data_config, load_checkpoint, weights_digest
+from .models import build_model, data_config, load_weights, weights_digest
 from .partial import PARTIAL_SUFFIX
 from .run import AnnotateResult, annotate
 
-__all__ = ["annotate", "AnnotateResult", "DenseClassifier", "build_model", "data_config", "load_checkpoint",
+__all__ = ["annotate", "AnnotateResult", "DenseClassifier", "build_model", "data_config", "load_weights",
            "weights_digest", "list_images", "ImageList", "register", "PARTIAL_SUFFIX"]

@@ -26,7 +26,7 @@ def _call_with_supported(fn: Callable, **kwargs: Any):
     return fn(**{k: v for k, v in kwargs.items() if k in params})
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load weights from ``path``: a state dict, or a dict holding one under ``model`` /
     ``state_dict`` / ``model_state``; a ``module.`` prefix (DDP) is stripped. Strict."""
     try:
@@ -95,7 +95,7 @@ def build_model(name: str, *, num_classes: int | None = None, checkpoint: str | 
         if model is None:
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        load_weights(model, checkpoint)
     return model.eval()
 
 

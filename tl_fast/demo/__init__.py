@@ -106,7 +106,7 @@ def _locked(path: Path):
 def _prepare(root: Path, config: DemoConfig, progress: bool) -> DemoPaths:
     import torch
 
-    from ..annotate import annotate, load_checkpoint
+    from ..annotate import annotate, load_weights
     from .annotator import DemoCNN, train_annotator
     from .generate import generate_images
 
@@ -157,7 +157,7 @@ def _prepare(root: Path, config: DemoConfig, progress: bool) -> DemoPaths:
     labels = _existing_labels(paths.labels, config, info, data_id)
     if labels is None:
         net = DemoCNN(num_classes=len(classes), width=ann_cfg.width)
-        load_checkpoint(net, paths.annotator)
+        load_weights(net, paths.annotator)
         result = annotate(paths.train, paths.labels, model=net, img_size=ann_cfg.img_size, topk=config.topk,
                           batch_size=128, num_workers=0, device="cpu", progress=progress,
                           metadata={"demo": {"val_top1": info["val_acc"], "annotator": asdict(ann_cfg),

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..models.digest import weights_digest
 from ..optional import MissingDependency
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import apply_preset, build_parser, check_args
 from .distributed import (
     all_gather_object, barrier, broadcast_buffers, cleanup_distributed, setup_distributed,
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
                   steps_per_epoch=steps, params=sum(p.numel() for p in model.parameters()))
     if args.resume:
         path = out / "last.pth" if args.resume == "auto" else Path(args.resume)
-        ckpt = load_checkpoint(path, dist.device)
+        ckpt = read_checkpoint(path, dist.device)
         model.load_state_dict(ckpt["model"])
         if ema is not None and ckpt.get("ema") is not None:
             ema.load_state_dict(ckpt["ema"])
