@@ -37,13 +37,18 @@ PARTS = ("index", "convert", "store")
 IMAGENET_TRAIN = 1_281_167
 
 
-def _rss_file_kb() -> int:
-    """File-backed resident memory of this process (kB), from /proc/self/status."""
-    with open("/proc/self/status") as f:
+def _proc_value(path: str, key: str) -> int:
+    """The first number after ``key`` in the ``/proc`` file ``path`` (0 if absent)."""
+    with open(path) as f:
         for line in f:
-            if line.startswith("RssFile:"):
+            if line.startswith(key):
                 return int(line.split()[1])
     return 0
+
+
+def _rss_file_kb() -> int:
+    """File-backed resident memory of this process (kB), from /proc/self/status."""
+    return _proc_value("/proc/self/status", "RssFile:")
 
 
 def _folder(root: str, n: int, per_class: int, sources: list[str], ext: str) -> None:
@@ -125,11 +130,7 @@ def _write_store(path: str, records: int) -> float:
 
 def _read_bytes() -> int:
     """Bytes this process caused to be read from storage, from /proc/self/io (page-fault reads included)."""
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    return 0
+    return _proc_value("/proc/self/io", "read_bytes:")
 
 
 def _evict(path: str) -> None:

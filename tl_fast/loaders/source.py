@@ -18,13 +18,11 @@ from .batch import LoaderConfig
 from .common import Backend, StoreMaps
 
 
-def _open_store(labels):
+def _open_store(labels, access: str):
     from ..store import LabelStore
 
     if isinstance(labels, (str, os.PathLike)):
-        # Batches gather scattered records: map them in at open, or read only the pages asked
-        # for when the store is too big to stay cached (tl_fast.store.reader).
-        return LabelStore.open(labels, access="auto")
+        return LabelStore.open(labels, access=access)
     return labels
 
 
@@ -52,7 +50,9 @@ class ImageFolderSource:
         self.map_geometry: tuple | None = None  # (K, k, (H, W)) of the token labels, None without
         self.store_maps: StoreMaps | None = None  # reads a batch's maps from the store
         if labels is not None:
-            store = _open_store(labels)
+            # Batches gather scattered records: map them in at open, or read only the pages asked
+            # for when the store is too big to stay cached (tl_fast.store.reader).
+            store = _open_store(labels, "auto")
             join = join_labels(self.index, store, missing_labels=missing_labels, mismatched_images=mismatched_images)
             self.store_maps = StoreMaps(store, join.record, self.targets)
             self.num_missing_labels = join.num_missing
@@ -113,7 +113,7 @@ class PackedSource:
                     f"labels: repack it with the store (tl-fast pack-ffcv IMAGES STORE OUT.beton), or load it "
                     "without token labels (labels=None, token_labels=False or train=False)")
         elif labels is not None:
-            store = _open_store(labels)
+            store = _open_store(labels, "normal")  # only its header is compared: map nothing in
             if (store.num_classes, store.topk, store.map_size) != self.map_geometry:
                 raise ValueError(f"{path} packs labels with (K, k, map) = {self.map_geometry} but the store "
                                  f"{labels} has {(store.num_classes, store.topk, store.map_size)}: "
