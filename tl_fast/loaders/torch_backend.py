@@ -105,10 +105,10 @@ class _SlotRing:
 
     A fresh shared-memory buffer per batch costs a file descriptor sent over a socket and a mapping
     in the main process, and page faults on both sides as the new pages are first touched
-    (BENCHMARKS.md has what that cost). The slots are mapped once and stay mapped. The main process hands a slot back to
-    its worker through a queue once it is done with it; a worker that finds none free within
-    ``wait_s`` builds that batch in a buffer of its own instead, so a slot never holds up a worker
-    for long (or a shutdown), whatever order batches are consumed in."""
+    (BENCHMARKS.md has what that cost). The slots are mapped once and stay mapped. The main process
+    hands a slot back to its worker through a queue once it is done with it; a worker that finds
+    none free within ``wait_s`` builds that batch in a buffer of its own instead, so a slot never
+    holds up a worker for long (or a shutdown), whatever order batches are consumed in."""
 
     def __init__(self, workers: int, slots: int, slot_bytes: int, wait_s: float = 1.0) -> None:
         self.workers, self.slots, self.wait_s = workers, slots, wait_s
