@@ -1,6 +1,6 @@
-"""The FFCV backend normalizes on the CPU in the pass that copies a batch out of FFCV's buffer
-(issue 19): the images are bit for bit those of the earlier path (a uint8 CHW copy, then
-``augment_batch``'s normalization)."""
+"""The FFCV decoder writes each batch into the backend's own tensor, as CHW, flipped by the plan and
+normalized on the CPU (issue 19): bit for bit what FFCV's buffer holds with the same plan, and what
+``augment_batch``'s normalization makes of the uint8 batch."""
 from __future__ import annotations
 
 import warnings
@@ -43,3 +43,56 @@ def test_fused_normalization_matches_the_earlier_path(beton, mode):
         assert np.array_equal(a.indices, b.indices)
         assert a.images.dtype == torch.float32 and a.images.is_contiguous()
         assert torch.equal(a.images, b.images)
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_direct_output_is_ffcvs_buffer_as_chw(beton, normalized):
+    """The decoder's write into a batch tensor (address columns) against its write into FFCV's own
+    buffer (no address: HWC, flipped in place, as FFCV operations after it expect), same plans."""
+    from ffcv.loader import OrderOption
+
+    from tl_fast.loaders.ffcv import PlanCropDecoder, PlanRGBImageField, _GuardedLoader, add_plan_columns, write_plan
+    from tl_fast.loaders.ffcv.output import batch_output, normalize_table
+
+    size, n = 24, 13
+    rng = np.random.default_rng(5)
+    table = normalize_table()
+
+    def epoch(direct: bool) -> list:
+        loader = _GuardedLoader(beton, batch_size=4, num_workers=2, order=OrderOption.SEQUENTIAL,
+                                pipelines={"image": [PlanCropDecoder(size, table if direct and normalized else None)],
+                                           "label": None, "index": None, "record": None},
+                                custom_fields={"image": PlanRGBImageField}, drop_last=False)
+        columns = add_plan_columns(loader)
+        outputs = {}
+
+        def before_batch(b_ix, ids):
+            ids = np.asarray(ids, np.int64)
+            rows = None
+            if direct:
+                outputs[b_ix], rows = batch_output(len(ids), size, normalized, pin=False)
+            write_plan(columns, ids, crops[ids], flips[ids], rows)
+
+        loader.before_batch = before_batch
+        got = []
+        for b_ix, (images,) in enumerate(loader):
+            got.append(outputs.pop(b_ix) if direct else torch.from_numpy(images.copy()))
+        return got
+
+    from tl_fast.loaders.ffcv import read_packed
+
+    sizes = read_packed(beton).sizes
+    assert len(sizes) == n
+    tops = rng.integers(0, sizes[:, 0] // 2)
+    lefts = rng.integers(0, sizes[:, 1] // 2)
+    crops = np.stack([tops, lefts, rng.integers(1, sizes[:, 0] - tops + 1), rng.integers(1, sizes[:, 1] - lefts + 1)],
+                     axis=1).astype(np.int64)
+    flips = rng.integers(0, 2, n).astype(np.uint8)
+    assert flips.any() and not flips.all()
+    for hwc, chw in zip(epoch(direct=False), epoch(direct=True)):
+        want = hwc.permute(0, 3, 1, 2)
+        if normalized:
+            levels = torch.from_numpy(table)
+            want = torch.stack([levels[c][want[:, c].long()] for c in range(3)], dim=1)
+        assert chw.is_contiguous() and chw.dtype == want.dtype
+        assert torch.equal(chw, want)

@@ -4,7 +4,9 @@ Each epoch's order is this rank's shard, in order, with sequential traversal: th
 own sharding (the same for every backend) instead of FFCV's ``distributed=True``, which would pad
 the shard with repeated samples. Before FFCV decodes batch ``i`` (on its pipeline thread), the
 backend writes that batch's plan — the same :class:`tl_fast.plan.BatchPlan` object the loader then
-finishes the batch with — into the plan columns the decoder reads (:mod:`.field`).
+finishes the batch with — into the plan columns the decoder reads (:mod:`.field`), with the rows
+of the batch's own tensor, which the decoder writes in FFCV's parallel loop (:mod:`.output`): the
+batch leaves FFCV with no copy, normalized on the CPU, pinned uint8 for a GPU.
 
 Label records are packed as a bytes field (uint8; numba has no float16) and come out of FFCV with
 the batch's images; the backend decodes them right there (:func:`tl_fast.store.decode_records`,
@@ -22,7 +24,6 @@ import os
 import time
 from typing import Iterator
 
-import numba
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
@@ -30,33 +31,13 @@ from ffcv.fields.bytes import BytesDecoder
 from ffcv.loader import OrderOption
 
 from ...imagecheck import packed_fingerprints
-from ...memory import new_output
 from ..batch import LoaderConfig
 from ..common import EpochPlans, empty_maps, map_parts
 from ..packed_hash import allocation_table
 from .field import PlanCropDecoder, PlanRGBImageField, add_plan_columns, write_plan
 from .guard import _GuardedEpochIterator, _GuardedLoader
+from .output import batch_output, normalize_table
 from .packed import PackedInfo, read_packed
-
-
-@numba.njit(nogil=True, cache=True)
-def _normalized_chw(src, table, out):  # pragma: no cover - compiled
-    """``out[b, c, y, x] = table[c, src[b, y, x, c]]``: FFCV's uint8 HWC batch to normalized float32
-    CHW in one pass (the copy out of FFCV's buffer and the normalization look-up together)."""
-    for b in range(src.shape[0]):
-        for c in range(3):
-            levels = table[c]
-            for y in range(src.shape[1]):
-                for x in range(src.shape[2]):
-                    out[b, c, y, x] = levels[src[b, y, x, c]]
-
-
-def _normalize_table() -> np.ndarray:
-    """float32 ``[3, 256]``: each level normalized exactly as :func:`tl_fast.augment.normalize` does."""
-    from ...augment import normalize
-
-    levels = torch.arange(256, dtype=torch.float32).view(1, 1, 1, 256).expand(1, 3, 1, 256).clone()
-    return np.ascontiguousarray(normalize(levels).view(3, 256).numpy())
 
 
 class FFCVBackend:
@@ -72,10 +53,9 @@ class FFCVBackend:
         self.config = config
         self.device = device
         self.with_records = with_records
-        # On the CPU without RandAugment pixel operations the batch leaves FFCV's buffer normalized,
-        # in the same pass that copies it out; on a GPU uint8 crosses the bus and normalizes there.
+        # On the CPU without RandAugment pixel operations the decoder writes the batch normalized;
+        # on a GPU uint8 crosses the bus and normalizes there. Read when the loader is built.
         self.normalizes = device.type == "cpu" and not config.device_pixel_ops
-        self._table = _normalize_table() if self.normalizes else None
         st = os.stat(self.path)
         self._identity = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
         self._bytes = np.memmap(self.path, dtype=np.uint8, mode="r") if self.info.image_hashes is not None else None
@@ -146,7 +126,7 @@ class FFCVBackend:
         if self._loader is None:
             cfg = self.config
             pipelines = {
-                "image": [PlanCropDecoder(cfg.image_size)],
+                "image": [PlanCropDecoder(cfg.image_size, normalize_table() if self.normalizes else None)],
                 "label": None,
                 "index": [IntDecoder()],
                 "record": [BytesDecoder()] if self.with_records else None,
@@ -179,32 +159,30 @@ class FFCVBackend:
             self._active = None
         loader = self._ffcv_loader(order)
         columns = self._plan_columns
+        size, normalized, pin = self.config.image_size, self.normalizes, self.device.type == "cuda"
+        outputs: dict[int, torch.Tensor] = {}  # batch -> its tensor, from allocation until delivery
 
         def before_batch(b_ix: int, sample_ids: np.ndarray) -> None:
             # On FFCV's pipeline thread, before batch b_ix is decoded: FFCV's batches are the plan's
             # (the order's consecutive batch_size chunks), each sample once per epoch.
             plan = plans[b_ix]
-            write_plan(columns, plan.index, plan.crop, plan.flip)
+            outputs[b_ix], rows = batch_output(len(plan.index), size, normalized, pin)
+            write_plan(columns, plan.index, plan.crop, plan.flip, rows)
 
         loader.before_batch = before_batch
         it = iter(loader)
+        it.outputs = outputs  # lives as long as the thread that writes into them
         self._active = it
         try:
-            for out in it:
-                if self.normalizes:
-                    b, h, w, _ = out[0].shape
-                    images = new_output((b, 3, h, w), torch.float32, torch.device("cpu"))
-                    _normalized_chw(out[0], self._table, images.numpy())  # copies out of FFCV's buffer
-                else:
-                    images = torch.from_numpy(out[0]).permute(0, 3, 1, 2).contiguous()  # copy out of FFCV's buffer
+            for b_ix, out in enumerate(it):
+                images = outputs.pop(b_ix)  # written by the decoder; FFCV's own buffer is scratch
                 idx = np.asarray(out[1], dtype=np.int64).reshape(-1)
                 self.check_images(idx)
                 extras = self._labels(out[2], idx) if self.with_records else {}
-                if self.device.type == "cuda":
-                    images = images.pin_memory()
                 yield images, idx, extras
         finally:
-            # The pipeline thread must be gone before the next epoch writes the plan columns.
+            # The pipeline thread must be gone before the next epoch writes the plan columns; one
+            # that outlives the wait keeps its output tensors (it.outputs) and is waited for again.
             it.shutdown(self.config.timeout_s)
-            if self._active is it:
+            if self._active is it and not it.is_alive():
                 self._active = None

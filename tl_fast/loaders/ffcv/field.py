@@ -7,10 +7,12 @@
   passes to it at run time (numba bakes a captured array into the code as a constant copy, so an
   array captured by the decoder and refilled later would never be seen). :func:`add_plan_columns`
   gives a loader's in-memory metadata (the file is not touched) the crop ``(top, left, height,
-  width)`` in original pixels and the flip of every sample; :func:`write_plan` fills them for a
-  batch from its :class:`tl_fast.plan.BatchPlan` before the batch is decoded.
+  width)`` in original pixels, the flip and the output address of every sample; :func:`write_plan`
+  fills them for a batch from its :class:`tl_fast.plan.BatchPlan` before the batch is decoded.
 * :class:`PlanCropDecoder` is FFCV's resized-crop decoder reading those columns: it maps the crop
-  proportionally into the stored image, decodes, crops, resizes and flips. It draws nothing.
+  proportionally into the stored image, decodes, crops, resizes and flips. It draws nothing. With
+  an output address it writes the sample there as CHW, normalized or not (:mod:`.output`);
+  without one (address 0) into FFCV's buffer as HWC, for FFCV operations after it.
 """
 from __future__ import annotations
 
@@ -21,9 +23,11 @@ from ffcv.libffcv import imdecode, resize_crop
 from ffcv.loader import Loader
 from ffcv.pipeline.compiler import Compiler
 
+from .output import write_chw
+
 # The per-sample plan the decoder reads, added to the image metadata in memory.
 PLAN_COLUMNS = (("plan_top", "<i8"), ("plan_left", "<i8"), ("plan_height", "<i8"), ("plan_width", "<i8"),
-                ("plan_flip", "u1"))
+                ("plan_flip", "u1"), ("plan_out", "<u8"))
 
 
 class PlanRGBImageField(RGBImageField):
@@ -78,21 +82,26 @@ def add_plan_columns(loader: Loader) -> np.ndarray:
     return image
 
 
-def write_plan(image_metadata: np.ndarray, indices: np.ndarray, crop: np.ndarray, flip: np.ndarray) -> None:
-    """Write samples ``indices``' crops ``[B, 4]`` (top, left, height, width; original pixels) and
-    flips ``[B]`` into the plan columns of ``image_metadata`` (from :func:`add_plan_columns`)."""
+def write_plan(image_metadata: np.ndarray, indices: np.ndarray, crop: np.ndarray, flip: np.ndarray,
+               addresses: np.ndarray | None = None) -> None:
+    """Write samples ``indices``' crops ``[B, 4]`` (top, left, height, width; original pixels),
+    flips ``[B]`` and output addresses ``[B]`` (:func:`.output.batch_output`; None: FFCV's buffer)
+    into the plan columns of ``image_metadata`` (from :func:`add_plan_columns`)."""
     indices = np.asarray(indices, dtype=np.int64)
     for j, name in enumerate(("plan_top", "plan_left", "plan_height", "plan_width")):
         image_metadata[name][indices] = crop[:, j]
     image_metadata["plan_flip"][indices] = flip
+    image_metadata["plan_out"][indices] = 0 if addresses is None else addresses
 
 
 class PlanCropDecoder(ResizedCropRGBImageDecoder):
-    """FFCV's resized-crop decoder with the crop (and flip) read from the plan columns of the image
-    metadata (:func:`add_plan_columns`)."""
+    """FFCV's resized-crop decoder with the crop, flip and output address read from the plan columns
+    of the image metadata (:func:`add_plan_columns`); samples written to an address are normalized
+    with ``normalize_table`` (float32 ``[3, 256]``, :func:`.output.normalize_table`) when given."""
 
-    def __init__(self, output_size: int) -> None:
+    def __init__(self, output_size: int, normalize_table: np.ndarray | None = None) -> None:
         super().__init__((output_size, output_size))
+        self.normalize_table = normalize_table
 
     @property
     def get_crop_generator(self):  # required by the abstract base; the plan replaces it
@@ -104,6 +113,8 @@ class PlanCropDecoder(ResizedCropRGBImageDecoder):
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
+        normalize = self.normalize_table is not None
+        table = self.normalize_table if normalize else np.zeros((3, 256), np.float32)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage = my_storage
@@ -136,7 +147,10 @@ class PlanCropDecoder(ResizedCropRGBImageDecoder):
                     top, left, ch, cw = top2, left2, bottom - top2, right - left2
                 out = destination[dst_ix]
                 resize_crop_c(temp_buffer, top, top + ch, left, left + cw, out)
-                if flip:
+                address = np.uint64(field["plan_out"])
+                if address != 0:
+                    write_chw(out, flip, table, normalize, address)
+                elif flip:
                     n = out.shape[1]
                     for r in range(out.shape[0]):
                         for c in range(n // 2):
