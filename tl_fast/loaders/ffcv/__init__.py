@@ -3,8 +3,9 @@ crop comes from the plan.
 
 * :mod:`.numba_types`: FFCV's OS-cache manager made to leave numba's shared types alone (installed
   on import);
-* :mod:`.field`: the image field (original sizes) and the decoder that reads each sample's crop and
-  flip from plan columns of the in-memory metadata;
+* :mod:`.field`: the image field (original sizes) and the decoder that reads each sample's crop,
+  flip and output address from plan columns of the in-memory metadata;
+* :mod:`.output`: the batch tensors the decoder writes into (CHW, normalized on the CPU);
 * :mod:`.guard`: FFCV's loader and epoch iterator with errors forwarded and a watchdog;
 * :mod:`.packed`: the packed file's description (:func:`read_packed`, :func:`packed_image_spans`);
 * :mod:`.backend`: :class:`FFCVBackend`, what ``TokenLabelLoader(backend="ffcv")`` drives.
