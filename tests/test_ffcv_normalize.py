@@ -30,16 +30,16 @@ def beton(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", ["crop-flip-erase", "eval", "randaugment"])
-def test_fused_normalization_matches_the_earlier_path(beton, mode):
+def test_normalized_output_matches_augment_batchs_normalization(beton, mode):
     kw = {"crop-flip-erase": dict(augment=AugmentConfig(randaugment=None)), "eval": dict(train=False),
           "randaugment": dict()}[mode]
     loaders = [TokenLabelLoader(beton, None, backend="ffcv", batch_size=5, image_size=32, patch_size=8,
                                 num_workers=1, device="cpu", seed=4, drop_last=False, **kw) for _ in range(2)]
     assert loaders[0]._backend.normalizes == (mode != "randaugment")  # RandAugment needs uint8 levels
-    loaders[1]._backend.normalizes = False  # the earlier path
-    fused, earlier = list(loaders[0]), list(loaders[1])
-    assert [len(b) for b in fused] == [5, 5, 3]
-    for a, b in zip(fused, earlier):
+    loaders[1]._backend.normalizes = False  # uint8 out, normalized by augment_batch
+    normalized, levels = list(loaders[0]), list(loaders[1])
+    assert [len(b) for b in normalized] == [5, 5, 3]
+    for a, b in zip(normalized, levels):
         assert np.array_equal(a.indices, b.indices)
         assert a.images.dtype == torch.float32 and a.images.is_contiguous()
         assert torch.equal(a.images, b.images)
