@@ -23,11 +23,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from tl_fast.plan import AugmentConfig  # noqa: E402
+
 CONFIGS = {
     "recipe": {},  # timm's recipe (RandAugment), erasing, one MixToken box per batch
     "per_sample": {"mixtoken_per_sample": True, "smoothing": 0.0},
     "eval": {"train": False},
-    "crop_flip": {"augment": "crop_flip"},  # no RandAugment: the backends normalize themselves
+    "crop_flip": {"augment": AugmentConfig(randaugment=None)},  # the backends normalize themselves
 }
 
 
@@ -81,11 +83,6 @@ def dump(data: dict, backends: list[str], workers: int, epochs: int) -> dict:
     out = {}
     for backend in backends:
         for name, kw in CONFIGS.items():
-            if kw.get("augment") == "crop_flip":
-                from tl_fast.plan import AugmentConfig
-
-                kw = {**kw, "augment": AugmentConfig(randaugment=None)}
-
             def make():
                 source = data["beton"] if backend == "ffcv" else data["images"]
                 return TokenLabelLoader(source, data["store"], backend=backend, batch_size=8, image_size=32,

@@ -51,12 +51,21 @@ def test_direct_output_is_ffcvs_buffer_as_chw(beton, normalized):
     buffer (no address: HWC, flipped in place, as FFCV operations after it expect), same plans."""
     from ffcv.loader import OrderOption
 
-    from tl_fast.loaders.ffcv import PlanCropDecoder, PlanRGBImageField, _GuardedLoader, add_plan_columns, write_plan
+    from tl_fast.loaders.ffcv import (PlanCropDecoder, PlanRGBImageField, _GuardedLoader, add_plan_columns,
+                                      read_packed, write_plan)
     from tl_fast.loaders.ffcv.output import batch_output, normalize_table
 
     size, n = 24, 13
     rng = np.random.default_rng(5)
     table = normalize_table()
+    sizes = read_packed(beton).sizes  # random crops inside each image, random flips
+    assert len(sizes) == n
+    tops = rng.integers(0, sizes[:, 0] // 2)
+    lefts = rng.integers(0, sizes[:, 1] // 2)
+    crops = np.stack([tops, lefts, rng.integers(1, sizes[:, 0] - tops + 1), rng.integers(1, sizes[:, 1] - lefts + 1)],
+                     axis=1).astype(np.int64)
+    flips = rng.integers(0, 2, n).astype(np.uint8)
+    assert flips.any() and not flips.all()
 
     def epoch(direct: bool) -> list:
         loader = _GuardedLoader(beton, batch_size=4, num_workers=2, order=OrderOption.SEQUENTIAL,
@@ -79,16 +88,6 @@ def test_direct_output_is_ffcvs_buffer_as_chw(beton, normalized):
             got.append(outputs.pop(b_ix) if direct else torch.from_numpy(images.copy()))
         return got
 
-    from tl_fast.loaders.ffcv import read_packed
-
-    sizes = read_packed(beton).sizes
-    assert len(sizes) == n
-    tops = rng.integers(0, sizes[:, 0] // 2)
-    lefts = rng.integers(0, sizes[:, 1] // 2)
-    crops = np.stack([tops, lefts, rng.integers(1, sizes[:, 0] - tops + 1), rng.integers(1, sizes[:, 1] - lefts + 1)],
-                     axis=1).astype(np.int64)
-    flips = rng.integers(0, 2, n).astype(np.uint8)
-    assert flips.any() and not flips.all()
     for hwc, chw in zip(epoch(direct=False), epoch(direct=True)):
         want = hwc.permute(0, 3, 1, 2)
         if normalized:
