@@ -4,7 +4,7 @@ The class target of token labeling alone (ReLabel's LabelPooling, the official
 ``--token-label-size 1``): the crop pooled into one RoI-Align bin, soft-maxed, smoothed, and mixed by
 the MixToken box's area when one is drawn. Nothing here builds ``[B, 1 + Gh*Gw, K]``. Dispatch as
 in :mod:`tl_fast.ops`: ``impl="auto"`` runs the targets kernel's class-row path
-(``kernels/token_targets.py``, writing only ``[B, K]``) on CUDA tensors and the PyTorch reference
+(``tl_fast/kernels/token_targets.py``, writing only ``[B, K]``) on CUDA tensors and the PyTorch reference
 otherwise; the loss is the soft-target cross-entropy of those ``[B, K]`` targets.
 """
 from __future__ import annotations

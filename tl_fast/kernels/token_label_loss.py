@@ -5,7 +5,7 @@
 
 The ``[B, 1 + T, K]`` targets are never materialized and backward never re-runs the sparse stage.
 
-Token rows. A token's target is sparse (:mod:`kernels._rows`): ``D`` distinct touched classes with
+Token rows. A token's target is sparse (:mod:`tl_fast.kernels._rows`): ``D`` distinct touched classes with
 targets ``t_j`` and one constant share ``r`` for every other class, and ``sum_c t_c = 1``. So::
 
     sum_c t_c z_c = r * sum_c z_c + sum_{j touched, distinct} (t_j - r) * z_j
