@@ -7,7 +7,7 @@ random resized crop depends on them. The index is cached in ``root/.tl_fast_inde
 ``root`` is read-only, under ``$TL_FAST_CACHE`` / ``~/.cache/tl_fast/index``) and rebuilt whenever
 the list of files or their byte sizes change.
 
-Bad input policy (SPEC section 6):
+Bad input policy (docs/spec.md section 6):
 
 * the folder walk (:func:`scan_image_folder`) cannot loop: it remembers every directory it entered
   by ``(st_dev, st_ino)``, so a symlink back up the tree (``loop -> ..``) is entered once; FIFOs,

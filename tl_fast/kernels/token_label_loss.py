@@ -1,4 +1,4 @@
-"""Fused token-labeling loss: soft-target cross-entropy straight from compressed maps (SPEC section 3).
+"""Fused token-labeling loss: soft-target cross-entropy straight from compressed maps (docs/spec.md section 3).
 
     loss = cls_weight * mean_b CE(cls_logits[b], t[b, 0]) + dense_weight * mean_{b,i} CE(token_logits[b, i], t[b, 1+i])
     CE(z, t) = -sum_c t_c log softmax(z)_c = lse(z) * sum_c t_c - sum_c t_c z_c

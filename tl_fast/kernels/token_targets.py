@@ -1,4 +1,4 @@
-"""Token targets ``[B, 1 + Gh*Gw, K]`` from compressed top-k maps (SPEC section 3) in two kernels.
+"""Token targets ``[B, 1 + Gh*Gw, K]`` from compressed top-k maps (docs/spec.md section 3) in two kernels.
 
 * :func:`class_rows_kernel` — the class tokens. A class row pools the whole crop (thousands of
   lanes), so each is split over ``SPLIT`` programs that add their lanes' scores atomically into a

@@ -1,4 +1,4 @@
-"""Token-label ops with one signature and three implementations (SPEC section 4).
+"""Token-label ops with one signature and three implementations (docs/spec.md section 4).
 
 ``impl="auto"`` runs the Triton kernels (``tl_fast.kernels``) for CUDA tensors and the numba CPU path
 (:mod:`tl_fast.ops.cpu`) for CPU tensors; ``impl="triton"`` forces the kernels (on CPU tensors they
@@ -92,7 +92,7 @@ def token_targets(
     grid: Sequence[int] = (14, 14), smoothing: float = 0.0, mix_box=None,
     out_dtype: torch.dtype = torch.float32, impl: str = "auto",
 ) -> torch.Tensor:
-    """Token targets ``[B, 1 + Gh*Gw, K]`` from top-k maps and per-sample affines (SPEC section 3).
+    """Token targets ``[B, 1 + Gh*Gw, K]`` from top-k maps and per-sample affines (docs/spec.md section 3).
 
     values [B, k, H, W] float16; indices [B, k, H, W] int16/int32; affine [B, 2, 3] normalized output ->
     source; mix_box None, ``(r1, c1, r2, c2)`` for the batch or ``[B, 4]`` per sample."""

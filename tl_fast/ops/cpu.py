@@ -1,4 +1,4 @@
-"""Fast CPU token targets: one numba pass over the compressed top-k maps (SPEC section 3).
+"""Fast CPU token targets: one numba pass over the compressed top-k maps (docs/spec.md section 3).
 
 The same function as :func:`tl_fast.ops.reference.token_targets` (the oracle; tests compare the two),
 computed row by row instead of in batch-wide tensor operations:

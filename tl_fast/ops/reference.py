@@ -1,6 +1,6 @@
 """Pure PyTorch token targets and loss: the definition every fast path is tested against.
 
-SPEC section 3 in code. Nothing here builds the dense ``[B, K, H, W]`` map: every RoI-Align sample
+docs/spec.md section 3 in code. Nothing here builds the dense ``[B, K, H, W]`` map: every RoI-Align sample
 of every token is expanded to its four bilinear corners, each corner to its ``k`` (score, class)
 pairs, so a token is a short sparse row of ``S * 4 * k`` weighted scores. Those rows are
 scatter-added into cache-sized dense blocks, soft-maxed and written once: ``B * (1 + T) * S * 4 * k``
@@ -168,7 +168,7 @@ def token_targets(
     grid: Sequence[int] = (14, 14), smoothing: float = 0.0, mix_box=None,
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Token targets ``[B, 1 + Gh*Gw, K]`` from top-k maps and per-sample affines (SPEC section 3).
+    """Token targets ``[B, 1 + Gh*Gw, K]`` from top-k maps and per-sample affines (docs/spec.md section 3).
 
     values  [B, k, H, W] scores (float16 in storage); indices [B, k, H, W] class ids in [0, K)
     affine  [B, 2, 3] normalized output -> source map (:mod:`tl_fast.geometry`)
