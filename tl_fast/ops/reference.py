@@ -224,11 +224,17 @@ def _class_rows(values, indices, affine, num_classes: int, smoothing: float, mix
 
     keep, spread = smoothing_terms(smoothing, num_classes, smoothing_rule)
     cls = _class_token_scores(values, indices, affine, num_classes).softmax(-1) * keep + spread
-    if mix_box is not None:
-        inside = mix_box_mask(mix_box, values.shape[0], grid, values.device)
-        lam = (1.0 - inside.sum((1, 2)).to(cls.dtype) / (grid[0] * grid[1])).unsqueeze(1)
-        cls = lam * cls + (1.0 - lam) * cls.flip(0)
-    return cls
+    return mix_class_rows(cls, mix_box, grid)
+
+
+def mix_class_rows(cls: torch.Tensor, mix_box, grid: tuple[int, int]) -> torch.Tensor:
+    """MixToken on class targets ``[B, K]``: ``lam * t[b] + (1 - lam) * t[B - 1 - b]`` with ``lam = 1 -
+    area / (Gh * Gw)`` of each sample's box (``cls`` itself when ``mix_box`` is None)."""
+    if mix_box is None:
+        return cls
+    inside = mix_box_mask(mix_box, cls.shape[0], grid, cls.device)
+    lam = (1.0 - inside.sum((1, 2)).to(cls.dtype) / (grid[0] * grid[1])).unsqueeze(1)
+    return lam * cls + (1.0 - lam) * cls.flip(0)
 
 
 def class_targets(
