@@ -8,7 +8,7 @@ Same model, same batch, same run; every variant is a full step (forward, loss, b
   geometry and the MixToken box (fused Triton kernel on CUDA, PyTorch reference on CPU); MixToken on.
 * ``token-targets``: targets materialized with ``tl_fast.ops.token_targets``, then the soft-target loss.
 
-Reports medians (20th / 80th percentiles) and the ratio to ``cls-only`` (SPEC section 5 target on
+Reports medians (20th / 80th percentiles) and the ratio to ``cls-only`` (docs/spec.md section 5 target on
 GPU for LV-ViT-S, B=128: ``token-fused`` <= 1.03x). Variants are interleaved round by round so a
 drifting machine affects all of them alike.
 

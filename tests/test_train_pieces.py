@@ -244,8 +244,8 @@ def test_mixed_label_loss_follows_the_box():
 
 
 def test_content_mixtoken_weighs_the_class_target_by_visible_class():
-    """Token rows as SPEC's MixToken; the class row reduces to the area rule when every token shows its
-    image's class, and gives no weight to an image whose class tokens the box covers entirely."""
+    """Token rows as MixToken in docs/spec.md section 3; the class row reduces to the area rule when every
+    token shows its image's class, and gives no weight to an image whose class tokens the box covers entirely."""
     from tl_fast.ops.reference import apply_mixtoken
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "mix_class_target.py"

@@ -313,37 +313,3 @@ def _pil_jpeg_problem(data: bytes, full: bool) -> str:
     except Exception as err:
         return f"corrupt JPEG data ({type(err).__name__}: {err})"
     return ""
-
-
-# -- tl-fast check ---------------------------------------------------------------------------------
-
-def _check_cmd(args) -> int:
-    import sys
-
-    from .dataset import full_check
-
-    try:
-        checked, bad = full_check(args.images, num_threads=args.workers, progress=not args.quiet)
-    except (OSError, ValueError) as err:
-        print(f"tl-fast check: error: {err}", file=sys.stderr)
-        return 1
-    for s in bad:
-        print(f"{s.path}: {s.reason}")
-    print(f"{len(bad)} of {checked} entries unusable under {args.images}" if bad
-          else f"all {checked} images under {args.images} decode cleanly")
-    return 1 if bad else 0
-
-
-def register(subparsers) -> None:
-    """Add ``tl-fast check``."""
-    p = subparsers.add_parser(
-        "check", help="decode every image of a folder in full and cache the verdicts for the loaders",
-        description="The thorough image check: decode every image under IMAGES (ImageFolder layout) in full "
-        "(libjpeg-turbo for JPEGs, failing on its warnings; PIL for the rest), in parallel. Verdicts are cached "
-        "beside the image index (IMAGES/.tl_fast_check.npz), so a rerun decodes only changed files, and every "
-        "loader, pack-ffcv and annotate run on IMAGES afterwards skips the images it found unusable. Prints "
-        "one line per unusable entry; exits 1 if there is any.")
-    p.add_argument("images", metavar="IMAGES", help="ImageFolder-layout directory (root/<class>/<image>)")
-    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_check_cmd)

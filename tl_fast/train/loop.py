@@ -29,7 +29,7 @@ class TrainForward(nn.Module):
 def make_loss_fn(args, token_model: bool) -> Callable:
     """``loss_fn(outputs, batch)`` for the run's label mode.
 
-    * LV-ViT with token labels: the dense loss on every token, class target mixed by area (SPEC).
+    * LV-ViT with token labels: the dense loss on every token, class target mixed by area (docs/spec.md section 3).
     * another model with token labels: the pooled crop target on the class output (``batch.loss(logits)``).
     * no token labels: cross-entropy on hard labels, mixed by area when tokens were mixed.
 
