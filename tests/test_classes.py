@@ -110,6 +110,9 @@ def test_store_recording_other_classes_than_the_folder_is_refused_everywhere(tmp
     assert main(["pack-ffcv", root, store, str(tmp_path / "y.beton")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("tl-fast pack-ffcv: error:") and "'a_cow' only in" in err and "\n" not in err
+    assert main(["inspect", store, "--verify", root]) == 1
+    out = capsys.readouterr().out
+    assert "'a_cow' only in" in out and "does NOT match" in out
     other = _quiet(_store_with_classes, root, tmp_path / "other.tls", ["a_cow", "b_dog", "c_owl"])
     with pytest.raises(ClassMismatch, match="'a_cat' only in .*x.beton"):
         _quiet(TokenLabelLoader, beton, other, backend="ffcv", **{**kw, "num_workers": 1})
