@@ -210,17 +210,22 @@ def test_fingerprint_reads_only_the_two_windows(tmp_path):
     assert fingerprint_bytes(bytes(data)) != base  # the tail counts
 
 
-def test_exif_orientation_is_ignored_alike_by_every_backend(tmp_path):
-    """DALI rotates by EXIF orientation unless told not to; the index, the plan and the other
-    backends take the stored pixel grid, so a rotated photo would be cropped in the wrong place."""
-    root = tmp_path / "imgs"
+def _exif_rotated_folder(root):
+    """``root/a/0.jpg``: left half red, right half green, with EXIF saying "rotate 90 degrees"."""
     os.makedirs(root / "a")
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees on display
     img = np.zeros((40, 64, 3), np.uint8)
-    img[:, :32, 0] = 255  # left half red, right half green
+    img[:, :32, 0] = 255
     img[:, 32:, 1] = 255
     Image.fromarray(img).save(root / "a" / "0.jpg", quality=95, exif=exif)
+    return root
+
+
+def test_exif_orientation_is_ignored_alike_by_every_backend(tmp_path):
+    """DALI rotates by EXIF orientation unless told not to; the index, the plan and the other
+    backends take the stored pixel grid, so a rotated photo would be cropped in the wrong place."""
+    root = _exif_rotated_folder(tmp_path / "imgs")
     got = {}
     for backend in ("torch", "dali"):
         loader = TokenLabelLoader(str(root), None, backend=backend, batch_size=1, image_size=S, patch_size=P,
@@ -818,14 +823,7 @@ def test_exif_orientation_is_ignored_by_annotate_and_ffcv_too(tmp_path):
     from tl_fast.annotate.images import ResizedImages
     from tl_fast.loaders.ffcv_pack import pack_ffcv
 
-    root = tmp_path / "imgs"
-    os.makedirs(root / "a")
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees on display
-    img = np.zeros((40, 64, 3), np.uint8)
-    img[:, :32, 0] = 255  # left half red, right half green
-    img[:, 32:, 1] = 255
-    Image.fromarray(img).save(root / "a" / "0.jpg", quality=95, exif=exif)
+    root = _exif_rotated_folder(tmp_path / "imgs")
     seen, _, ok = ResizedImages(root, ["a/0.jpg"], 16, "bilinear")[0]
     assert ok and seen[0, :, :6].float().mean() > 200 and seen[1, :, -6:].float().mean() > 200
     beton = str(tmp_path / "x.beton")

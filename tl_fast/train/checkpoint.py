@@ -34,13 +34,17 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     return path
 
 
+class MissingCheckpoint(InputError, FileNotFoundError):
+    """No checkpoint where one was asked for (also a ``FileNotFoundError``, as before)."""
+
+
 def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu", flag: str = "--resume") -> Any:
     """``torch.load`` of ``path``; a missing or unreadable file is a one-line
     :class:`~tl_fast.train.checks.InputError` naming it, ``flag`` and what to do."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{flag}: no checkpoint at {path}: train without {flag} first, or point {flag} to a file "
-                         "written by this trainer")
+        raise MissingCheckpoint(f"{flag}: no checkpoint at {path}: train without {flag} first, or point {flag} to a "
+                                "file written by this trainer")
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as err:  # torch.load: UnpicklingError, RuntimeError (zip reader), EOFError, ...
@@ -54,9 +58,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Load a checkpoint written by :func:`save_checkpoint`; a missing, damaged or foreign file is a
     one-line :class:`~tl_fast.train.checks.InputError` naming it, ``flag`` and what to do."""
     ckpt = load_file(path, map_location, flag)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise InputError(f"{flag}: {path} is not a checkpoint of this trainer (no 'model' state): point {flag} to "
-                         f"last.pth of a run, or drop {flag}")
+    if not isinstance(ckpt, dict):
+        raise InputError(f"{flag}: {path} holds a {type(ckpt).__name__}, not a checkpoint of this trainer: point "
+                         f"{flag} to last.pth of a run, or drop {flag}")
     return ckpt
 
 
