@@ -9,11 +9,12 @@ Same model, same batch, same run; every variant is a full step (forward, loss, b
 * ``token-targets``: targets materialized with ``tl_fast.ops.token_targets``, then the soft-target loss.
 
 Reports medians (20th / 80th percentiles) and the ratio to ``cls-only`` (docs/spec.md section 5 target on
-GPU for LV-ViT-S, B=128: ``token-fused`` <= 1.03x). Variants are interleaved round by round so a
-drifting machine affects all of them alike.
+GPU for LV-ViT-S, B=128: ``token-fused`` <= 1.01x). Variants are interleaved round by round so a
+drifting machine affects all of them alike. Rows: each token-label variant against ``cls-only``
+(``benchmarks/results/train_overhead.json``).
 
-    python benchmarks/train_overhead.py                      # CPU: tiny model, small batch
-    python benchmarks/train_overhead.py --device cuda        # LV-ViT-S, B=128, 224 px, bf16
+    python -m benchmarks.train_overhead                      # CPU: tiny model, small batch
+    python -m benchmarks.train_overhead --device cuda        # LV-ViT-S, B=128, 224 px, bf16
 """
 from __future__ import annotations
 
@@ -22,14 +23,16 @@ import json
 from contextlib import nullcontext
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import tl_fast.ops as ops
-from tl_fast.models import create_lvvit
-from common import crop_flip_plan, interleaved_step_times, machine_name, median_ms, mix_box, smooth_topk_maps
+from benchmarks import harness
+from benchmarks.common import crop_flip_plan, mix_box, smooth_topk_maps
 from timm.optim import create_optimizer_v2
+from tl_fast.models import create_lvvit
+
+STEP_TARGET = 1.01  # token-fused over cls-only, LV-ViT-S on a GPU (docs/spec.md section 5)
 
 
 def synthetic_batch(batch: int, img_size: int, grid: tuple[int, int], num_classes: int, topk: int,
@@ -76,7 +79,9 @@ def make_steps(model, batch, num_classes: int, grid, amp: torch.dtype | None, sm
 
 
 def measure(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, rounds: int) -> dict:
-    return {k: median_ms(v) for k, v in interleaved_step_times(steps, device, warmup, rounds).items()}
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    return {k: {f"{q}_ms": v for q, v in t.stats(1e3).items()}
+            for k, t in harness.interleaved(steps, rounds, warmup, sync).items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -93,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, help="timed steps per variant (default: 30 on cuda, 8 on cpu)")
     p.add_argument("--skip-targets", action="store_true", help="leave out the materialized-targets variant")
     p.add_argument("--json", help="also write the results here")
+    harness.add_record_arguments(p)
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.skip_targets:
         steps.pop("token-targets")
     res = measure(steps, device, args.warmup, rounds)
-    name = machine_name(args.device)
+    name = harness.machine_name(args.device)
     base = res["cls-only"]["median_ms"]
     print(f"train step overhead of token labeling: {model_name}, B={bsz}, {img}px, grid {grid[0]}x{grid[1]}, K={k}, "
           f"{args.map_size}x{args.map_size} top-{args.topk} maps, amp={args.amp or ('bf16' if gpu else 'none')}, on {name}")
@@ -123,6 +129,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
+    config = (f"{model_name}, B={bsz}, {img} px, K={k}, {args.map_size}x{args.map_size} top-{args.topk} maps, "
+              f"amp {args.amp or ('bf16' if gpu else 'none')}, {args.device}; {rounds} interleaved rounds")
+    spec_size = gpu and model_name == "lvvit_s" and bsz == 128
+    rows = [harness.row(f"LV-ViT step, {what}", config, res[key]["median_ms"], "ms", target="train-step-overhead",
+                        spread_of={"p20": res[key]["p20_ms"], "p80": res[key]["p80_ms"]},
+                        baseline="the same step, class token only on hard labels", baseline_value=base,
+                        ratio=res[key]["median_ms"] / base, ratio_of="value / baseline",
+                        goal=f"<= {STEP_TARGET}x" if key == "token-fused" and spec_size else None,
+                        meets=res[key]["median_ms"] / base <= STEP_TARGET)
+            for key, what in (("token-fused", "token labeling with the fused loss, MixToken"),
+                              ("token-targets", "token labeling, targets materialized + soft CE, MixToken"))
+            if key in res]
+    harness.record("train_overhead", rows, args, argv, device=args.device)
     return out
 
 
