@@ -224,6 +224,9 @@ def write_rows(benchmark: str, rows: list[dict], results_dir: str | os.PathLike 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{benchmark}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text + "\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make a checked-in data file private
     os.replace(tmp, path)
     return path
 

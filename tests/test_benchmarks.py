@@ -136,3 +136,113 @@ def test_links_of_the_documents_resolve():
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
             if "://" not in target:
                 assert (doc.parent / target).exists(), f"{doc.relative_to(REPO)} links to missing {target}"
+
+
+# -- every product benchmark, end to end on a tiny configuration: it runs and records its rows ------------
+
+@pytest.fixture
+def keep_torch_threads():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from test_loader_helpers import make_folder, make_store
+
+    root = tmp_path_factory.mktemp("bench_data")
+    images = make_folder(root / "imgs", {"cat": 6, "dog": 6}, size_range=(48, 80))
+    return images, make_store(images, root / "labels.tls", map_size=(5, 5))
+
+
+def _rows(results: Path, name: str) -> list[dict]:
+    rows = harness.read_rows(results / f"{name}.json")
+    assert rows, f"{name} recorded no rows"
+    for r in rows:
+        assert r["target"] in TARGETS and r["command"].startswith(f"python -m benchmarks.{name} ")
+        assert r["value"] is not None and r["machine"]["name"]
+    return rows
+
+
+def test_label_throughput_records_rows(tmp_path, keep_torch_threads):
+    from benchmarks import label_throughput
+
+    out = label_throughput.main(["--batch-size", "4", "--num-classes", "20", "--map-size", "6", "--grid", "3",
+                                 "--repeats", "1", "--threads", "1", "--skip-store", "--results-dir", str(tmp_path)])
+    rows = {r["what"]: r for r in _rows(tmp_path, "label_throughput")}
+    cpu = rows["token targets, numba CPU path (impl='auto')"]
+    assert cpu["target"] == "cpu-token-targets" and cpu["goal"] == ">= 8x"
+    assert cpu["ratio"] == pytest.approx(out["cpu_targets"][0]["speedup"]["cpu"], rel=1e-5)
+    assert cpu["details"]["max_abs_diff"] < 1e-5
+
+
+def test_train_overhead_records_rows(tmp_path):
+    from benchmarks import train_overhead
+
+    out = train_overhead.main(["--batch-size", "2", "--img-size", "32", "--num-classes", "20", "--rounds", "1",
+                               "--warmup", "0", "--results-dir", str(tmp_path)])
+    rows = _rows(tmp_path, "train_overhead")
+    assert {r["target"] for r in rows} == {"train-step-overhead"} and len(rows) == 2
+    fused = next(r for r in rows if "fused" in r["what"])
+    assert fused["ratio"] == pytest.approx(out["ratio_fused"], rel=1e-5)
+    assert "goal" not in fused  # a CPU run of the demo model is not the spec's LV-ViT-S GPU step
+
+
+def test_class_label_overhead_records_rows(tmp_path, keep_torch_threads):
+    from benchmarks import class_label_overhead
+
+    out = class_label_overhead.main(["--model", "test_resnet", "--batch-size", "2", "--img-size", "32",
+                                     "--num-classes", "20", "--rounds", "1", "--warmup", "0", "--loss-rounds", "1",
+                                     "--threads", "1", "--results-dir", str(tmp_path)])
+    rows = _rows(tmp_path, "class_label_overhead")
+    assert len(rows) == 3 and {r["target"] for r in rows} == {"class-only-overhead"}
+    assert rows[0]["ratio"] == pytest.approx(out["ratio_fused"], rel=1e-5)
+
+
+def test_annotate_throughput_records_rows(tmp_path, tiny_data, keep_torch_threads):
+    from benchmarks import annotate_throughput
+
+    out = annotate_throughput.main(["--images", tiny_data[0], "--img-size", "32", "--rounds", "1", "--batch-size", "4",
+                                    "--workers", "0", "--threads", "1", "--work", str(tmp_path / "w"),
+                                    "--results-dir", str(tmp_path)])
+    end_to_end, loop = _rows(tmp_path, "annotate_throughput")
+    assert end_to_end["target"] == "annotate" and end_to_end["ratio"] == pytest.approx(out["ratio"], rel=1e-5)
+    assert loop["value"] == pytest.approx(out["annotate_loop_img_s"], rel=1e-5)
+
+
+def test_loader_benchmarks_record_rows(tmp_path, tiny_data):
+    """The loader benchmark and the native-peer benchmark (torch backend; torchvision peer in its own process)."""
+    from benchmarks import loader_peers, loader_throughput
+
+    images, labels = tiny_data
+    common = ["--images", images, "--labels", labels, "--backends", "torch", "--batch-size", "4", "--image-size",
+              "32", "--workers", "0", "--rounds", "1", "--warmup", "0", "--batches", "1", "--results-dir", str(tmp_path)]
+    loader_throughput.main(common + ["--workdir", str(tmp_path / "w")])
+    rows = _rows(tmp_path, "loader_throughput")
+    assert [r["target"] for r in rows] == ["loader-labels-on-off", "loader-vs-peers"]
+    assert rows[0]["goal"] == ">= 0.97" and rows[1]["baseline"]["value"] > 0
+    loader_peers.main(common + ["--recipes", "crop-flip", "--workdir", str(tmp_path / "p")])
+    (peer,) = _rows(tmp_path, "loader_peers")
+    assert peer["baseline"]["what"] == "torchvision, no labels" and "goal" not in peer
+
+
+@pytest.mark.slow
+def test_kernel_rows_from_a_smoke_run():
+    """kernel_throughput records rows on a GPU only; its rows come from the same figures a CPU smoke run
+    (Triton's interpreter) produces, so the GPU run cannot fail on them."""
+    import argparse
+    import os
+
+    if not os.environ.get("TRITON_INTERPRET") and not __import__("torch").cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 (or a GPU)")
+    from benchmarks import kernel_throughput
+
+    args = argparse.Namespace(device="cpu", batch_size=2, num_classes=20, topk=3, map_size=5, grid=2, smoothing=0.1,
+                              repeats=1, sweep=False)
+    res = kernel_throughput.run(args)
+    rows = kernel_throughput.rows(res, args)
+    assert [r["target"] for r in rows] == ["gpu-token-targets"] * 4 + ["gpu-fused-loss"]
+    assert all(r["value"] is not None and "goal" in r for r in rows)

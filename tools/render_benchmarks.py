@@ -41,10 +41,8 @@ def _num(x: float | None) -> str:
     if x is None:
         return "n/a"
     a = abs(x)
-    if a >= 1000:
-        return f"{x:,.0f}"
     if a >= 100:
-        return f"{x:.1f}"
+        return f"{x:,.0f}"
     if a >= 1:
         return f"{x:.2f}"
     return f"{x:.3g}"
@@ -62,7 +60,7 @@ def _ratio(r: dict) -> str:
         if r.get("ratio_format") == "percent":
             return f"{100 * r['ratio']:.1f}%"
         x = r["ratio"]
-        return f"{x:.0f}x" if x >= 100 else f"{x:.1f}x" if x >= 10 else f"{x:.3f}x"
+        return f"{x:.0f}x" if x >= 100 else f"{x:.1f}x" if x >= 10 else f"{x:.2f}x" if x >= 2 else f"{x:.3f}x"
     diff = (r.get("details") or {}).get("difference")
     return f"{diff:+.2f} points" if diff is not None else ""
 
@@ -96,7 +94,9 @@ def _machine(m: dict) -> str:
     load = f", load average {m['load_average']}" if m.get("load_average") is not None else ""
     if m.get("gpu"):
         return f"{m['gpu']} ({m['cores']} CPU cores{load})"
-    return f"{m['cpu']}, {m['cores']} cores (torch threads {m['torch_threads']}{load})"
+    threads = f"torch threads {m['torch_threads']}" if m.get("torch_threads") else ""
+    extra = ", ".join(x for x in (threads, load.removeprefix(", ")) if x)
+    return f"{m['cpu']}, {m['cores']} cores" + (f" ({extra})" if extra else "")
 
 
 def load_rows(results: Path = RESULTS) -> list[tuple[str, dict]]:
