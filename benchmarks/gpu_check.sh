@@ -32,6 +32,9 @@ unset TRITON_INTERPRET  # compiled kernels on the GPU
 PY=${PYTHON:-$(command -v python || command -v python3)}
 OUT_DIR=${GPU_CHECK_OUT:-${OUT:-/tmp/tl_fast_gpu_check}}
 mkdir -p "$OUT_DIR"
+if ! git rev-parse HEAD >/dev/null 2>&1 && [ -z "${TL_FAST_COMMIT:-}" ]; then
+    echo "note: no git checkout here; set TL_FAST_COMMIT=<commit> so the result rows name the code they measured"
+fi
 status=0
 START=$SECONDS
 EVIDENCE_EPOCHS=${GPU_CHECK_EVIDENCE_EPOCHS:-0}

@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     n, bsz, k, hw, nc = args.n, args.batch, args.topk, tuple(args.map_size), args.num_classes
     rng = np.random.default_rng(args.seed)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    results: dict = {"machine": f"{harness.cpu_model()} ({os.cpu_count()} cpus)", "load_avg": load, "n": n, "batch": bsz,
-                     "num_classes": nc, "topk": k, "map_size": hw, "threads": 1}
+    results: dict = {"machine": f"{harness.cpu_model()} ({os.cpu_count()} cpus)", "load_avg": load, "n": n,
+                     "batch": bsz, "num_classes": nc, "topk": k, "map_size": hw, "threads": 1}
     try:
         values, indices = synthetic_topk_maps(n, num_classes=nc, topk=k, map_size=hw, kind="smooth", seed=args.seed)
         with tempfile.TemporaryDirectory(prefix="tl_fast_store_bench_") as tmp:

@@ -5,7 +5,8 @@ Same model, same batch, same run; every variant is a full step (forward, loss, b
 
 * ``cls-only``:   ``F.cross_entropy`` of the class token on hard labels (the baseline).
 * ``token-fused``: ``tl_fast.ops.token_label_loss`` straight from the compressed top-k maps, the
-  geometry and the MixToken box (fused Triton kernel on CUDA, PyTorch reference on CPU); MixToken on.
+  geometry and the MixToken box (fused Triton kernel on CUDA; on CPU the numba targets, then the
+  soft-target loss); MixToken on.
 * ``token-targets``: targets materialized with ``tl_fast.ops.token_targets``, then the soft-target loss.
 
 Reports medians (20th / 80th percentiles) and the ratio to ``cls-only`` (docs/spec.md section 5 target on

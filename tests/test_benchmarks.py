@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import subprocess
 import sys
@@ -31,6 +32,9 @@ def test_a_new_row_replaces_the_same_claim_on_the_same_machine_only(tmp_path):
     rows = {(r["claim"], r["machine"]["name"]): r["value"] for r in harness.read_rows(tmp_path / "x.json")}
     assert rows == {("a", "m1"): 10.0, ("a", "m2"): 2.0, ("b", "m1"): 3.0, ("c", "m1"): 4.0}
     assert not list(tmp_path.glob(".x.*"))  # written atomically, no leftovers
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~umask  # a data file, not a private temp file
 
 
 def test_rows_name_a_known_target_and_their_run(tmp_path):
@@ -98,7 +102,8 @@ def test_every_product_benchmark_records_rows():
 def test_claims_follow_the_spec_targets():
     spec = (REPO / "docs" / "spec.md").read_text()
     section = spec[spec.index("## 5. Performance targets"):spec.index("## 6.")]
-    table = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith(("| what", "| ---"))]
+    table = [line for line in section.splitlines()
+             if line.startswith("| ") and not line.startswith(("| what", "| ---"))]
     targets = [t for t in TARGETS.values() if t.spec]
     assert len(table) == len(targets), "one claim in benchmarks/targets.py per row of docs/spec.md section 5"
     for line, target in zip(table, targets):
@@ -131,7 +136,8 @@ def test_render_says_where_a_claim_has_no_rows(tmp_path):
 
 
 def test_links_of_the_documents_resolve():
-    for doc in [REPO / "BENCHMARKS.md", REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted((REPO / "docs").glob("*.md")),
+    docs = sorted((REPO / "docs").glob("*.md"))
+    for doc in [REPO / "BENCHMARKS.md", REPO / "README.md", REPO / "CONTRIBUTING.md", *docs,
                 REPO / "experiments" / "README.md"]:
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
             if "://" not in target:
@@ -234,7 +240,6 @@ def test_kernel_rows_from_a_smoke_run():
     """kernel_throughput records rows on a GPU only; its rows come from the same figures a CPU smoke run
     (Triton's interpreter) produces, so the GPU run cannot fail on them."""
     import argparse
-    import os
 
     if not os.environ.get("TRITON_INTERPRET") and not __import__("torch").cuda.is_available():
         pytest.skip("needs TRITON_INTERPRET=1 (or a GPU)")

@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output)
     if args.check:
         if not out.is_file() or out.read_text() != text:
-            print(f"{out.name} is out of date with {args.results}: run python -m tools.render_benchmarks", file=sys.stderr)
+            print(f"{out.name} is out of date with {args.results}: run python -m tools.render_benchmarks",
+                  file=sys.stderr)
             return 1
         return 0
     out.write_text(text)
