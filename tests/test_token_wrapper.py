@@ -252,3 +252,18 @@ def test_dynamic_token_counts_and_missing_grids_are_one_line_errors():
         with pytest.raises(err) as info:
             token_labeling(model).forward_train(torch.randn(2, 3, 36, 32))
         assert "\n" not in str(info.value) and "multiple of 8" in str(info.value)
+
+
+def test_a_stem_that_does_not_declare_its_nhwc_layout_is_named_by_stem_format():
+    """PVT-v2's patch embedding returns NHWC without saying so (no ``output_fmt``): read as NCHW it fits no
+    grid, which is an error naming the way out; with ``stem_format="NHWC"`` it mixes like the others."""
+    model = timm.create_model("pvt_v2_b0", num_classes=K, depths=(1, 1, 1, 1)).double().eval()
+    x = images((64, 64))
+    with pytest.raises(ValueError, match="stem_format='NCHW'|'NHWC'"):
+        token_labeling(model).forward_train(x, (0, 0, 2, 2))
+    wrapped = token_labeling(model, stem_format="NHWC").eval()
+    with torch.no_grad():
+        cls, tokens = wrapped.forward_train(x)
+        cls_mix, tokens_mix = wrapped.forward_train(x, (0, 0, 2, 2))
+    torch.testing.assert_close(cls_mix, cls.flip(0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(tokens_mix, tokens.flip(0), rtol=0, atol=1e-12)

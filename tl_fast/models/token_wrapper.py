@@ -38,17 +38,18 @@ __all__ = ["TokenLabeling", "token_labeling", "is_token_labeling_model"]
 _PREFIX = "model."
 
 
-def token_labeling(model: nn.Module, *, stem: str | None = None) -> nn.Module:
+def token_labeling(model: nn.Module, *, stem: str | None = None, stem_format: str | None = None) -> nn.Module:
     """LV-ViT's training interface for ``model`` (any timm classifier with a token grid).
 
     Returns a module with ``forward_train(images, mix_box=None) -> (cls_logits [B, K], token_logits
     [B, Gh*Gw, K])``, ``forward(images)`` (``cls + 0.5 * max over tokens``) and ``token_grid(img_size)``.
     An LV-ViT, or a model this already wrapped, comes back as it is. ``stem`` names the module whose
-    output is mixed (default: ``patch_embed``, else ``stem``, else the module of ``feature_info[0]``).
-    Raises ``ValueError`` (one line) for what has no fixed token grid."""
+    output is mixed (default: ``patch_embed``, else ``stem``, else the module of ``feature_info[0]``);
+    ``stem_format`` (``"NCHW"`` or ``"NHWC"``) says how a 4-D output is laid out where the module does not
+    (timm's ``output_fmt``; default NCHW). Raises ``ValueError`` (one line) for what has no fixed token grid."""
     if isinstance(model, (LVViT, TokenLabeling)):
         return model
-    return TokenLabeling(model, stem=stem)
+    return TokenLabeling(model, stem=stem, stem_format=stem_format)
 
 
 def is_token_labeling_model(model: nn.Module) -> bool:
@@ -67,14 +68,16 @@ class TokenLabeling(nn.Module):
         token_head: the auxiliary token classifier (``aux_head``: the wrapper's, or VOLO's own).
     """
 
-    def __init__(self, model: nn.Module, *, stem: str | None = None):
+    def __init__(self, model: nn.Module, *, stem: str | None = None, stem_format: str | None = None):
         super().__init__()
         name = type(model).__name__
         _check_supported(model, name)
         self.model = model
         self.stride = _total_stride(model, name)
         self.stem_name, stem_module = _find_stem(model, stem, name)
-        self._stem_fmt = _layout_of(stem_module, default="NCHW")
+        if stem_format not in (None, "NCHW", "NHWC"):
+            raise ValueError(f"stem_format must be 'NCHW' or 'NHWC', got {stem_format!r}")
+        self._stem_fmt = stem_format or _layout_of(stem_module, default="NCHW")
         self._feature_fmt = _layout_of(model, default="NCHW")
         self._volo = _is_volo(model)
         self._num_prefix = _num_prefix_tokens(model, self._volo)
@@ -233,8 +236,8 @@ class TokenLabeling(nn.Module):
 
     def _stem_error(self, out: torch.Tensor, gh: int, gw: int) -> ValueError:
         return ValueError(f"{type(self.model).__name__}.{self.stem_name} gave {tuple(out.shape)} ({self._stem_fmt}), "
-                          f"which is no whole multiple of the {gh}x{gw} token grid; pass token_labeling(model, "
-                          "stem=NAME) naming the module whose output is the first token map")
+                          f"which is no whole multiple of the {gh}x{gw} token grid; name the module whose output is the first "
+                          "token map and its layout: token_labeling(model, stem=NAME, stem_format='NCHW'|'NHWC')")
 
 
 # ---- construction helpers -------------------------------------------------------------------------
