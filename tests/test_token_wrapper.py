@@ -206,6 +206,11 @@ def test_optimizer_groups_use_the_models_names():
     assert id(model.pos_embed) in no_decay and id(model.cls_token) in no_decay
     assert id(wrapped.aux_head.bias) in no_decay and id(wrapped.aux_head.weight) not in no_decay
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in wrapped.parameters())
+    # Layer-wise decay through the model's group_matcher: the aux head learns at the head's rate.
+    decayed = create_optimizer_v2(wrapped, opt="adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in decayed.param_groups for p in g["params"]}
+    assert scale[id(wrapped.aux_head.weight)] == scale[id(model.head.weight)] == 1.0
+    assert scale[id(model.patch_embed.proj.weight)] < 1.0
 
 
 def test_lvvit_and_wrappers_come_back_as_they_are():
