@@ -38,6 +38,7 @@ VARIANTS = {  # name -> trainer flags
     "vit-hard": ["--model", "vit_tiny_patch16_224", "--patch-size", "8", "--no-token-label"],
     "vit-class": ["--model", "vit_tiny_patch16_224", "--patch-size", "8", "--label-mode", "class"],
     "vit-tokens": ["--model", "vit_tiny_patch16_224", "--patch-size", "8"],
+    "vit-tokens-nomix": ["--model", "vit_tiny_patch16_224", "--patch-size", "8", "--no-mixtoken"],
 }
 
 
