@@ -89,7 +89,11 @@ def make_steps(model, batch, num_classes: int, grid, amp: torch.dtype | None, sm
 
 
 def measure(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, rounds: int) -> dict:
-    return {k: median_ms(v) for k, v in interleaved_step_times(steps, device, warmup, rounds).items()}
+    """Medians per variant, and each variant's median over rounds of its time over ``cls-only``'s in the
+    same round (``paired``: steadier than a ratio of medians on a machine whose speed drifts)."""
+    times = interleaved_step_times(steps, device, warmup, rounds)
+    base = np.asarray(times["cls-only"])
+    return {k: {**median_ms(v), "paired": float(np.median(np.asarray(v) / base))} for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.map_size}x{args.map_size} top-{args.topk} maps, amp={args.amp or ('bf16' if gpu else 'none')}, on {name}")
     for v, r in res.items():
         print(f"  {v:14s} median {r['median_ms']:9.2f} ms  (p20 {r['p20_ms']:.2f}, p80 {r['p80_ms']:.2f})  "
-              f"{r['median_ms'] / base:.3f}x cls-only")
+              f"{r['median_ms'] / base:.3f}x cls-only, paired by round {r['paired']:.3f}x")
     out = {"device": name, "model": model_name, "batch": bsz, "img_size": img, "num_classes": k, "rounds": rounds,
            "results": res, "ratio_fused": res["token-fused"]["median_ms"] / base}
     if "wrapper-hard" in res:

@@ -272,3 +272,21 @@ def test_a_stem_that_does_not_declare_its_nhwc_layout_is_named_by_stem_format():
         cls_mix, tokens_mix = wrapped.forward_train(x, (0, 0, 2, 2))
     torch.testing.assert_close(cls_mix, cls.flip(0), rtol=0, atol=1e-12)
     torch.testing.assert_close(tokens_mix, tokens.flip(0), rtol=0, atol=1e-12)
+
+
+def test_train_overhead_benchmark_runs_a_wrapped_timm_model(tmp_path):
+    """benchmarks/train_overhead.py --model <timm name> (what gpu_check.sh runs for ViT-S), tiny, on CPU."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "overhead.json"
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "train_overhead.py"), "--model", "test_vit",
+                          "--img-size", "32", "--batch-size", "2", "--num-classes", "16", "--map-size", "6",
+                          "--rounds", "2", "--warmup", "1", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["results"]) == {"cls-only", "wrapper-hard", "token-fused", "token-targets"}
+    assert result["ratio_wrapper"] > 0 and result["ratio_fused"] > 0 and "grid 2x2" in run.stdout
