@@ -50,7 +50,7 @@ fi
 import torch, triton
 assert torch.cuda.is_available(), "gpu_check.sh needs a CUDA GPU"
 print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
-import tl_fast.kernels  # noqa: F401  (tl_fast/kernels links to kernels/: a copy that dropped the link fails here)
+import tl_fast.kernels  # noqa: F401  (fails early if the copy on this machine lacks the kernels)
 for mod in ("numba", "timm", "pytest", "nvidia.dali", "ffcv"):
     try:
         m = __import__(mod, fromlist=["__version__"])

@@ -40,7 +40,7 @@ from common import crop_flip_plan, machine_name, mix_box, smooth_topk_maps  # no
 from tl_fast.ops import cpu, reference  # noqa: E402
 from tl_fast.ops.public import public_token_targets  # noqa: E402
 
-CPU_TARGET = 8.0  # SPEC section 5 / issue 14: the CPU path >= 8x the public path, also on a loaded host
+CPU_TARGET = 8.0  # docs/spec.md section 5 / issue 14: the CPU path >= 8x the public path, also on a loaded host
 PATHS = (("public", "public (scatter + 2x roi_align)"), ("reference", "tl_fast reference (torch)"),
          ("cpu", "tl_fast cpu (numba, auto)"))
 _BUSY_LOOP = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"

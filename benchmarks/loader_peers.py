@@ -17,8 +17,12 @@ Every configuration runs once per round, in reverse order every other round; eac
 tl_fast with labels on over the native peer (target >= 1.0 for FFCV and DALI) as the ratio of the
 medians and as the median of each round's ratio (the two runs of a round are minutes apart at most,
 so a drift of a shared machine's speed cancels out), and the CPU
-milliseconds per image this process spent over the timed batches (every thread of DALI's and
+milliseconds per image the pipeline's process spent over the timed batches (every thread of DALI's and
 FFCV's pipelines; not DataLoader worker processes), the figure a busy machine moves least.
+
+Each native peer runs in a process of its own (spawned, built once, measured on request, in the
+same interleaved rounds), so it is measured as it runs without tl_fast in the process, and FFCV's
+own loader (which mutates numba's shared types) cannot reach tl_fast's loaders either.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/loader_peers.py --batch-size 32 --workers 2 \\
         --json peers.json                     # demo dataset; writes peers.json and peers-*.png
@@ -30,7 +34,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see loader_throughput.py
 
 import argparse  # noqa: E402
+import multiprocessing as mp  # noqa: E402
 import statistics  # noqa: E402
+import traceback  # noqa: E402
 import tempfile  # noqa: E402
 import warnings  # noqa: E402
 
@@ -129,27 +135,90 @@ def torchvision_native(images: str, args, full: bool):
 
 
 def build(images: str, labels: str, beton: str, workdir: str, args) -> dict:
-    """``{(recipe, name): iterable factory}`` for every configuration of the run."""
+    """``{(recipe, name): tl_fast loader or PeerProcess}`` for every configuration of the run."""
     runs = {}
     common = dict(batch_size=args.batch_size, image_size=args.image_size, num_workers=args.workers, device="cpu")
-    for recipe in args.recipes:
-        extra = {} if recipe == "full" else dict(augment=AugmentConfig(randaugment=None), erase=None)
-        for be in args.backends:
-            for on in (False, True):
-                loader = TokenLabelLoader(beton if be == "ffcv" else images, None if be == "ffcv" else labels,
-                                          backend=be, token_labels=on, **common, **extra)
-                runs[(recipe, f"tl_fast {be}, labels {'on' if on else 'off'}")] = loader
-        if recipe == "crop-flip":
-            if "ffcv" in args.backends:
-                runs[(recipe, "FFCV native")] = ffcv_native(images, workdir, args)
-            if "dali" in args.backends:
-                runs[(recipe, "DALI native")] = dali_native(images, args, rand_augment=False)
-            runs[(recipe, "torchvision")] = torchvision_native(images, args, full=False)
-        else:
-            if "dali" in args.backends:
-                runs[(recipe, "DALI rand_augment")] = dali_native(images, args, rand_augment=True)
-            runs[(recipe, "timm")] = torchvision_native(images, args, full=True)
+    peers = {"crop-flip": (("ffcv", "FFCV native", "ffcv"), ("dali", "DALI native", "dali"),
+                           (None, "torchvision", "torchvision")),
+             "full": (("dali", "DALI rand_augment", "dali_rand_augment"), (None, "timm", "timm"))}
+    try:
+        for recipe in args.recipes:
+            extra = {} if recipe == "full" else dict(augment=AugmentConfig(randaugment=None), erase=None)
+            for be in args.backends:
+                for on in (False, True):
+                    loader = TokenLabelLoader(beton if be == "ffcv" else images, None if be == "ffcv" else labels,
+                                              backend=be, token_labels=on, **common, **extra)
+                    runs[(recipe, f"tl_fast {be}, labels {'on' if on else 'off'}")] = loader
+            for needs, name, kind in peers[recipe]:
+                if needs is None or needs in args.backends:
+                    runs[(recipe, name)] = PeerProcess(kind, images, workdir, args)
+    except BaseException:
+        close_peers(runs)
+        raise
     return runs
+
+
+def close_peers(runs: dict) -> None:
+    for run in runs.values():
+        if isinstance(run, PeerProcess):
+            run.close()
+
+
+def _native(kind: str, images: str, workdir: str, args):
+    """The iterable factory of the native pipeline ``kind``."""
+    if kind == "ffcv":
+        return ffcv_native(images, workdir, args)
+    if kind.startswith("dali"):
+        return dali_native(images, args, rand_augment=kind == "dali_rand_augment")
+    return torchvision_native(images, args, full=kind == "timm")
+
+
+def _peer_main(conn, kind: str, images: str, workdir: str, options: dict) -> None:
+    """A peer's process: build the pipeline, then answer ``(warmup, batches)`` with ``(images/s, CPU
+    ms per image)`` until told ``None``."""
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        factory = _native(kind, images, workdir, argparse.Namespace(**options))
+        conn.send("ready")
+        while (job := conn.recv()) is not None:
+            cpu: list = []
+            rate = measure(factory, job[0], job[1], torch.device("cpu"), cpu=cpu)
+            conn.send((rate, cpu[0]))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+
+
+class PeerProcess:
+    """A native pipeline in a spawned process of its own, built once and measured on request."""
+
+    def __init__(self, kind: str, images: str, workdir: str, args) -> None:
+        ctx = mp.get_context("spawn")
+        self.kind = kind
+        self.conn, child = ctx.Pipe()
+        # Not a daemon: the torchvision and timm peers start DataLoader workers of their own.
+        self.proc = ctx.Process(target=_peer_main, args=(child, kind, images, workdir, vars(args)))
+        self.proc.start()
+        self._reply()
+
+    def _reply(self):
+        msg = self.conn.recv()
+        if isinstance(msg, tuple) and msg[0] == "error":
+            self.proc.join(10)
+            raise RuntimeError(f"native {self.kind} peer failed:\n{msg[1]}")
+        return msg
+
+    def measure(self, warmup: int, batches: int, cpu: list) -> float:
+        self.conn.send((warmup, batches))
+        rate, ms = self._reply()
+        cpu.append(ms)
+        return rate
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.conn.send(None)
+            self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.terminate()
 
 
 PEERS = {("crop-flip", "ffcv"): "FFCV native", ("crop-flip", "dali"): "DALI native",
@@ -197,19 +266,22 @@ def main(argv=None) -> None:
     runs = build(images, labels, beton, workdir, args)
     order = list(runs)
     rates = {key: [] for key in order}
-    # CPU ms per image of this process over the timed batches (all its threads: DALI's and FFCV's
-    # pipelines run here; DataLoader worker processes are not counted): what a pipeline costs apart
-    # from how busy the machine is.
+    # CPU ms per image of the pipeline's process over the timed batches (all its threads: DALI's and
+    # FFCV's pipelines run there; DataLoader worker processes are not counted): what a pipeline costs
+    # apart from how busy the machine is.
     cpu_ms = {key: [] for key in order}
     device = torch.device("cpu")
-    for r in tqdm(range(args.rounds), desc="rounds"):
-        for key in order if r % 2 == 0 else order[::-1]:
-            run = runs[key]
-            if isinstance(run, TokenLabelLoader):
-                run.set_epoch(1000 + r)
-                rates[key].append(measure(lambda: run, args.warmup, args.batches, device, cpu=cpu_ms[key]))
-            else:
-                rates[key].append(measure(run, args.warmup, args.batches, device, cpu=cpu_ms[key]))
+    try:
+        for r in tqdm(range(args.rounds), desc="rounds"):
+            for key in order if r % 2 == 0 else order[::-1]:
+                run = runs[key]
+                if isinstance(run, TokenLabelLoader):
+                    run.set_epoch(1000 + r)
+                    rates[key].append(measure(lambda: run, args.warmup, args.batches, device, cpu=cpu_ms[key]))
+                else:
+                    rates[key].append(run.measure(args.warmup, args.batches, cpu_ms[key]))
+    finally:
+        close_peers(runs)
 
     def stat(v):
         return statistics.median(v), float(np.percentile(v, 20)), float(np.percentile(v, 80))

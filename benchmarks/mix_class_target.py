@@ -1,5 +1,5 @@
-"""Experiment: how should MixToken mix the class-token target? The trainer (SPEC) mixes it by area;
-this runs the same trainer with two alternatives.
+"""Experiment: how should MixToken mix the class-token target? The trainer mixes it by area
+(docs/spec.md section 3); this runs the same trainer with two alternatives.
 
     python benchmarks/mix_class_target.py --mix-cls-target content [trainer options]
     python benchmarks/mix_class_target.py --gt-weight 0.5 [trainer options]
@@ -54,7 +54,8 @@ def content_mixtoken(targets: torch.Tensor, mix_box, grid: tuple[int, int]) -> t
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("class-target experiment (benchmarks/mix_class_target.py)")
     g.add_argument("--mix-cls-target", choices=("area", "content"), default="area",
-                   help="how MixToken mixes the class-token target: 'area' (SPEC) or 'content' (see above)")
+                   help="how MixToken mixes the class-token target: 'area' (docs/spec.md section 3) or "
+                        "'content' (see above)")
     g.add_argument("--gt-weight", type=float, default=0.0,
                    help="share of the ground-truth label (mixed by area) in the class-token target")
 

@@ -11,8 +11,8 @@ Same model, same batch, same run; every variant is a full step (forward, loss, b
   geometry and the MixToken box (fused Triton kernel on CUDA, numba CPU path on CPU); MixToken on.
 * ``token-targets``: targets materialized with ``tl_fast.ops.token_targets``, then the soft-target loss.
 
-Reports medians (20th / 80th percentiles) and the ratio to ``cls-only`` (SPEC section 5 targets on
-GPU, B=128: ``token-fused`` <= 1.01x for LV-ViT-S, <= 1.02x for a timm ViT-S). Variants are
+Reports medians (20th / 80th percentiles) and the ratio to ``cls-only`` (docs/spec.md section 5 targets
+on GPU, B=128: ``token-fused`` <= 1.01x for LV-ViT-S, <= 1.02x for a timm ViT-S). Variants are
 interleaved round by round so a drifting machine affects all of them alike.
 
     python benchmarks/train_overhead.py                      # CPU: tiny model, small batch

@@ -210,17 +210,22 @@ def test_fingerprint_reads_only_the_two_windows(tmp_path):
     assert fingerprint_bytes(bytes(data)) != base  # the tail counts
 
 
-def test_exif_orientation_is_ignored_alike_by_every_backend(tmp_path):
-    """DALI rotates by EXIF orientation unless told not to; the index, the plan and the other
-    backends take the stored pixel grid, so a rotated photo would be cropped in the wrong place."""
-    root = tmp_path / "imgs"
+def _exif_rotated_folder(root):
+    """``root/a/0.jpg``: left half red, right half green, with EXIF saying "rotate 90 degrees"."""
     os.makedirs(root / "a")
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees on display
     img = np.zeros((40, 64, 3), np.uint8)
-    img[:, :32, 0] = 255  # left half red, right half green
+    img[:, :32, 0] = 255
     img[:, 32:, 1] = 255
     Image.fromarray(img).save(root / "a" / "0.jpg", quality=95, exif=exif)
+    return root
+
+
+def test_exif_orientation_is_ignored_alike_by_every_backend(tmp_path):
+    """DALI rotates by EXIF orientation unless told not to; the index, the plan and the other
+    backends take the stored pixel grid, so a rotated photo would be cropped in the wrong place."""
+    root = _exif_rotated_folder(tmp_path / "imgs")
     got = {}
     for backend in ("torch", "dali"):
         loader = TokenLabelLoader(str(root), None, backend=backend, batch_size=1, image_size=S, patch_size=P,
@@ -696,3 +701,136 @@ def test_every_format_the_index_accepts_decodes_alike_on_torch_and_dali(tmp_path
         got[backend] = torch.cat([b.images for b in loader])
     per_image = (got["torch"] - got["dali"]).abs().flatten(1).mean(1)
     assert per_image.max() < 0.02, per_image  # normalized units: well under one uint8 level on average
+
+
+# -- 5. one verdict per image for every reader (issue 27) -------------------------------------------
+
+def _big_grey_jpeg(path, side: int) -> str:
+    """A valid ``side`` x ``side`` grey JPEG (constant, so it stays small on disk)."""
+    Image.new("L", (side, side), 128).save(path, quality=30)
+    return str(path)
+
+
+def test_pixel_limit_is_decided_from_the_header():
+    from tl_fast.imagecheck import MAX_PIXELS, pixel_problem
+
+    assert MAX_PIXELS == Image.MAX_IMAGE_PIXELS  # PIL's own default: PIL opens whatever the index accepts
+    assert pixel_problem(9459, 9459) == ""  # 89,472,681 pixels
+    assert "over the limit of 89,478,485" in pixel_problem(9500, 9500)
+
+
+@pytest.fixture(scope="module")
+def over_limit_jpeg(tmp_path_factory):
+    """A valid grey JPEG just over the pixel limit (9500 x 9500 = 90,250,000 pixels)."""
+    return _big_grey_jpeg(tmp_path_factory.mktemp("big") / "big.jpg", 9500)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali", "ffcv"])
+def test_image_over_the_pixel_limit_is_skipped_alike_by_every_backend(tmp_path, over_limit_jpeg, backend):
+    """libjpeg-turbo has no pixel limit, PIL has one: the index refuses what PIL (annotate, pack-ffcv)
+    would, from the header alone, so every backend delivers the same samples, also with one-hot
+    fall-backs for images without a record."""
+    from tl_fast.loaders.ffcv_pack import pack_ffcv
+
+    root = make_folder(tmp_path / "imgs", {"a": 3, "b": 3})
+    os.link(over_limit_jpeg, os.path.join(root, "a", "big.jpg"))
+    store = _quiet(make_store, root, tmp_path / "labels.tls", drop={"b/002"})
+    images = root
+    if backend == "ffcv":
+        images = str(tmp_path / "x.beton")
+        meta = _quiet(pack_ffcv, root, store, images, num_workers=1, progress=False, missing_labels="one_hot")
+        assert meta["invalid"] == [] and meta["skipped_at_index"] == ["a/big.jpg"]
+    loader = _quiet(TokenLabelLoader, images, store, backend=backend, batch_size=2, image_size=S, patch_size=P,
+                    num_workers=1 if backend != "torch" else 0, device="cpu", augment=NO_RA, erase=None,
+                    drop_last=False, missing_labels="one_hot")
+    reasons = {s.path: s.reason for s in loader.skipped}
+    assert loader.num_samples == 6 and loader.num_skipped == 1 and "pixels" in reasons["a/big.jpg"], reasons
+    assert loader.num_missing_labels == 1 and sum(len(b) for b in loader) == 6
+
+
+def test_annotate_and_pack_ffcv_decode_an_image_at_the_pixel_limit(tmp_path):
+    """An image of just under MAX_PIXELS passes the index, and PIL (annotate, pack-ffcv) decodes it
+    without a decompression-bomb warning or error; one over it was never handed to them."""
+    from tl_fast.annotate import annotate
+    from tl_fast.demo.annotator import DemoCNN
+    from tl_fast.loaders.ffcv_pack import pack_ffcv
+    from tl_fast.store import LabelStore
+
+    root = make_folder(tmp_path / "imgs", {"a": 2, "b": 2})
+    _big_grey_jpeg(os.path.join(root, "a", "at_limit.jpg"), 9459)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        res = annotate(root, tmp_path / "k.tls", model=DemoCNN(num_classes=2, width=4).eval(), img_size=32, topk=2,
+                       num_workers=0, progress=False)
+        meta = pack_ffcv(root, str(tmp_path / "k.tls"), str(tmp_path / "x.beton"), num_workers=1, progress=False)
+    assert res.skipped == [] and "a/at_limit" in LabelStore.open(tmp_path / "k.tls").keys
+    assert meta["invalid"] == [] and meta["skipped"] == []
+
+
+def test_image_files_no_reader_takes_are_counted_and_named(tmp_path):
+    """torchvision's ImageFolder lists .tif, .ppm and .pgm files; no tl_fast reader takes them (nor
+    .gif): each is a counted skip, named with the reason, not a silent omission."""
+    root = make_folder(tmp_path / "imgs", {"a": 2, "b": 2})
+    base = Image.new("RGB", (20, 16), (200, 30, 30))
+    base.save(os.path.join(root, "a", "scan.tif"))
+    base.save(os.path.join(root, "a", "anim.gif"))
+    base.save(os.path.join(root, "b", "raw.PPM"))
+    (tmp_path / "imgs" / "b" / "notes.txt").write_text("not an image")  # not an image name: not listed
+    with pytest.warns(UserWarning, match="skipping 3 unusable"):
+        index = ImageFolderIndex(root, progress=False)
+    reasons = {s.path: s.reason for s in index.skipped}
+    assert set(reasons) == {"a/scan.tif", "a/anim.gif", "b/raw.PPM"} and len(index) == 4
+    assert "no reader takes .tif files" in reasons["a/scan.tif"] and ".ppm" in reasons["b/raw.PPM"]
+
+
+def test_content_in_a_format_some_reader_cannot_decode_is_refused(tmp_path):
+    """A GIF named .png decodes in torchvision and PIL but not in DALI; a TIFF named .png in DALI
+    and PIL but not in torchvision: the content decides, and both are refused everywhere."""
+    root = make_folder(tmp_path / "imgs", {"a": 2})
+    Image.new("RGB", (20, 16), (200, 30, 30)).save(os.path.join(root, "a", "gif.png"), format="GIF")
+    Image.new("RGB", (20, 16), (30, 200, 30)).save(os.path.join(root, "a", "tiff.png"), format="TIFF")
+    index = _quiet(ImageFolderIndex, root, progress=False)
+    reasons = {s.path: s.reason for s in index.skipped}
+    assert "GIF data" in reasons["a/gif.png"] and "TIFF data" in reasons["a/tiff.png"] and len(index) == 2
+    for backend in ("torch", "dali"):
+        loader = _quiet(TokenLabelLoader, root, None, backend=backend, batch_size=1, image_size=S, patch_size=P,
+                        num_workers=1, device="cpu", train=False, drop_last=False)
+        assert loader.num_samples == 2 and sum(len(b) for b in loader) == 2
+
+
+def test_file_name_that_cannot_be_a_store_key_is_refused_by_the_index(tmp_path):
+    """A newline in a file name used to pass the index and abort annotate only after every image
+    was annotated; it is refused (a counted skip, named) before anything is decoded."""
+    from tl_fast.annotate import annotate
+    from tl_fast.demo.annotator import DemoCNN
+    from tl_fast.store import LabelStore
+
+    root = make_folder(tmp_path / "imgs", {"a": 2, "b": 2})
+    with open(os.path.join(root, "a", "000.jpg"), "rb") as f:
+        good = f.read()
+    with open(os.path.join(root, "a", "two\nlines.jpg"), "wb") as f:
+        f.write(good)
+    index = _quiet(ImageFolderIndex, root, progress=False)
+    reasons = {s.path: s.reason for s in index.skipped}
+    assert len(index) == 4 and "newline" in reasons["a/two\nlines.jpg"]
+    res = _quiet(annotate, root, tmp_path / "k.tls", model=DemoCNN(num_classes=2, width=4).eval(), img_size=32,
+                 topk=2, num_workers=0, progress=False)
+    assert res.skipped == ["a/two\nlines.jpg"] and len(LabelStore.open(tmp_path / "k.tls")) == 4
+
+
+def test_exif_orientation_is_ignored_by_annotate_and_ffcv_too(tmp_path):
+    """Annotate and the FFCV backend take the stored pixel grid, as torch and DALI do."""
+    from tl_fast.annotate.images import ResizedImages
+    from tl_fast.loaders.ffcv_pack import pack_ffcv
+
+    root = _exif_rotated_folder(tmp_path / "imgs")
+    seen, _, ok = ResizedImages(root, ["a/0.jpg"], 16, "bilinear")[0]
+    assert ok and seen[0, :, :6].float().mean() > 200 and seen[1, :, -6:].float().mean() > 200
+    beton = str(tmp_path / "x.beton")
+    _quiet(pack_ffcv, str(root), None, beton, num_workers=1, progress=False)
+    got = {}
+    for backend, images in (("torch", str(root)), ("ffcv", beton)):
+        loader = TokenLabelLoader(images, None, backend=backend, batch_size=1, image_size=S, patch_size=P,
+                                  num_workers=1 if backend == "ffcv" else 0, device="cpu", train=False, drop_last=False)
+        got[backend] = next(iter(loader)).images
+    assert (got["torch"] - got["ffcv"]).abs().mean() < 0.1

@@ -2,7 +2,7 @@
 
 The reference (``tl_fast.ops.reference.class_targets``) must be row 0 of the reference token targets
 exactly, and agree with torchvision's RoI-Align path; the targets kernel's class-row path
-(``kernels/token_targets.py``, in Triton's interpreter without CUDA) and the loss from the maps must
+(``tl_fast/kernels/token_targets.py``, in Triton's interpreter without CUDA) and the loss from the maps must
 agree with the reference on fresh random inputs; the loader's ``label_mode="class"`` gives maps without a MixToken box unless asked.
 """
 from __future__ import annotations

@@ -59,7 +59,7 @@ def random_maps(bsz, k, h, w, num_classes, seed):
 
 def crop_flip_plan(bsz, seed):
     # Prime image sides: a crop whose extent is a whole number of map pixels would make roi_align's
-    # float32 rounding pick the sample count (SPEC: tl_fast rounds such an extent down).
+    # float32 rounding pick the sample count (docs/spec.md section 3: tl_fast rounds such an extent down).
     sizes = np.stack([np.full(bsz, 307), np.full(bsz, 421)], 1)
     plan = plan_batch(seed, 0, np.arange(bsz), sizes, AugmentConfig(randaugment=None, scale=(0.05, 1.0)))
     assert plan.flip.any() and not plan.flip.all()

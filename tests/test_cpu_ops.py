@@ -218,18 +218,6 @@ def test_thread_counts_agree_bit_for_bit():
         assert torch.equal(one, cpu.token_targets(values, ids, augmented(13, 9), threads=threads, **kw))
 
 
-def test_dispatch():
-    values, ids = random_maps(3, 2, 5, 5, 11, seed=2)
-    affine = crop_flip(3, 2)
-    kw = dict(num_classes=11, grid=(2, 2), mix_box=(0, 0, 1, 1))
-    assert torch.equal(ops.token_targets(values, ids, affine, **kw), cpu.token_targets(values, ids, affine, **kw))
-    assert torch.equal(ops.token_targets(values, ids, affine, impl="cpu", **kw), cpu.token_targets(values, ids, affine, **kw))
-    assert torch.equal(ops.token_targets(values, ids, affine, impl="torch", **kw),
-                       reference.token_targets(values, ids, affine, **kw))
-    with pytest.raises(RuntimeError, match="impl='cpu' needs CPU tensors"):
-        ops.token_targets(values.to("meta"), ids.to("meta"), affine, impl="cpu", **kw)
-
-
 @pytest.mark.parametrize("mix", [None, "batch", "sample"])
 def test_loss_from_maps_values_and_gradients(mix):
     """The loss from maps through the CPU path against the reference's targets + loss, value and
@@ -253,6 +241,7 @@ def test_loss_from_maps_values_and_gradients(mix):
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("op", ["token", "class"])
 @settings(max_examples=30, deadline=None)
 @given(
     bsz=st.integers(1, 5), k=st.integers(1, 4), h=st.integers(1, 9), w=st.integers(1, 9),
@@ -260,11 +249,12 @@ def test_loss_from_maps_values_and_gradients(mix):
     smoothing=st.sampled_from([0.0, 0.1]), mix=st.sampled_from([None, "batch", "sample"]),
     geo=st.sampled_from(["crop", "aug"]), seed=st.integers(0, 2**31 - 1),
 )
-def test_property_matches_reference(bsz, k, h, w, num_classes, gh, gw, smoothing, mix, geo, seed):
+def test_property_matches_reference(op, bsz, k, h, w, num_classes, gh, gw, smoothing, mix, geo, seed):
     values, ids = random_maps(bsz, k, h, w, num_classes, seed)
     affine = crop_flip(bsz, seed) if geo == "crop" else augmented(bsz, seed)
-    assert_matches(values, ids, affine, num_classes=num_classes, grid=(gh, gw), smoothing=smoothing,
-                   mix_box=mix_for(mix, bsz, (gh, gw), seed))
+    check = assert_matches if op == "token" else assert_class_matches
+    check(values, ids, affine, num_classes=num_classes, grid=(gh, gw), smoothing=smoothing,
+          mix_box=mix_for(mix, bsz, (gh, gw), seed))
 
 
 _CHILD = """
@@ -313,3 +303,112 @@ def test_forked_child_builds_its_own_thread_pool():
     got = queue.get(timeout=120)
     child.join(timeout=60)
     assert child.exitcode == 0 and got == expect
+
+
+# ----------------------------------------------------------------------------------------------
+# class-token-only targets (row 0 alone) and the one dispatch shared with the token ops
+# ----------------------------------------------------------------------------------------------
+
+def assert_class_matches(values, ids, affine, **kw):
+    fast = cpu.class_targets(values, ids, affine, **kw)
+    ref = reference.class_targets(values, ids, affine, **kw)
+    dtype = kw.get("out_dtype", torch.float32)
+    assert fast.shape == ref.shape == (values.shape[0], kw["num_classes"]) and fast.dtype == ref.dtype == dtype
+    assert torch.isfinite(fast.float()).all()
+    diff = (fast.float() - ref.float()).abs().max().item()
+    assert diff <= ATOL[dtype], diff
+    return fast
+
+
+@pytest.mark.parametrize("bsz,k,h,w,num_classes,grid,geo", CASES)
+@pytest.mark.parametrize("mix", [None, "batch", "sample", "whole"])
+def test_class_targets_match_reference(bsz, k, h, w, num_classes, grid, geo, mix):
+    seed = hash(("class", bsz, k, h, w, num_classes, grid, geo, mix)) % 2**31
+    values, ids = random_maps(bsz, k, h, w, num_classes, seed)
+    affine = crop_flip(bsz, seed) if geo == "crop" else augmented(bsz, seed)
+    kw = dict(num_classes=num_classes, grid=grid, smoothing=0.1, mix_box=mix_for(mix, bsz, grid, seed))
+    out = assert_class_matches(values, ids, affine, **kw)
+    torch.testing.assert_close(out.sum(-1), torch.ones(bsz), atol=1e-5, rtol=0)
+    # the class row of the token path, computed alone: the same float64 row, the same mix
+    assert torch.equal(out, cpu.token_targets(values, ids, affine, **kw)[:, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rule", ["tl_fast", "official"])
+def test_class_targets_dtypes_and_smoothing_rules(dtype, rule):
+    values, ids = random_maps(5, 3, 9, 7, 53, seed=31)
+    out = assert_class_matches(values, ids, crop_flip(5, 31), num_classes=53, grid=(4, 4), smoothing=0.2,
+                               mix_box=mix_for("sample", 5, (4, 4), 31), out_dtype=dtype, smoothing_rule=rule)
+    rows = out.double().sum(-1)
+    want = 1.0 + 0.2 / 53 if rule == "official" else 1.0
+    assert (rows - want).abs().max().item() <= ATOL[dtype] * 53
+
+
+def test_class_targets_threads_boxes_and_bad_inputs_as_the_reference():
+    values, ids = random_maps(13, 5, 12, 12, 101, seed=33)
+    kw = dict(num_classes=101, grid=(6, 6), smoothing=0.1, mix_box=mix_for("sample", 13, (6, 6)))
+    one = cpu.class_targets(values, ids, augmented(13, 33), threads=1, **kw)
+    for threads in (2, 5):
+        assert torch.equal(one, cpu.class_targets(values, ids, augmented(13, 33), threads=threads, **kw))
+    boxes = torch.tensor([[-2, 1, 3, 9], [0, 0, 0, 0], [3, 3, 1, 1], [1, -5, 99, 2]])
+    v4, i4 = random_maps(4, 2, 6, 6, 19, seed=5)
+    assert_class_matches(v4, i4, crop_flip(4, 5), num_classes=19, grid=(4, 4), smoothing=0.1, mix_box=boxes)
+    for kind in ("nan", "inf"):
+        v, i, a = _poisoned(kind)
+        got = cpu.class_targets(v, i, a, num_classes=23, smoothing=0.1, mix_box=(0, 0, 1, 1), grid=(3, 3))
+        want = reference.class_targets(v, i, a, num_classes=23, smoothing=0.1, mix_box=(0, 0, 1, 1), grid=(3, 3))
+        assert not torch.isfinite(want).all()
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=1e-5)
+    v, i = random_maps(2, 2, 4, 4, 10, seed=1)
+    for bad_ids in (i + 10, i - 5):
+        with pytest.raises(ValueError, match="class ids"):
+            cpu.class_targets(v, bad_ids, crop_flip(2, 1), num_classes=10)
+    with pytest.raises(ValueError, match="mix_box"):
+        cpu.class_targets(v, i, crop_flip(2, 1), num_classes=10, mix_box=torch.zeros(3, 4))
+
+
+def _token_and_class_ops(impl, values, ids, affine, kw):
+    return (lambda: ops.token_targets(values, ids, affine, impl=impl, **kw),
+            lambda: ops.class_targets(values, ids, affine, impl=impl, **kw))
+
+
+def test_one_dispatch_for_token_and_class_ops(monkeypatch):
+    """The same ``impl`` runs the same implementation for both kinds of op, and fails the same way."""
+    values, ids = random_maps(3, 2, 5, 5, 11, seed=2)
+    affine = crop_flip(3, 2)
+    kw = dict(num_classes=11, grid=(2, 2), mix_box=(0, 0, 1, 1), smoothing=0.1)
+    for impl, module in (("auto", cpu), ("cpu", cpu), ("torch", reference)):
+        assert torch.equal(ops.class_targets(values, ids, affine, impl=impl, **kw),
+                           module.class_targets(values, ids, affine, **kw)), impl
+        assert torch.equal(ops.token_targets(values, ids, affine, impl=impl, **kw),
+                           module.token_targets(values, ids, affine, **kw)), impl
+    assert ops.choose_impl("auto", torch.device("cpu")) == "cpu"
+    assert ops.choose_impl("auto", torch.device("meta")) == "torch"
+    for call in _token_and_class_ops("cpu", values.to("meta"), ids.to("meta"), affine, kw):
+        with pytest.raises(RuntimeError, match="impl='cpu' needs CPU tensors, got meta"):
+            call()
+    for call in _token_and_class_ops("numba", values, ids, affine, kw):
+        with pytest.raises(ValueError, match="impl must be one of"):
+            call()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for call in _token_and_class_ops("triton", values, ids, affine, kw):
+        with pytest.raises(RuntimeError, match="needs Triton's interpreter"):
+            call()
+
+
+@pytest.mark.parametrize("mix", [None, "batch", "sample"])
+def test_class_loss_from_maps_values_and_gradients(mix):
+    bsz, num_classes, grid = 6, 41, (3, 3)
+    values, ids = random_maps(bsz, 3, 7, 7, num_classes, seed=35)
+    affine = augmented(bsz, 35)
+    logits = torch.randn(bsz, num_classes, generator=torch.Generator().manual_seed(35))
+    kw = dict(maps=(values, ids), affine=affine, mix_box=mix_for(mix, bsz, grid), grid=grid, smoothing=0.1)
+    results = []
+    for impl in ("auto", "torch"):
+        z = logits.clone().requires_grad_()
+        loss = ops.class_token_loss(z, impl=impl, **kw)
+        (2.0 * loss).backward()
+        results.append((loss.detach(), z.grad))
+    for fast, ref in zip(*results):
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+

@@ -36,7 +36,7 @@ def _run(cmd, cwd, env=None, timeout=600) -> subprocess.CompletedProcess:
 def wheel(tmp_path_factory) -> Path:
     dist = tmp_path_factory.mktemp("dist")
     # Built from a copy, so that setuptools' build/ folder neither lands in the checkout nor carries
-    # files deleted since an earlier build into the wheel. Links are kept (tl_fast/kernels is one).
+    # files deleted since an earlier build into the wheel.
     src = dist / "src"
     shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs"))
@@ -77,6 +77,14 @@ def test_wheel_ships_kernels_and_license(wheel):
     # Only the package: no top-level folder of the checkout rides along as tl_fast.* or on its own.
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "examples/", "kernels/",
                                                   "tl_fast/tests/", "tl_fast/benchmarks/"))]
+
+
+def test_checkout_has_no_symbolic_links():
+    """The kernels are real files inside the package: links break on some filesystems and archivers."""
+    if not (REPO / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    listing = _run(["git", "ls-files", "-s"], cwd=REPO).stdout.splitlines()
+    assert not [line for line in listing if line.startswith("120000")]
 
 
 def test_installed_package_comes_from_the_wheel(installed):

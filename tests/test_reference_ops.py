@@ -74,7 +74,7 @@ def test_matches_public_path_with_mixtoken_and_plan_geometry():
 
 
 def brute_force_scores(values, ids, affine, num_classes, grid):
-    """SPEC section 3 read literally: dense map, then a Python loop over tokens and samples."""
+    """docs/spec.md section 3 read literally: dense map, then a Python loop over tokens and samples."""
     bsz, k, h, w = values.shape
     dense = torch.zeros(bsz, num_classes, h, w, dtype=torch.float64)
     dense.scatter_(1, ids.long(), values.double())

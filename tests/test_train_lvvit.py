@@ -100,7 +100,7 @@ def test_few_steps_reduce_loss(dataset, tmp_path, loader):
 
 @pytest.mark.slow
 def test_content_mixed_class_target_trains(dataset, tmp_path):
-    """benchmarks/mix_class_target.py --mix-cls-target content (the experiment beside the SPEC's area
+    """benchmarks/mix_class_target.py --mix-cls-target content (the experiment beside docs/spec.md section 3's area
     rule, through the trainer's make_loss hook) runs and reduces the loss."""
     trainer = _load_trainer(ROOT / "benchmarks" / "mix_class_target.py")
     trainer.main(_args(dataset, tmp_path, "torch", "--epochs", "4", "--mix-cls-target", "content", "--gt-weight",

@@ -245,8 +245,8 @@ def test_mixed_label_loss_follows_the_box():
 
 
 def test_content_mixtoken_weighs_the_class_target_by_visible_class():
-    """Token rows as SPEC's MixToken; the class row reduces to the area rule when every token shows its
-    image's class, and gives no weight to an image whose class tokens the box covers entirely."""
+    """Token rows as MixToken in docs/spec.md section 3; the class row reduces to the area rule when every
+    token shows its image's class, and gives no weight to an image whose class tokens the box covers entirely."""
     from tl_fast.ops.reference import apply_mixtoken
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "mix_class_target.py"
@@ -350,6 +350,7 @@ def test_token_models_are_named_types_and_the_loader_grid_is_the_models_total_st
     import timm
     from timm.models.volo import VOLO
 
+    from tl_fast.train.checks import InputError
     from tl_fast.train.factories import is_token_model, prepare_model, token_patch
     volo = VOLO(layers=[1, 1, 1, 1], embed_dims=[16, 32, 32, 32], num_heads=[1, 1, 1, 1], img_size=64, num_classes=3)
     swin = timm.create_model("swin_tiny_patch4_window7_224", num_classes=3, img_size=64, embed_dim=8,
@@ -364,7 +365,7 @@ def test_token_models_are_named_types_and_the_loader_grid_is_the_models_total_st
     for argv in (("--label-mode", "class"), ("--no-token-label",)):
         assert prepare_model(vit, _args("--model", "test_vit", *argv)) is vit
     assert token_patch(vit, 64, False) == 64
-    with pytest.raises(SystemExit, match="--img-size 72: image size 72x72 gives no whole token grid"):
+    with pytest.raises(InputError, match="--img-size 72: image size 72x72 gives no whole token grid"):
         token_patch(prepare_model(swin, tokens), 72, True)
-    with pytest.raises(SystemExit, match="cannot train with token labels: .*num_classes=0.*--label-mode class"):
+    with pytest.raises(InputError, match="cannot train with token labels: .*num_classes=0.*--label-mode class"):
         prepare_model(timm.create_model("test_vit", num_classes=0), tokens)

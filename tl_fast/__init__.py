@@ -1,8 +1,7 @@
 """tl_fast: high-throughput data loading for token-labeling training of vision transformers.
 
-The Triton kernels live in the repository's top-level ``kernels/`` folder; ``tl_fast/kernels`` is a
-symbolic link to it, so ``tl_fast.kernels`` is an ordinary subpackage both in a checkout
-(``PYTHONPATH=.``) and in the wheel, which copies the linked files.
+The host side is this package; the Triton kernels (device side) are its subpackage
+``tl_fast.kernels``, imported lazily by ``tl_fast.ops``.
 """
 
 __version__ = "0.2.0"  # the one place: pyproject.toml reads it (tool.setuptools.dynamic)

@@ -18,7 +18,7 @@ COMMAND_MODULES = (
     "tl_fast.annotate",  # annotate
     "tl_fast.demo.commands",  # demo prepare
     "tl_fast.loaders.ffcv_pack",  # pack-ffcv
-    "tl_fast.imagecheck",  # check
+    "tl_fast.dataset",  # check
     "tl_fast.store.fingerprint",  # fingerprint
     "tl_fast.train.commands",  # train, plot
 )

@@ -1,6 +1,6 @@
 """The official TokenLabeling / ReLabel target path where it differs from tl_fast (``label_compat="official"``).
 
-tl_fast computes SPEC section 3. The official code (zihangJiang/TokenLabeling ``tlt/data``, which
+tl_fast computes docs/spec.md section 3. The official code (zihangJiang/TokenLabeling ``tlt/data``, which
 adapts naver-ai/relabel_imagenet's LabelPooling) differs in three measured ways that this module
 reproduces, so a published recipe can be rerun as published, or the fixes measured:
 

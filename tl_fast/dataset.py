@@ -7,7 +7,7 @@ random resized crop depends on them. The index is cached in ``root/.tl_fast_inde
 ``root`` is read-only, under ``$TL_FAST_CACHE`` / ``~/.cache/tl_fast/index``) and rebuilt whenever
 the list of files or their byte sizes change.
 
-Bad input policy (SPEC section 6):
+Bad input policy (docs/spec.md section 6):
 
 * the folder walk (:func:`scan_image_folder`) cannot loop: it remembers every directory it entered
   by ``(st_dev, st_ino)``, so a symlink back up the tree (``loop -> ..``) is entered once; FIFOs,
@@ -49,9 +49,13 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Image files no reader takes (torchvision's ImageFolder lists the first five): counted skips, named
+# in the skip report, so a folder of them is not silently smaller than the user thinks.
+OTHER_IMAGE_EXTENSIONS = (".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".gif", ".heic", ".heif", ".avif",
+                          ".jxl", ".jp2", ".j2k", ".ico", ".tga", ".dng")
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
 CACHE_NAME = ".tl_fast_index.npz"
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3  # 3: the pixel limit and the content formats of tl_fast.imagecheck
 # Below this share of images with a record, a store is taken to describe another dataset.
 MIN_MATCH_FRACTION = 0.5
 # Score given to the image's class in a one-hot fall-back map: softmax over K <= 10^5 classes
@@ -91,6 +95,27 @@ class FolderScan:
 
 def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _unread_image_reason(name: str) -> str:
+    """Why a file with an image extension no reader takes is skipped (``""``: not such a file)."""
+    if name.startswith(".") or not name.lower().endswith(OTHER_IMAGE_EXTENSIONS):
+        return ""
+    ext = os.path.splitext(name)[1].lower()
+    return (f"{ext} image: no reader takes {ext} files (tl_fast reads {', '.join(IMAGE_EXTENSIONS)}); convert it "
+            "to JPEG or PNG")
+
+
+def key_problem(rel_path: str) -> str:
+    """Why the file at ``rel_path`` (relative to the root) cannot have a label-store key (``""``: it
+    can): a newline or carriage return in its path, or bytes that are not UTF-8."""
+    if "\n" in rel_path or "\r" in rel_path:
+        return "its path contains a newline or carriage return, which a label-store key cannot hold: rename it"
+    try:
+        rel_path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its path is not valid UTF-8, which a label-store key must be: rename it"
+    return ""
 
 
 def scan_image_folder(root: str | os.PathLike, *, allow_empty_classes: bool = False) -> FolderScan:
@@ -155,6 +180,13 @@ def _walk(root: Path, rel_dir: str, visited: dict, scan: FolderScan) -> None:
             subdirs.append(rel)
             continue
         if not _is_image_name(e.name):
+            reason = _unread_image_reason(e.name)
+            if reason:
+                scan.skipped.append(SkippedImage(rel, reason))
+            continue
+        reason = key_problem(rel)
+        if reason:
+            scan.skipped.append(SkippedImage(rel, reason))
             continue
         try:
             est = e.stat()  # follows a symlink
@@ -176,7 +208,7 @@ def _walk(root: Path, rel_dir: str, visited: dict, scan: FolderScan) -> None:
 
 
 def _summary(items: Sequence[SkippedImage]) -> str:
-    listing = "; ".join(f"{s.path}: {s.reason}" for s in items[:5])
+    listing = "; ".join(f"{s.path if s.path.isprintable() else repr(s.path)}: {s.reason}" for s in items[:5])
     return listing + (f" (and {len(items) - 5} more)" if len(items) > 5 else "")
 
 
@@ -397,6 +429,38 @@ def full_check(root: str | os.PathLike, *, num_threads: int | None = None, cache
     return len(keys) + len(scan.skipped), scan.skipped + bad
 
 
+# -- tl-fast check ---------------------------------------------------------------------------------
+
+def _check_cmd(args) -> int:
+    import sys
+
+    try:
+        checked, bad = full_check(args.images, num_threads=args.workers, progress=not args.quiet)
+    except (OSError, ValueError) as err:
+        print(f"tl-fast check: error: {err}", file=sys.stderr)
+        return 1
+    for s in bad:
+        print(f"{s.path}: {s.reason}")
+    print(f"{len(bad)} of {checked} entries unusable under {args.images}" if bad
+          else f"all {checked} images under {args.images} decode cleanly")
+    return 1 if bad else 0
+
+
+def register(subparsers) -> None:
+    """Add ``tl-fast check``."""
+    p = subparsers.add_parser(
+        "check", help="decode every image of a folder in full and cache the verdicts for the loaders",
+        description="The thorough image check: decode every image under IMAGES (ImageFolder layout) in full "
+        "(libjpeg-turbo for JPEGs, failing on its warnings; PIL for the rest), in parallel. Verdicts are cached "
+        "beside the image index (IMAGES/.tl_fast_check.npz), so a rerun decodes only changed files, and every "
+        "loader, pack-ffcv and annotate run on IMAGES afterwards skips the images it found unusable. Prints "
+        "one line per unusable entry; exits 1 if there is any.")
+    p.add_argument("images", metavar="IMAGES", help="ImageFolder-layout directory (root/<class>/<image>)")
+    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_check_cmd)
+
+
 @dataclass
 class LabelJoin:
     """Result of joining an image index with a store: ``record[i]`` is image i's store record id, or
@@ -458,6 +522,7 @@ def join_labels(index: ImageFolderIndex, store: "LabelStore", *, missing_labels:
         raise ValueError(
             f"label store has K={store.num_classes} classes but {index.root} has {index.num_classes} class folders: "
             "the store was made for another dataset (or another class list)")
+    check_store_classes(store, index.classes, str(index.root))
     position = {k: i for i, k in enumerate(store.keys)}
     record = np.array([position.get(k, -1) for k in index.keys], dtype=np.int64)
     record = _official_key_fallback(index, store.keys, position, record)
@@ -488,6 +553,18 @@ def join_labels(index: ImageFolderIndex, store: "LabelStore", *, missing_labels:
                              "lists every difference), or pass mismatched_images='accept' to load it anyway")
         warnings.warn(msg + " (accepted: mismatched_images='accept')", stacklevel=2)
     return LabelJoin(record, missing, len(mismatched))
+
+
+def check_store_classes(store: "LabelStore", classes: Sequence[str], images: str) -> None:
+    """Raise :class:`tl_fast.classes.ClassMismatch` if ``store`` records the class list its ids mean
+    (``metadata["classes"]``, written by ``tl-fast annotate``) and it is not ``classes``, the folder's."""
+    recorded = store.metadata.get("classes") if isinstance(store.metadata, dict) else None
+    if recorded is None:
+        return
+    from .classes import same_classes
+
+    same_classes(list(classes), list(recorded), what=images, reference_what=f"the label store {store.path}",
+                 remedy="use the store annotated on these class folders (tl-fast annotate IMAGES STORE)")
 
 
 def fingerprint_mismatches(index: ImageFolderIndex, store: "LabelStore", record: np.ndarray) -> list[str]:

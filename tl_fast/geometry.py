@@ -1,6 +1,6 @@
 """Affine maps from the network input to the source image, in normalized coordinates.
 
-Convention (SPEC section 3): an affine ``A : [2, 3]`` sends a point ``(u, v)`` of the network input
+Convention (docs/spec.md section 3): an affine ``A : [2, 3]`` sends a point ``(u, v)`` of the network input
 (``u`` along width, ``v`` along height, both in ``[0, 1]``, pixel centres at ``(i + 0.5) / size``) to
 ``(x, y) = A @ (u, v, 1)`` in the source image, also normalized. The same matrix drives the label
 kernels and the device-side warp of the image, so both follow one geometry.

@@ -20,7 +20,14 @@ A file is **unusable** (a counted skip, with the reason) when:
 * it has more than 8 bits per sample (12-bit JPEG, 16-bit PNG, ``I``/``F`` modes): DALI, torchvision and PIL map
   16-bit levels to 8 bits differently (correct, wrong levels, saturated white), so it is refused
   everywhere — convert such files to 8-bit;
-* it is another format (PNG, BMP, WebP) that PIL cannot fully decode.
+* it has more than :data:`MAX_PIXELS` pixels (89,478,485, PIL's own default ``Image.MAX_IMAGE_PIXELS``):
+  libjpeg-turbo, DALI and torchvision decode any size, but PIL, which ``tl-fast annotate`` and
+  ``tl-fast pack-ffcv`` decode with, refuses larger images as decompression bombs (and warns above
+  this bound). At the bound, one decoded RGB image takes 268 MB; the index refuses a larger one
+  from its header alone, before anything decodes it;
+* its content is not JPEG, PNG, BMP or WebP, whatever its name says (a GIF or TIFF named ``.png``:
+  DALI cannot decode GIF, torchvision cannot decode TIFF);
+* it is one of those formats and PIL cannot fully decode it.
 
 Without libjpeg-turbo's ``libturbojpeg`` (it ships with FFCV's system dependencies) the JPEG check
 falls back to PIL at reduced scale plus an end-of-image marker test, which misses scans that end
@@ -51,6 +58,19 @@ _TJFLAG_STOPONWARNING = 8192
 _TJCS_CMYK, _TJCS_YCCK = 3, 4
 _TJPF_RGB, _TJPF_GRAY = 0, 6
 _ALLOWED_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "YCbCr")
+# What PIL calls the content formats every reader decodes (MPO: a camera JPEG with extra frames).
+_ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "WEBP")
+# The most pixels an image may have: PIL's default decompression-bomb bound (it warns above it and
+# refuses above twice it), so every reader, PIL included, decodes every image the index accepts.
+MAX_PIXELS = 89_478_485
+
+
+def pixel_problem(height: int, width: int) -> str:
+    """The validity rule's verdict on an image's size alone (``""``: within :data:`MAX_PIXELS`)."""
+    if height * width <= MAX_PIXELS:
+        return ""
+    return (f"{width}x{height} = {height * width:,} pixels, over the limit of {MAX_PIXELS:,} every reader shares "
+            "(tl_fast.imagecheck.MAX_PIXELS, PIL's decompression-bomb bound): downscale it")
 
 
 @dataclass(frozen=True)
@@ -177,6 +197,9 @@ class _TurboJPEG:
             return 0, 0, "zero-sized image"
         if cs.value in (_TJCS_CMYK, _TJCS_YCCK):
             return ht.value, w.value, "CMYK/YCCK JPEG: decoders disagree on its colours (convert it to RGB)"
+        too_big = pixel_problem(ht.value, w.value)
+        if too_big:
+            return ht.value, w.value, too_big
         scale, pixel = (1, _TJPF_RGB) if full else (8, _TJPF_GRAY)
         ow, oh = -(-w.value // scale), -(-ht.value // scale)
         out = np.empty(ow * oh * (3 if full else 1), np.uint8)
@@ -278,6 +301,11 @@ def check_image(path: str | os.PathLike, *, full: bool = False) -> ImageCheck:
             fmt, mode = im.format, im.mode
             if width <= 0 or height <= 0:
                 return bad("zero-sized image")
+            if fmt not in _ALLOWED_FORMATS:
+                return bad(f"{fmt} data (whatever the file name says): the readers share JPEG, PNG, BMP and WebP "
+                           "only (convert it to one of them)", height, width)
+            if pixel_problem(height, width):
+                return bad(pixel_problem(height, width), height, width)
             if fmt == "PNG" and len(data) > 24 and data[24] > 8:
                 return bad(f"{data[24]}-bit PNG: backends convert it to 8 bits differently (convert it to 8-bit)")
             if mode not in _ALLOWED_MODES and not (fmt == "JPEG" and mode == "CMYK"):
@@ -286,6 +314,9 @@ def check_image(path: str | os.PathLike, *, full: bool = False) -> ImageCheck:
                 im.load()  # PNG/BMP/WebP: rare in training sets, so fully decoded here
     except Image.UnidentifiedImageError:
         return bad("not an image (unknown format or unreadable header)")
+    except Image.DecompressionBombError as err:  # over twice MAX_PIXELS: PIL refuses to open it at all
+        return bad(f"over the limit of {MAX_PIXELS:,} pixels every reader shares (tl_fast.imagecheck.MAX_PIXELS; "
+                   f"PIL: {err}): downscale it")
     except Exception as err:  # PIL raises many types for unreadable files
         return bad(f"unreadable image ({type(err).__name__}: {err})")
     if fmt == "JPEG":
@@ -313,37 +344,3 @@ def _pil_jpeg_problem(data: bytes, full: bool) -> str:
     except Exception as err:
         return f"corrupt JPEG data ({type(err).__name__}: {err})"
     return ""
-
-
-# -- tl-fast check ---------------------------------------------------------------------------------
-
-def _check_cmd(args) -> int:
-    import sys
-
-    from .dataset import full_check
-
-    try:
-        checked, bad = full_check(args.images, num_threads=args.workers, progress=not args.quiet)
-    except (OSError, ValueError) as err:
-        print(f"tl-fast check: error: {err}", file=sys.stderr)
-        return 1
-    for s in bad:
-        print(f"{s.path}: {s.reason}")
-    print(f"{len(bad)} of {checked} entries unusable under {args.images}" if bad
-          else f"all {checked} images under {args.images} decode cleanly")
-    return 1 if bad else 0
-
-
-def register(subparsers) -> None:
-    """Add ``tl-fast check``."""
-    p = subparsers.add_parser(
-        "check", help="decode every image of a folder in full and cache the verdicts for the loaders",
-        description="The thorough image check: decode every image under IMAGES (ImageFolder layout) in full "
-        "(libjpeg-turbo for JPEGs, failing on its warnings; PIL for the rest), in parallel. Verdicts are cached "
-        "beside the image index (IMAGES/.tl_fast_check.npz), so a rerun decodes only changed files, and every "
-        "loader, pack-ffcv and annotate run on IMAGES afterwards skips the images it found unusable. Prints "
-        "one line per unusable entry; exits 1 if there is any.")
-    p.add_argument("images", metavar="IMAGES", help="ImageFolder-layout directory (root/<class>/<image>)")
-    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: all cores)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_check_cmd)

@@ -68,7 +68,7 @@ def list_images(root: str | os.PathLike, *, progress: bool = False, quiet: bool 
 
 class ResizedImages(torch.utils.data.Dataset):
     """Whole images resized to ``size`` x ``size``, as ``(uint8 [3, S, S], index, ok)``; normalized
-    on the device. An image that fails to decode is a counted skip (SPEC section 6): zeros and
+    on the device. An image that fails to decode is a counted skip (docs/spec.md section 6): zeros and
     ``ok=False``."""
 
     def __init__(self, root: Path, paths: Sequence[str], size: int, interpolation: str):

@@ -367,6 +367,10 @@ def _assemble(partial: PartialResults, store: Path, imgs: ImageList, fingerprint
     meta = {"annotator": {"model": model_name, "checkpoint": None if checkpoint is None else str(checkpoint),
                           "img_size": size, "scores": "logits", "image_top1": top1, "image_top5": top5,
                           "skipped": len(skipped_paths)}, **(metadata or {})}
+    if num_k == len(imgs.classes):
+        # The class list the ids mean (the folder's, as the accuracy above assumes): loaders and
+        # pack-ffcv refuse to pair the store with a folder of other classes.
+        meta.setdefault("classes", list(imgs.classes))
     with StoreWriter(store, num_classes=num_k, topk=topk, map_size=map_size, lossy=lossy, metadata=meta) as writer:
         for j in range(n_blocks):
             with LabelStore.open(partial.block_path(j)) as block:

@@ -18,13 +18,14 @@ import logging
 import os
 import time
 import warnings
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .. import rng
 from ..augment import augment_batch
+from ..classes import match_classes, same_classes
 from ..dataset import ImageFolderIndex
 from ..plan import AugmentConfig, BatchPlan
 from .batch import Batch, LoaderConfig
@@ -97,6 +98,11 @@ class TokenLabelLoader:
         num_workers: decoding workers / threads of the backend.
         channels_last: deliver images in channels_last memory format.
         rank, world_size: shard (default: from ``torch.distributed`` when initialized).
+        classes: the class list to deliver ids of (e.g. the train split's, for a val loader): the
+            source's classes are matched to it by name, a class it lacks is an error
+            (:class:`tl_fast.classes.ClassMismatch`), and classes of the list the source has no
+            images of are warned about (``lacking_classes``). A loader that delivers label maps
+            must have exactly these classes (the maps' ids are the store's). None: the source's own.
         **options: further :class:`LoaderConfig` fields (``missing_labels``, ``bad_images``,
             ``mismatched_images``, ``erase``, ``crop_pct``, ``timeout_s``, ``token_labels``, ``label_mode``:
             ``"class"`` delivers the maps for a classifier without token outputs, whose
@@ -110,7 +116,7 @@ class TokenLabelLoader:
         mixtoken: bool | None = None, mixtoken_per_sample: bool = False, smoothing: float = 0.1,
         device: str | torch.device | None = None, seed: int = 0, train: bool = True, drop_last: bool | None = None,
         num_workers: int = 4, channels_last: bool = False, rank: int | None = None, world_size: int | None = None,
-        **options,
+        classes: Sequence[str] | None = None, **options,
     ) -> None:
         backend = resolve_backend(backend, images)
         self.backend_name = backend
@@ -132,10 +138,30 @@ class TokenLabelLoader:
         self.skipped, self.num_skipped = source.skipped, source.num_skipped
         self.num_missing_labels = source.num_missing_labels
         self._map_geometry = source.map_geometry
+        self.lacking_classes: list[str] = []
+        if classes is not None:
+            self._use_classes(list(classes))
         self._backend = source.backend(backend, self.config, self.device, token_labels=self.has_token_labels)
         if len(self) == 0:
             warnings.warn(f"loader has no batches: {len(self._ids)} samples, batch_size {batch_size}, "
                           f"world_size {self.world_size}, drop_last {self.config.drop_last}", stacklevel=2)
+
+    def _use_classes(self, classes: list[str]) -> None:
+        """Deliver ids of ``classes`` (the ``classes`` argument), matched by name to the source's."""
+        where = getattr(self.source, "path", "the images")
+        if self.has_token_labels:
+            same_classes(self.classes, classes, what=where, reference_what="the class list given",
+                         remedy="label maps keep the store's ids, so a loader with token labels needs exactly these "
+                         "classes (annotate the images of these classes)")
+            return
+        ids, self.lacking_classes = match_classes(self.classes, classes, what=where,
+                                                  reference_what="the class list given")
+        self._targets = ids[self._targets]
+        self.classes, self.num_classes = classes, len(classes)
+        if self.lacking_classes:
+            warnings.warn(f"{where} has no images of {len(self.lacking_classes)} of the {len(classes)} classes "
+                          f"({', '.join(self.lacking_classes[:5])}{', ...' if len(self.lacking_classes) > 5 else ''}); "
+                          "its class ids are those of the class list given, matched by name", stacklevel=3)
 
     @property
     def index(self) -> ImageFolderIndex:

@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..dataset import ImageFolderIndex, SkippedImage, join_labels
+from ..dataset import ImageFolderIndex, SkippedImage, check_store_classes, join_labels
 from .batch import LoaderConfig
 from .common import Backend, StoreMaps
 
@@ -118,6 +118,7 @@ class PackedSource:
                 raise ValueError(f"{path} packs labels with (K, k, map) = {self.map_geometry} but the store "
                                  f"{labels} has {(store.num_classes, store.topk, store.map_size)}: "
                                  "repack with this store")
+            check_store_classes(store, self.classes, self.path)
 
     def check_unchanged(self) -> None:
         """Nothing beside the ``.beton`` is mapped (the backend checks the file itself)."""

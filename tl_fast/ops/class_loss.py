@@ -1,4 +1,4 @@
-"""The ground-truth class loss under MixToken beside the token targets of SPEC section 3: hard-label
+"""The ground-truth class loss under MixToken beside the token targets of docs/spec.md section 3: hard-label
 cross-entropy mixed by the box's area (the class target of a batch without token labels,
 ``Batch.loss``)."""
 from __future__ import annotations

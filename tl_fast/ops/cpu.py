@@ -1,7 +1,8 @@
-"""Fast CPU token targets: one numba pass over the compressed top-k maps (SPEC section 3).
+"""Fast CPU token and class targets: one numba pass over the compressed top-k maps (docs/spec.md section 3).
 
-The same function as :func:`tl_fast.ops.reference.token_targets` (the oracle; tests compare the two),
-computed row by row instead of in batch-wide tensor operations:
+The same functions as :func:`tl_fast.ops.reference.token_targets` and
+:func:`~tl_fast.ops.reference.class_targets` (the oracle; tests compare them), computed row by row
+instead of in batch-wide tensor operations:
 
 * a sample's geometry (the widened affine and its adaptive sample counts) is computed once;
 * each output row walks its RoI-Align samples, their four bilinear corners and the ``k`` (score,
@@ -22,6 +23,9 @@ tasks from a shared counter: no spinning, no barrier per operation, and a thread
 simply ends up doing fewer tasks. Inputs the fast path does not cover bit for bit — non-finite scores or
 affines, class ids out of range, output dtypes other than float32/bfloat16/float16 — are handed to
 the reference, which defines what they produce (NaN rows, or its error message).
+
+The class-token-only targets (:func:`class_targets`) are the same class rows alone, without the token
+rows: one task per range of samples, then the reference's MixToken mix and dtype conversion.
 """
 from __future__ import annotations
 
@@ -218,6 +222,35 @@ def _write_row(out32, out16, b, row, fill, touched, prob, n, mode, scratch32, sc
 
 
 @numba.njit(cache=True, nogil=True)
+def _load_map(vals16, vals32, use16, table, idx, b, num_classes, lv, li, m):
+    """Sample ``b``'s map into ``lv[m], li[m]`` (``[H*W, k]``: one corner's k pairs adjacent), checked:
+    returns 0, or the status code of a non-finite score or a class id outside ``[0, K)``."""
+    for q in range(idx.shape[1]):
+        for p in range(idx.shape[2]):
+            val = table[vals16[b, q, p]] if use16 else vals32[b, q, p]
+            if not np.isfinite(val):
+                return _BAD_VALUE
+            cls = np.int64(idx[b, q, p])
+            if cls < 0 or cls >= num_classes:
+                return _BAD_CLASS
+            lv[m, p, q] = val
+            li[m, p, q] = cls
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _class_row(lv, li, m, g, h, w, num_classes, keep, spread, acc64, mark, tag, touched, prob, row):
+    """The class token's smoothed target of member ``m`` (one bin over the whole output, scores
+    summed in float64), densely into ``row`` (float64 ``[K]``), before any MixToken mix."""
+    n = _accumulate_bin(lv, li, m, g, h, w, 0.0, 0.0, 1, 1, int(g[8]), int(g[9]), acc64, mark, tag, touched)
+    fill = _softmax_sparse(acc64, touched, n, num_classes, keep, spread, prob)
+    for c in range(num_classes):
+        row[c] = fill
+    for t in range(n):
+        row[touched[t]] = prob[t]
+
+
+@numba.njit(cache=True, nogil=True)
 def _targets_task(lo, hi, vals16, vals32, use16, table, idx, h, w, affine, boxes, has_mix, gh, gw,
                   num_classes, keep, spread, mode, out32, out16):
     """Targets of samples ``[lo, hi)`` and of their MixToken partners ``[B - hi, B - lo)``.
@@ -252,16 +285,9 @@ def _targets_task(lo, hi, vals16, vals32, use16, table, idx, h, w, affine, boxes
     geo = np.empty((n_mem, 10), np.float64)
     for m in range(n_mem):
         b = members[m]
-        for q in range(topk):
-            for p in range(hw):
-                val = table[vals16[b, q, p]] if use16 else vals32[b, q, p]
-                if not np.isfinite(val):
-                    return 1
-                cls = np.int64(idx[b, q, p])
-                if cls < 0 or cls >= num_classes:
-                    return 2
-                lv[m, p, q] = val
-                li[m, p, q] = cls
+        status = _load_map(vals16, vals32, use16, table, idx, b, num_classes, lv, li, m)
+        if status:
+            return status
         _geometry(affine[b], h, w, gh, gw, geo[m])
 
     acc32 = np.zeros(num_classes, np.float32)
@@ -276,15 +302,8 @@ def _targets_task(lo, hi, vals16, vals32, use16, table, idx, h, w, affine, boxes
     # Class-token targets of every member (softmax + smoothing, float64, dense).
     cls_t = np.empty((n_mem, num_classes), np.float64)
     for m in range(n_mem):
-        g = geo[m]
-        n = _accumulate_bin(lv, li, m, g, h, w, 0.0, 0.0, 1, 1, int(g[8]), int(g[9]), acc64, mark, tag, touched)
+        _class_row(lv, li, m, geo[m], h, w, num_classes, keep, spread, acc64, mark, tag, touched, prob, cls_t[m])
         tag += 1
-        fill = _softmax_sparse(acc64, touched, n, num_classes, keep, spread, prob)
-        row = cls_t[m]
-        for c in range(num_classes):
-            row[c] = fill
-        for t in range(n):
-            row[touched[t]] = prob[t]
 
     for m in range(n_mem):
         b = members[m]
@@ -319,6 +338,28 @@ def _targets_task(lo, hi, vals16, vals32, use16, table, idx, h, w, affine, boxes
                 tag += 1
                 fill = _softmax_sparse(acc32, touched, n, num_classes, keep, spread, prob)
                 _write_row(out32, out16, b, 1 + r * gw + c, fill, touched, prob, n, mode, scratch32, scratch_bits)
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
+def _class_task(lo, hi, vals16, vals32, use16, table, idx, h, w, affine, num_classes, keep, spread, rows):
+    """Class-token targets of samples ``[lo, hi)`` into ``rows`` (float64 ``[B, K]``), smoothed but not
+    mixed (arguments as in :func:`_targets_task`). Returns 0, or a status code when an input needs
+    the reference."""
+    hw = idx.shape[2]
+    lv = np.empty((1, hw, idx.shape[1]), np.float32)
+    li = np.empty((1, hw, idx.shape[1]), np.int32)
+    geo = np.empty(10, np.float64)
+    acc64 = np.zeros(num_classes, np.float64)
+    mark = np.full(num_classes, -1, np.int64)
+    touched = np.empty(num_classes, np.int64)
+    prob = np.empty(num_classes, np.float64)
+    for b in range(lo, hi):
+        status = _load_map(vals16, vals32, use16, table, idx, b, num_classes, lv, li, 0)
+        if status:
+            return status
+        _geometry(affine[b], h, w, 1, 1, geo)
+        _class_row(lv, li, 0, geo, h, w, num_classes, keep, spread, acc64, mark, b - lo, touched, prob, rows[b])
     return 0
 
 
@@ -403,26 +444,14 @@ def token_targets(
 
     ``threads`` defaults to ``torch.get_num_threads()``."""
     grid = (int(grid[0]), int(grid[1]))
-    reference.check_inputs(values, indices, affine, num_classes, ids=False)
-    for name, t in (("values", values), ("indices", indices), ("affine", affine)):
-        if t.device.type != "cpu":
-            raise ValueError(f"tl_fast.ops.cpu needs CPU tensors; {name} is on {t.device} (use impl='auto')")
+    aff = _checked_affine(values, indices, affine, num_classes)
     mode = _OUT_MODES.get(out_dtype)
-    aff = np.ascontiguousarray(affine.detach().to(torch.float64).numpy())
     boxes = _mix_boxes(mix_box, values.shape[0])  # validates the box as the reference does
     if mode is None or not np.isfinite(aff).all():
         return _reference(values, indices, affine, num_classes, grid, smoothing, mix_box, out_dtype)
 
     bsz, topk, h, w = values.shape
-    values = values.detach().contiguous().view(bsz, topk, h * w)
-    indices = indices.detach().contiguous().view(bsz, topk, h * w)
-    if values.dtype == torch.float16:
-        vals16, vals32 = values.view(torch.int16).numpy().view(np.uint16), np.zeros((1, 1, 1), np.float32)
-    else:
-        vals16, vals32 = np.zeros((1, 1, 1), np.uint16), values.to(torch.float32).numpy()
-    if indices.dtype not in (torch.int16, torch.int32):  # one compiled kernel per id type: keep it to two
-        indices = indices.to(torch.int32)
-    idx = indices.numpy()
+    vals16, vals32, use16, idx = _map_arrays(values, indices)
     out = new_output((bsz, 1 + grid[0] * grid[1], num_classes), out_dtype, torch.device("cpu"))
     if mode == 0:
         out32, out16 = out.numpy(), np.zeros((1, 1, 1), np.uint16)
@@ -431,23 +460,84 @@ def token_targets(
     keep, spread = 1.0 - float(smoothing), float(smoothing) / num_classes
 
     def task(lo: int, hi: int) -> int:
-        return _targets_task(lo, hi, vals16, vals32, values.dtype == torch.float16, _F16_TO_F32, idx, h, w, aff,
+        return _targets_task(lo, hi, vals16, vals32, use16, _F16_TO_F32, idx, h, w, aff,
                              boxes if boxes is not None else np.zeros((1, 4), np.int64), boxes is not None,
                              grid[0], grid[1], num_classes, keep, spread, mode, out32, out16)
 
-    key = (idx.dtype.str, mode)
+    # Each task owns samples and their partners: split the first half of the batch.
+    status = _run_split(task, (bsz + 1) // 2, threads, ("targets", idx.dtype.str, mode))
+    if any(status):  # a non-finite score or a class id out of range: the reference's behaviour
+        return _reference(values, indices, affine, num_classes, grid, smoothing, mix_box, out_dtype)
+    return out
+
+
+def class_targets(
+    values: torch.Tensor, indices: torch.Tensor, affine: torch.Tensor, *, num_classes: int,
+    smoothing: float = 0.0, mix_box=None, grid: Sequence[int] = (14, 14), out_dtype: torch.dtype = torch.float32,
+    smoothing_rule: str = "tl_fast", threads: Optional[int] = None,
+) -> torch.Tensor:
+    """Class-token targets ``[B, K]`` on CPU (row 0 of :func:`token_targets`, alone); same arguments and
+    result as :func:`tl_fast.ops.reference.class_targets`.
+
+    Each sample's smoothed target is computed as the class row of :func:`token_targets` (float64); the
+    MixToken mix and the conversion to ``out_dtype`` are the reference's own."""
+    from ..compat import smoothing_terms
+
+    grid = (int(grid[0]), int(grid[1]))
+    aff = _checked_affine(values, indices, affine, num_classes)
+    keep, spread = smoothing_terms(smoothing, num_classes, smoothing_rule)
+    if not np.isfinite(aff).all():
+        return _reference_class(values, indices, affine, num_classes, grid, smoothing, mix_box, out_dtype,
+                                smoothing_rule)
+    bsz, _, h, w = values.shape
+    vals16, vals32, use16, idx = _map_arrays(values, indices)
+    rows = np.empty((bsz, num_classes), np.float64)
+
+    def task(lo: int, hi: int) -> int:
+        return _class_task(lo, hi, vals16, vals32, use16, _F16_TO_F32, idx, h, w, aff, num_classes, keep, spread,
+                           rows)
+
+    if any(_run_split(task, bsz, threads, ("class", idx.dtype.str))):
+        return _reference_class(values, indices, affine, num_classes, grid, smoothing, mix_box, out_dtype,
+                                smoothing_rule)
+    return reference.mix_class_rows(torch.from_numpy(rows), mix_box, grid).to(out_dtype)
+
+
+def _checked_affine(values, indices, affine, num_classes: int) -> np.ndarray:
+    """The reference's shape checks and CPU tensors only; the affine as contiguous float64."""
+    reference.check_inputs(values, indices, affine, num_classes, ids=False)
+    for name, t in (("values", values), ("indices", indices), ("affine", affine)):
+        if t.device.type != "cpu":
+            raise ValueError(f"tl_fast.ops.cpu needs CPU tensors; {name} is on {t.device} (use impl='auto')")
+    return np.ascontiguousarray(affine.detach().to(torch.float64).numpy())
+
+
+def _map_arrays(values: torch.Tensor, indices: torch.Tensor):
+    """``(vals16, vals32, use16, idx)``: the maps as ``[B, k, H*W]`` arrays for the numba tasks (float16
+    scores as their bits, other dtypes as float32; the array not in use is a dummy)."""
+    bsz, topk, h, w = values.shape
+    values = values.detach().contiguous().view(bsz, topk, h * w)
+    indices = indices.detach().contiguous().view(bsz, topk, h * w)
+    use16 = values.dtype == torch.float16
+    if use16:
+        vals16, vals32 = values.view(torch.int16).numpy().view(np.uint16), np.zeros((1, 1, 1), np.float32)
+    else:
+        vals16, vals32 = np.zeros((1, 1, 1), np.uint16), values.to(torch.float32).numpy()
+    if indices.dtype not in (torch.int16, torch.int32):  # one compiled kernel per id type: keep it to two
+        indices = indices.to(torch.int32)
+    return vals16, vals32, use16, indices.numpy()
+
+
+def _run_split(task: Callable[[int, int], int], n: int, threads: Optional[int], key: tuple) -> list[int]:
+    """``task(lo, hi)`` over ``[0, n)`` cut into small ranges, on ``threads`` threads (default
+    ``torch.get_num_threads()``); ``key`` names the compiled specialization."""
     if key not in _COMPILED:  # compile (or load from numba's cache) here, not in a pool thread
         task(0, 0)
         _COMPILED.add(key)
-    half = (bsz + 1) // 2
     threads = max(1, torch.get_num_threads() if threads is None else int(threads))
-    step = half if threads == 1 else max(1, -(-half // (threads * TASKS_PER_THREAD)))
-    starts = range(0, half, step)
-    status = _run_tasks(lambda i: task(starts[i], min(starts[i] + step, half)), len(starts), threads)
-    if any(status):  # a non-finite score or a class id out of range: the reference's behaviour
-        return _reference(values.view(bsz, topk, h, w), indices.view(bsz, topk, h, w), affine, num_classes, grid,
-                          smoothing, mix_box, out_dtype)
-    return out
+    step = n if threads == 1 else max(1, -(-n // (threads * TASKS_PER_THREAD)))
+    starts = range(0, n, step)
+    return _run_tasks(lambda i: task(starts[i], min(starts[i] + step, n)), len(starts), threads)
 
 
 def _reference(values, indices, affine, num_classes, grid, smoothing, mix_box, out_dtype):
@@ -455,4 +545,9 @@ def _reference(values, indices, affine, num_classes, grid, smoothing, mix_box, o
                                    smoothing=smoothing, mix_box=mix_box, out_dtype=out_dtype)
 
 
-__all__ = ["token_targets"]
+def _reference_class(values, indices, affine, num_classes, grid, smoothing, mix_box, out_dtype, smoothing_rule):
+    return reference.class_targets(values, indices, affine, num_classes=num_classes, grid=grid, smoothing=smoothing,
+                                   mix_box=mix_box, out_dtype=out_dtype, smoothing_rule=smoothing_rule)
+
+
+__all__ = ["token_targets", "class_targets"]

@@ -1,6 +1,6 @@
 """Pure PyTorch token targets and loss: the definition every fast path is tested against.
 
-SPEC section 3 in code. Nothing here builds the dense ``[B, K, H, W]`` map: every RoI-Align sample
+docs/spec.md section 3 in code. Nothing here builds the dense ``[B, K, H, W]`` map: every RoI-Align sample
 of every token is expanded to its four bilinear corners, each corner to its ``k`` (score, class)
 pairs, so a token is a short sparse row of ``S * 4 * k`` weighted scores. Those rows are
 scatter-added into cache-sized dense blocks, soft-maxed and written once: ``B * (1 + T) * S * 4 * k``
@@ -168,7 +168,7 @@ def token_targets(
     grid: Sequence[int] = (14, 14), smoothing: float = 0.0, mix_box=None,
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Token targets ``[B, 1 + Gh*Gw, K]`` from top-k maps and per-sample affines (SPEC section 3).
+    """Token targets ``[B, 1 + Gh*Gw, K]`` from top-k maps and per-sample affines (docs/spec.md section 3).
 
     values  [B, k, H, W] scores (float16 in storage); indices [B, k, H, W] class ids in [0, K)
     affine  [B, 2, 3] normalized output -> source map (:mod:`tl_fast.geometry`)
@@ -224,11 +224,17 @@ def _class_rows(values, indices, affine, num_classes: int, smoothing: float, mix
 
     keep, spread = smoothing_terms(smoothing, num_classes, smoothing_rule)
     cls = _class_token_scores(values, indices, affine, num_classes).softmax(-1) * keep + spread
-    if mix_box is not None:
-        inside = mix_box_mask(mix_box, values.shape[0], grid, values.device)
-        lam = (1.0 - inside.sum((1, 2)).to(cls.dtype) / (grid[0] * grid[1])).unsqueeze(1)
-        cls = lam * cls + (1.0 - lam) * cls.flip(0)
-    return cls
+    return mix_class_rows(cls, mix_box, grid)
+
+
+def mix_class_rows(cls: torch.Tensor, mix_box, grid: tuple[int, int]) -> torch.Tensor:
+    """MixToken on class targets ``[B, K]``: ``lam * t[b] + (1 - lam) * t[B - 1 - b]`` with ``lam = 1 -
+    area / (Gh * Gw)`` of each sample's box (``cls`` itself when ``mix_box`` is None)."""
+    if mix_box is None:
+        return cls
+    inside = mix_box_mask(mix_box, cls.shape[0], grid, cls.device)
+    lam = (1.0 - inside.sum((1, 2)).to(cls.dtype) / (grid[0] * grid[1])).unsqueeze(1)
+    return lam * cls + (1.0 - lam) * cls.flip(0)
 
 
 def class_targets(

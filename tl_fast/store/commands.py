@@ -173,7 +173,8 @@ def verify_against_images(store: LabelStore, images: str | os.PathLike, out=None
     """Check ``store`` against the image folder ``images``: every usable image has a record, every
     record an image, and every recorded content fingerprint is the image's. Prints what differs;
     returns the counts and ``ok``."""
-    from ..dataset import ImageFolderIndex, fingerprint_mismatches
+    from ..classes import ClassMismatch
+    from ..dataset import ImageFolderIndex, check_store_classes, fingerprint_mismatches
 
     out = out or sys.stdout
     index = ImageFolderIndex(images, allow_empty_classes=True, progress=out is sys.stdout)
@@ -186,7 +187,13 @@ def verify_against_images(store: LabelStore, images: str | os.PathLike, out=None
     res = {"images": len(index), "skipped_images": len(index.skipped), "no_record": len(no_record),
            "no_image": len(no_image), "mismatched": len(mismatched), "fingerprinted": with_fp,
            "class_count_differs": store.num_classes != index.num_classes}
-    res["ok"] = not (no_record or no_image or mismatched or res["class_count_differs"])
+    try:  # the class list the store records (annotate writes it), compared by name
+        check_store_classes(store, index.classes, str(images))
+        classes_differ = ""
+    except ClassMismatch as err:
+        classes_differ = str(err)
+    res["classes_differ"] = bool(classes_differ)
+    res["ok"] = not (no_record or no_image or mismatched or res["class_count_differs"] or classes_differ)
 
     def show(what: str, items: list[str]) -> None:
         if items:
@@ -198,6 +205,8 @@ def verify_against_images(store: LabelStore, images: str | os.PathLike, out=None
     if res["class_count_differs"]:
         print(f"            the store has K={store.num_classes} but {images} has {index.num_classes} class folders",
               file=out)
+    elif classes_differ:
+        print(f"            {classes_differ}", file=out)
     show("image(s) without a record", no_record)
     show("record(s) without an image", no_image)
     show("image(s) differing from the one the store was made for", mismatched)

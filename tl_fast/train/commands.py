@@ -14,7 +14,7 @@ def register(sub) -> None:
 
 
 def _train(args, parser) -> int:
-    from .main import run
+    from .main import run_command
     del args.func, args.command
-    run(args, parser)
+    run_command(args, parser)
     return 0

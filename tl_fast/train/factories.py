@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .checks import InputError
 from .distributed import DistInfo, barrier
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
@@ -34,8 +35,8 @@ def prepare_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     try:
         return token_labeling(model)
     except ValueError as err:
-        raise SystemExit(f"error: --model {args.model} cannot train with token labels: {err} (or train its class "
-                         "output alone with --label-mode class)") from None
+        raise InputError(f"--model {args.model} cannot train with token labels: {err} (or train its class output "
+                         "alone with --label-mode class)") from None
 
 
 def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
@@ -71,40 +72,69 @@ def token_patch(model: nn.Module, img_size: int, token_model: bool) -> int:
     try:
         gh, _ = model.token_grid(img_size)
     except ValueError as err:
-        raise SystemExit(f"error: --img-size {img_size}: {err}") from None
+        raise InputError(f"--img-size {img_size}: {err}") from None
     return img_size // gh
 
 
-def load_initial_checkpoint(model: nn.Module, path: str) -> list[str]:
+def load_initial_checkpoint(model: nn.Module, path: str, classes: list[str] | None = None) -> list[str]:
     """Load weights to fine-tune from: this trainer's checkpoint (``model``), timm's (``state_dict``)
-    or a bare state dict. A classifier whose shape differs (another class count) keeps its fresh
+    or a bare state dict. A classifier whose shape differs (another class count), or that was trained
+    on other classes than ``classes`` (by name, when the file records them), keeps its fresh
     initialization, and so does the token head of a :func:`~tl_fast.models.token_labeling` model that
     a plain timm checkpoint lacks; returns those keys. Any other mismatch is an error."""
-    if not Path(path).is_file():
-        raise SystemExit(f"error: --initial-checkpoint {path} is not a file")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    from tl_fast.models import LVViT, TokenLabeling
+
+    from .checkpoint import check_initial_classes, load_file
+
+    state = load_file(path, "cpu", "--initial-checkpoint")
+    other_classes = classes is not None and not check_initial_classes(path, state, classes)
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
+    if not isinstance(state, dict):
+        raise InputError(f"--initial-checkpoint {path} holds no state dict: pass a checkpoint or a state dict file")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    from tl_fast.models import LVViT, TokenLabeling
+    if other_classes:  # same count, other classes: the head would score them as these
+        heads = classifier_keys(model, path)
+        state = {k: v for k, v in state.items() if k not in heads}
     if isinstance(model, LVViT):  # official LV-ViT files: names, position-embedding size, heads
         from tl_fast.models import load_checkpoint
         before = {k: v.shape for k, v in model.state_dict().items()}
-        load_checkpoint(model, state, strict=True)
-        return [k for k, s in before.items() if k in state and state[k].shape != s]
+        try:
+            load_checkpoint(model, state, strict=True)
+        except RuntimeError as err:
+            raise InputError(f"--initial-checkpoint {path}: {err}") from None
+        return [k for k, s in before.items() if (k in state and state[k].shape != s) or (other_classes and k in heads)]
     own = model.state_dict()
     reinit = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if other_classes:
+        reinit += [k for k in heads if k not in reinit]
     missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in reinit}, strict=False)
     missing = [k for k in missing if k not in reinit]
     if isinstance(model, TokenLabeling):  # a plain timm checkpoint into the wrapped model: the token head is new
         reinit += [k for k in missing if k.startswith("aux_head.")]
         missing = [k for k in missing if not k.startswith("aux_head.")]
     if missing or unexpected:
-        raise SystemExit(f"error: --initial-checkpoint {path} does not fit {type(model).__name__}: missing "
+        raise InputError(f"--initial-checkpoint {path} does not fit {type(model).__name__}: missing "
                          f"{missing[:6]}, unexpected {unexpected[:6]}")
     return reinit
+
+
+def classifier_keys(model: nn.Module, path: str) -> list[str]:
+    """The state-dict keys of ``model``'s classifier (timm's ``pretrained_cfg["classifier"]``, and the
+    aux head of a token-labeling wrapper)."""
+    from tl_fast.models import TokenLabeling
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    names = (names,) if isinstance(names, str) else tuple(names or ())
+    if isinstance(model, TokenLabeling):  # the token head scores the same classes
+        names += ("aux_head",)
+    keys = [k for k in model.state_dict() if any(k == n or k.startswith(n + ".") for n in names)]
+    if not keys:
+        raise InputError(f"--initial-checkpoint {path} was trained on other classes than the train split and "
+                         f"{type(model).__name__} names no classifier to re-initialize: fine-tune from weights "
+                         "without a class list (its 'model' state dict saved alone)")
+    return keys
 
 
 def make_loaders(args: argparse.Namespace, dist: DistInfo, patch: int, token_model: bool):
@@ -125,8 +155,10 @@ def make_loaders(args: argparse.Namespace, dist: DistInfo, patch: int, token_mod
                              token_labels=args.token_label,
                              label_mode="tokens" if token_model and args.label_mode == "tokens" else "class",
                              label_compat=args.label_compat, **common)
+    # The val split's class ids are the train split's, matched by name (a val folder without the
+    # first class would otherwise shift every id); a val class train lacks is an error.
     val = TokenLabelLoader(_images(args, args.val_dir, dist), None, batch_size=args.batch_size, train=False,
-                           mixtoken=False, **common) if Path(args.val_dir).is_dir() else None
+                           mixtoken=False, classes=train.classes, **common) if Path(args.val_dir).is_dir() else None
     return train, val
 
 

@@ -30,7 +30,7 @@ def make_loss_fn(args, token_model: bool) -> Callable:
     """``loss_fn(outputs, batch)`` for the run's label mode.
 
     * token labels, ``--label-mode tokens`` (LV-ViT or a wrapped timm model): the dense loss on every
-      token and the class output, class target mixed by area (SPEC).
+      token and the class output, class target mixed by area (docs/spec.md section 3).
     * token labels, ``--label-mode class`` (any classifier): the pooled crop target on the class output
       (``batch.loss(logits)``).
     * no token labels: cross-entropy on hard labels, mixed by area when tokens were mixed.

@@ -13,7 +13,8 @@ import torch.nn as nn
 
 from ..models.digest import weights_digest
 from ..optional import MissingDependency
-from .checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import read_checkpoint, resume, rng_state, save_checkpoint
+from .checks import InputError, check_batches, check_output, data_errors
 from .config import apply_preset, build_parser, check_args
 from .distributed import (
     all_gather_object, barrier, broadcast_buffers, cleanup_distributed, setup_distributed,
@@ -38,9 +39,16 @@ def main(argv: list[str] | None = None, prog: str | None = None, *,
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)
+    return run_command(args, parser, make_loss or make_loss_fn)
+
+
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                make_loss: Callable[[argparse.Namespace, bool], Callable] = make_loss_fn) -> dict:
+    """:func:`run`, with input errors (a bad flag, file or dataset; a missing optional package) as one
+    ``error:`` line and exit status 2 instead of a traceback."""
     try:
-        return run(args, parser, make_loss or make_loss_fn)
-    except MissingDependency as err:  # e.g. --loader dali without DALI: one line saying what to install
+        return run(args, parser, make_loss)
+    except (MissingDependency, InputError) as err:  # e.g. --loader dali without DALI: what to install
         parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
@@ -63,6 +71,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
         make_loss: Callable[[argparse.Namespace, bool], Callable] = make_loss_fn) -> dict:
     apply_preset(args)
     check_args(parser, args)
+    out = check_output(args.output)
     dist = setup_distributed(args.device)
     args.amp = args.amp or ("bf16" if dist.device.type == "cuda" else "none")
     if dist.device.type == "cuda":
@@ -76,11 +85,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
         args.mixtoken = supervises_tokens(args) and token_model
     patch = token_patch(probe, args.img_size, token_model)  # the loader's grid is the model's token grid
     del probe
-    train_loader, val_loader = make_loaders(args, dist, patch, token_model)
+    with data_errors(args):
+        train_loader, val_loader = make_loaders(args, dist, patch, token_model)
+    check_batches(train_loader, args, dist.world_size)
     # After the probe: today's initial weights. A wrapped model holds its aux head (EMA, checkpoints).
     model = prepare_model(create_model(args, num_classes=train_loader.num_classes), args)
     if args.initial_checkpoint:
-        reinit = load_initial_checkpoint(model, args.initial_checkpoint)
+        reinit = load_initial_checkpoint(model, args.initial_checkpoint, train_loader.classes)
         if dist.is_main:
             print(f"weights from {args.initial_checkpoint}" + (f"; re-initialized {', '.join(reinit)}" if reinit else ""))
     model = model.to(dist.device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
@@ -98,24 +109,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
     sched = make_scheduler(args, opt, steps, lr)
     scaler = make_scaler(args, dist.device)
     state = {"epoch": 0, "batch_in_epoch": 0, "global_step": 0, "best_top1": None, "best_epoch": None}
-    out = Path(args.output)
     log = JsonlLogger(out / "log.jsonl" if dist.is_main else None)
     header = dict(args={k: str(v) for k, v in vars(args).items()}, world_size=dist.world_size, lr=lr,
                   steps_per_epoch=steps, params=sum(p.numel() for p in model.parameters()))
     if args.resume:
         path = out / "last.pth" if args.resume == "auto" else Path(args.resume)
-        ckpt = read_checkpoint(path, dist.device)
-        model.load_state_dict(ckpt["model"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler") is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        state = ckpt["state"]
-        set_rng_state(ckpt["rng"])
-        train_loader.set_epoch(state["epoch"])
-        train_loader.load_state_dict(ckpt["loader"])
+        state = resume(path, read_checkpoint(path, dist.device), train_loader.classes, model=model, ema=ema,
+                       optimizer=opt, scheduler=sched, scaler=scaler, loader=train_loader)
         log.log("resume", step=state["global_step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
                 checkpoint=str(path), **header)
     else:
@@ -160,7 +160,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
             ckpt = {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None, "state": dict(state),
-                    "rng": rng_state(), "loader": loader_state, "args": vars(args)}
+                    "rng": rng_state(), "loader": loader_state, "args": vars(args),
+                    "classes": list(train_loader.classes)}  # the ids' names: resume and fine-tune check them
             save_checkpoint(out / "last.pth", ckpt)
             if best:
                 save_checkpoint(out / "best.pth", ckpt)

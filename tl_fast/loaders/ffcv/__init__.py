@@ -1,8 +1,8 @@
 """The FFCV backend's rooms: a ``.beton`` written by ``tl-fast pack-ffcv``, read with a decoder whose
 crop comes from the plan.
 
-* :mod:`.numba_types`: FFCV's OS-cache manager made to leave numba's shared types alone (installed
-  on import);
+* :mod:`.memory`: tl_fast's own OS-cache manager (a subclass of FFCV's, used by tl_fast's loaders
+  only), which leaves numba's shared types alone and checks the packed bytes it reads;
 * :mod:`.field`: the image field (original sizes) and the decoder that reads each sample's crop,
   flip and output address from plan columns of the in-memory metadata;
 * :mod:`.output`: the batch tensors the decoder writes into (CHW, normalized on the CPU);
@@ -10,13 +10,10 @@ crop comes from the plan.
 * :mod:`.packed`: the packed file's description (:func:`read_packed`, :func:`packed_image_spans`);
 * :mod:`.backend`: :class:`FFCVBackend`, what ``TokenLabelLoader(backend="ffcv")`` drives.
 """
-from ...optional import require
+from ...optional import require, require_tested
 
 require("ffcv", "backend='ffcv'")
-
-from .numba_types import fix_ffcv_state_types  # noqa: E402
-
-fix_ffcv_state_types()
+require_tested("ffcv", "tl_fast's FFCV backend")
 
 from .backend import FFCVBackend  # noqa: E402
 from .field import PLAN_COLUMNS, PlanCropDecoder, PlanRGBImageField, add_plan_columns, write_plan  # noqa: E402

@@ -9,6 +9,9 @@ once can fail with ``SystemError: AST constructor recursion depth mismatch``.
 
 A loader may set ``before_batch(b_ix, sample_ids)``: called on the pipeline thread just before
 batch ``b_ix`` of the epoch is decoded (the backend writes the batch's plan there).
+
+The loader reads the file through tl_fast's own memory manager (:mod:`.memory`), set on this loader
+alone: FFCV's classes are not changed, so plain FFCV loaders in the process are not affected.
 """
 from __future__ import annotations
 
@@ -21,7 +24,10 @@ import numpy as np
 import torch
 from ffcv.loader import Loader
 from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.memory_managers import OSCacheManager
 from ffcv.pipeline.compiler import Compiler
+
+from .memory import CheckedOSCacheManager
 
 
 class _PipelineFailure:
@@ -106,6 +112,20 @@ class _GuardedEpochIterator(EpochIterator):
 
 class _GuardedLoader(Loader):
     timeout_s: float = 300.0
+
+    @property
+    def memory_manager(self) -> CheckedOSCacheManager:
+        return self._memory_manager
+
+    @memory_manager.setter
+    def memory_manager(self, manager) -> None:
+        # FFCV's Loader.__init__ assigns its OS-cache manager here and compiles the memory read from
+        # this attribute right after: this loader takes tl_fast's subclass instead (FFCV unchanged).
+        if not isinstance(manager, OSCacheManager):
+            raise ValueError("tl_fast's FFCV loader reads through the OS cache: build it with os_cache=True "
+                             "(unset FFCV_DEFAULT_CACHE_PROCESS)")
+        self._memory_manager = (manager if isinstance(manager, CheckedOSCacheManager)
+                                else CheckedOSCacheManager.adopt(manager))
 
     def __iter__(self):
         Compiler.set_num_threads(self.num_workers)

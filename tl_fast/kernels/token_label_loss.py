@@ -1,11 +1,11 @@
-"""Fused token-labeling loss: soft-target cross-entropy straight from compressed maps (SPEC section 3).
+"""Fused token-labeling loss: soft-target cross-entropy straight from compressed maps (docs/spec.md section 3).
 
     loss = cls_weight * mean_b CE(cls_logits[b], t[b, 0]) + dense_weight * mean_{b,i} CE(token_logits[b, i], t[b, 1+i])
     CE(z, t) = -sum_c t_c log softmax(z)_c = lse(z) * sum_c t_c - sum_c t_c z_c
 
 The ``[B, 1 + T, K]`` targets are never materialized and backward never re-runs the sparse stage.
 
-Token rows. A token's target is sparse (:mod:`kernels._rows`): ``D`` distinct touched classes with
+Token rows. A token's target is sparse (:mod:`tl_fast.kernels._rows`): ``D`` distinct touched classes with
 targets ``t_j`` and one constant share ``r`` for every other class, and ``sum_c t_c = 1``. So::
 
     sum_c t_c z_c = r * sum_c z_c + sum_{j touched, distinct} (t_j - r) * z_j

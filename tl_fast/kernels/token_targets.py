@@ -1,4 +1,4 @@
-"""Token targets ``[B, 1 + Gh*Gw, K]`` from compressed top-k maps (SPEC section 3) in two kernels.
+"""Token targets ``[B, 1 + Gh*Gw, K]`` from compressed top-k maps (docs/spec.md section 3) in two kernels.
 
 * :func:`class_rows_kernel` — the class tokens. A class row pools the whole crop (thousands of
   lanes), so each is split over ``SPLIT`` programs that add their lanes' scores atomically into a
@@ -8,7 +8,7 @@
 * :func:`token_tile_kernel` — the patch tokens. One program owns one sample and a tile of ``TILE``
   token rows; the sample's geometry and its MixToken partner's are computed once per program. Each
   row's lanes are built once (``BLOCK_N`` of them), an all-pairs pass over them gives every lane its
-  class total and marks each class's first lane (:func:`kernels._rows.pair_totals`), and the row is
+  class total and marks each class's first lane (:func:`tl_fast.kernels._rows.pair_totals`), and the row is
   written as a dense constant fill of the untouched classes' share ``r`` followed, after a CTA
   barrier, by a scatter of the touched classes (first lanes only; masked lanes never write).
 * :func:`token_long_rows_kernel` — token rows with more lanes than one register block (large maps
