@@ -365,6 +365,10 @@ def test_token_models_are_named_types_and_the_loader_grid_is_the_models_total_st
     for argv in (("--label-mode", "class"), ("--no-token-label",)):
         assert prepare_model(vit, _args("--model", "test_vit", *argv)) is vit
     assert token_patch(vit, 64, False) == 64
+    # Fine-tuning from a run of other classes re-initializes the token head with the class head.
+    from tl_fast.train.factories import classifier_keys
+    assert set(classifier_keys(prepare_model(vit, tokens), "x.pth")) == {"head.weight", "head.bias", "aux_head.weight",
+                                                                         "aux_head.bias"}
     with pytest.raises(InputError, match="--img-size 72: image size 72x72 gives no whole token grid"):
         token_patch(prepare_model(swin, tokens), 72, True)
     with pytest.raises(InputError, match="cannot train with token labels: .*num_classes=0.*--label-mode class"):
