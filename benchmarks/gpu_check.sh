@@ -17,7 +17,9 @@
 # class-token only vs token labeling + MixToken, two seeds, N epochs, on the demo dataset prepared
 # in the background while the checks run), cut off so that the script ends within GPU_CHECK_DEADLINE
 # seconds (default 560), with GPU_CHECK_EVIDENCE_ARGS as extra trainer flags (e.g. "--dim 192 --heads 6"),
-# GPU_CHECK_EVIDENCE_VARIANTS as the runs (e.g. "cls-only token-label-mixtoken token-label-mixtoken-content")
+# GPU_CHECK_EVIDENCE_VARIANTS as the runs (e.g. "cls-only token-label-mixtoken token-label-mixtoken-content",
+# or the timm ViT's "vit-hard vit-class vit-tokens vit-tokens-nomix" with GPU_CHECK_EVIDENCE_BASELINE=vit-hard),
+# GPU_CHECK_EVIDENCE_BASELINE as the run the others are compared with (default cls-only)
 # and GPU_CHECK_EVIDENCE_SEEDS as the seeds (default "0 1");
 # GPU_CHECK_DEMO_FROM=DIR copies DIR's annotator.pt and train_labels.tlstore into the demo folder first, so
 # the runs train on the same labels as a CPU run made from DIR (the images are rendered again, the same).
@@ -142,6 +144,7 @@ if [ "$EVIDENCE_EPOCHS" -gt 0 ]; then
     "$PY" benchmarks/token_label_evidence.py --data "$DEMO_DIR" --epochs "$EVIDENCE_EPOCHS" \
         --seeds ${GPU_CHECK_EVIDENCE_SEEDS:-0 1} \
         --variants ${GPU_CHECK_EVIDENCE_VARIANTS:-cls-only token-label-mixtoken} \
+        --baseline "${GPU_CHECK_EVIDENCE_BASELINE:-cls-only}" \
         --parallel 4 --workers "$workers" --threads 1 --eval-every 10 --time-limit "$left" \
         --out /tmp/tl_fast_evidence --summary "$OUT_DIR/evidence.json" -- ${GPU_CHECK_EVIDENCE_ARGS:-} || status=1
 fi
