@@ -2,7 +2,8 @@
 # One command for a bare GPU machine (torch + Triton + torchvision; no DALI/FFCV, nothing to install):
 # the CUDA-marked kernel tests, the kernel benchmark (one table: bandwidths, floors, targets vs floor
 # and public path, fused loss vs F.cross_entropy plain and in a CUDA graph, stages, registers, errors,
-# launch sweep; about 2-4 minutes), the training-step overhead, the loader benchmark (when numba is
+# launch sweep; about 2-4 minutes), the training-step overhead (LV-ViT-S, and a timm ViT-S through
+# tl_fast.models.token_labeling against the bare model), the loader benchmark (when numba is
 # importable; data generated on the spot), then a summary table.
 # Run from anywhere:  bash benchmarks/gpu_check.sh      (about 4-6 minutes on an H100)
 # Figures and logs land in ${GPU_CHECK_OUT:-$OUT or /tmp/tl_fast_gpu_check}. Each benchmark records its rows in
@@ -19,7 +20,9 @@
 # class-token only vs token labeling + MixToken, two seeds, N epochs, on the demo dataset prepared
 # in the background while the checks run), cut off so that the script ends within GPU_CHECK_DEADLINE
 # seconds (default 560), with GPU_CHECK_EVIDENCE_ARGS as extra trainer flags (e.g. "--dim 192 --heads 6"),
-# GPU_CHECK_EVIDENCE_VARIANTS as the runs (e.g. "cls-only token-label-mixtoken token-label-mixtoken-content")
+# GPU_CHECK_EVIDENCE_VARIANTS as the runs (e.g. "cls-only token-label-mixtoken token-label-mixtoken-content",
+# or the timm ViT's "vit-hard vit-class vit-tokens vit-tokens-nomix" with GPU_CHECK_EVIDENCE_BASELINE=vit-hard),
+# GPU_CHECK_EVIDENCE_BASELINE as the run the others are compared with (default cls-only)
 # and GPU_CHECK_EVIDENCE_SEEDS as the seeds (default "0 1");
 # GPU_CHECK_DEMO_FROM=DIR copies DIR's annotator.pt and train_labels.tlstore into the demo folder first, so
 # the runs train on the same labels as a CPU run made from DIR (the images are rendered again, the same).
@@ -95,6 +98,11 @@ if [ "${GPU_CHECK_OVERHEAD:-1}" = 1 ]; then
     timeout 180 "$PY" -m benchmarks.train_overhead --device cuda --rounds 30 --json "$OUT_DIR/train_overhead.json" \
         2>&1 | tee "$OUT_DIR/train_overhead.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    echo "== Token labeling on a timm ViT-S (token_labeling wrapper + fused loss) vs the bare model class-only"
+    echo "   (B=128, bf16; target <= 1.02x)"
+    timeout 180 "$PY" -m benchmarks.train_overhead --device cuda --model vit_small_patch16_224 --rounds 30 \
+        --json "$OUT_DIR/train_overhead_vit.json" 2>&1 | tee "$OUT_DIR/train_overhead_vit.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
 if [ "${GPU_CHECK_CLASS:-0}" = 1 ]; then
@@ -142,6 +150,7 @@ if [ "$EVIDENCE_EPOCHS" -gt 0 ]; then
     "$PY" -m benchmarks.token_label_evidence --data "$DEMO_DIR" --epochs "$EVIDENCE_EPOCHS" \
         --seeds ${GPU_CHECK_EVIDENCE_SEEDS:-0 1} \
         --variants ${GPU_CHECK_EVIDENCE_VARIANTS:-cls-only token-label-mixtoken} \
+        --baseline "${GPU_CHECK_EVIDENCE_BASELINE:-cls-only}" \
         --parallel 4 --workers "$workers" --threads 1 --eval-every 10 --time-limit "$left" \
         --out /tmp/tl_fast_evidence --summary "$OUT_DIR/evidence.json" -- ${GPU_CHECK_EVIDENCE_ARGS:-} || status=1
 fi
@@ -163,6 +172,10 @@ if t:
     print(f"{'train step cls-only / fused / targets ms':<40}{r['cls-only']['median_ms']:>9.2f} / "
           f"{r['token-fused']['median_ms']:.2f} / {r.get('token-targets', {}).get('median_ms', float('nan')):.2f}")
     print(f"{'train step fused vs cls-only':<40}{t['ratio_fused']:>28.3f}x  <= 1.01x")
+v = load("train_overhead_vit.json")
+if v:
+    print(f"{'ViT-S step: wrapper (hard) vs bare':<40}{v['ratio_wrapper']:>28.3f}x")
+    print(f"{'ViT-S step: token-fused vs bare cls-only':<40}{v['ratio_fused']:>28.3f}x  <= 1.02x")
 l = load("loader.json")
 if l:
     b = l["backends"]["torch"]

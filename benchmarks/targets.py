@@ -74,8 +74,14 @@ _ALL = (
     Target("timm-token-labeling", "Token labeling on a timm ViT-S",
            "wrapper + fused loss <= 1.02x the same model trained class-token only, GPU step",
            ("train_overhead",),
-           missing="No current measurement: `tl_fast.models.token_labeling` (docs/spec.md section 4) is not in "
-                   "this tree yet."),
+           missing="No current measurement: no GPU has been lent since `tl_fast.models.token_labeling` "
+                   "(docs/spec.md section 4) was built; `bash benchmarks/gpu_check.sh` runs `python -m "
+                   "benchmarks.train_overhead --device cuda --model vit_small_patch16_224`.",
+           reading="The target is a GPU step, and none has been measured: no GPU has been lent since "
+                   "`tl_fast.models.token_labeling` (docs/spec.md section 4) was built; `bash benchmarks/gpu_check.sh` "
+                   "runs `python -m benchmarks.train_overhead --device cuda --model vit_small_patch16_224`. The CPU "
+                   "rows time small timm ViTs on a shared CPU: within their spread, the wrapper costs a few percent "
+                   "at most there. Accuracy on the demo: \"Token labeling on the demo\" below."),
     Target("demo", "Token labeling on the demo",
            "2 idle cores, data prepared: token labeling vs the class-token baseline on the same budget: >= 50% "
            "val top-1, >= +5 points on the mean of 2 seeds, both runs in <= 5 min of training",

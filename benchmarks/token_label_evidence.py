@@ -1,13 +1,16 @@
-"""Does token labeling help? Trains the same small LV-ViT on the demo dataset with and without it.
+"""Does token labeling help? Trains the same small LV-ViT (or timm ViT) on the demo dataset with and without it.
 
     python -m benchmarks.token_label_evidence --epochs 300 --seeds 0 1 --parallel 4
+    python -m benchmarks.token_label_evidence --variants vit-hard vit-class vit-tokens --baseline vit-hard \
+        --epochs 15 --parallel 2 --threads 1 -- --depth 4 --dim 96 --heads 3
 
 Each run is ``examples/train_lvvit.py --preset demo`` with one variant's flags (below) and one seed;
 runs go ``--parallel`` at a time, each logging to ``<out>/<variant>_s<seed>/``. The table gives the
-final val top-1 of the model and its EMA per seed, their mean, and each variant against class-token
-only. Runs still going at ``--time-limit`` are stopped and reported as unfinished (a cosine schedule
-cut short is not a result). With no ``--data`` the built-in demo dataset is prepared first. Rows: each
-variant's mean top-1 against its baseline's (``benchmarks/results/token_label_evidence.json``).
+final val top-1 of the model and its EMA per seed, their mean, and each variant against ``--baseline``
+(class-token only by default). Runs still going at ``--time-limit`` are stopped and reported as
+unfinished (a cosine schedule cut short is not a result). With no ``--data`` the built-in demo dataset
+is prepared first. Rows: each variant's mean top-1 against the baseline's
+(``benchmarks/results/token_label_evidence.json``).
 """
 from __future__ import annotations
 
@@ -33,7 +36,13 @@ VARIANTS = {  # name -> trainer flags
     "token-label-mixtoken-content": ["--mix-cls-target", "content"],
     # A small timm CNN (the demo-cnn preset's test_resnet): hard labels vs the annotator's pooled crop targets
     "cnn-hard": ["--model", "test_resnet", "--no-token-label"],
-    "cnn-pooled": ["--model", "test_resnet"],
+    "cnn-pooled": ["--model", "test_resnet", "--label-mode", "class"],
+    # A small timm ViT (8 px patches: an 8x8 grid at 64 px; its size from the flags after --): hard labels,
+    # the pooled crop target on its class output, and token labeling + MixToken through token_labeling()
+    "vit-hard": ["--model", "vit_tiny_patch16_224", "--patch-size", "8", "--no-token-label"],
+    "vit-class": ["--model", "vit_tiny_patch16_224", "--patch-size", "8", "--label-mode", "class"],
+    "vit-tokens": ["--model", "vit_tiny_patch16_224", "--patch-size", "8"],
+    "vit-tokens-nomix": ["--model", "vit_tiny_patch16_224", "--patch-size", "8", "--no-mixtoken"],
 }
 
 
@@ -45,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=["cls-only", "token-label-mixtoken"])
+    p.add_argument("--baseline", default="cls-only", choices=tuple(VARIANTS),
+                   help="the variant the others are compared with, seed by seed")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (each with --workers loader workers)")
     p.add_argument("--workers", type=int, default=2, help="loader workers per run")
     p.add_argument("--threads", type=int, default=2, help="torch threads per run (OMP_NUM_THREADS)")
@@ -139,20 +150,21 @@ def summarize(args, states: dict, out_root: Path) -> dict:
             rows.append({"run": name, "state": state, **(last or {}), "evals": evals})
     print(f"\nval top-1 (%) after {args.epochs} epochs on the demo dataset, model (EMA):")
     print(f"{'variant':<30}" + "".join(f"{'seed ' + str(s):>18}" for s in args.seeds) + f"{'mean':>10}")
-    base = {seed: top1 for seed, top1, _ in finals.get("cls-only", [])}
+    base = {seed: top1 for seed, top1, _ in finals.get(args.baseline, [])}
+    key = "minus_" + args.baseline.replace("-", "_")
     table = {}
     for variant in args.variants:
         got = {seed: (t, e) for seed, t, e in finals.get(variant, [])}
         cells = "".join(f"{f'{got[s][0]:.2f} ({got[s][1]:.2f})' if s in got else 'unfinished':>18}" for s in args.seeds)
         mean = statistics.mean(t for t, _ in got.values()) if got else float("nan")
         table[variant] = {"per_seed": {s: {"top1": t, "ema_top1": e} for s, (t, e) in got.items()}, "mean_top1": mean}
-        if variant != "cls-only" and base and got:
+        if variant != args.baseline and base and got:
             deltas = [got[s][0] - base[s] for s in got if s in base]
-            table[variant]["minus_cls_only"] = deltas
+            table[variant][key] = deltas
         print(f"{variant:<30}{cells}{mean:>10.2f}")
     for variant, t in table.items():
-        if "minus_cls_only" in t:
-            print(f"{variant} minus cls-only, per seed: " + ", ".join(f"{d:+.2f}" for d in t["minus_cls_only"]))
+        if key in t:
+            print(f"{variant} minus {args.baseline}, per seed: " + ", ".join(f"{d:+.2f}" for d in t[key]))
     for row in rows:
         if row["state"] != "finished":
             print(f"{row['run']}: {row['state']} (last evaluated epoch {row.get('epoch', '-')})")
@@ -169,12 +181,12 @@ def _trainer_device(extra: list[str]) -> str:
 
 
 def rows(args, summary: dict) -> list[dict]:
-    """Each variant's mean val top-1 over its finished seeds against its baseline's (class-token only;
-    hard labels for the CNN), on the seeds both finished."""
+    """Each variant's mean val top-1 over its finished seeds against ``--baseline``'s, on the seeds both
+    finished."""
     table = summary["table"]
+    base = args.baseline
     out = []
     for variant, t in table.items():
-        base = "cnn-hard" if variant.startswith("cnn-") else "cls-only"
         if variant == base or base not in table:
             continue
         seeds = sorted(set(t["per_seed"]) & set(table[base]["per_seed"]))

@@ -61,9 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def make_loss(args: argparse.Namespace, token_model: bool) -> Callable:
-    """The trainer's loss with the experiment's class target (LV-ViT with token labels only)."""
-    if not (token_model and args.token_label):
-        raise SystemExit("mix_class_target.py: the experiment needs an LV-ViT model with token labels")
+    """The trainer's loss with the experiment's class target (token-labeled models only)."""
+    if not (token_model and args.token_label and args.label_mode == "tokens"):
+        raise SystemExit("mix_class_target.py: the experiment needs token labels on the model's tokens "
+                         "(--label-mode tokens)")
     if not 0.0 <= args.gt_weight <= 1.0:
         raise SystemExit(f"mix_class_target.py: --gt-weight must be in [0, 1], got {args.gt_weight}")
     weights = dict(cls_weight=1.0 - args.gt_weight, dense_weight=args.dense_weight)

@@ -158,7 +158,8 @@ def test_fp16_grad_scaler_step():
     (["--batch-size", "10", "--grad-accum-steps", "3"], "does not split into --grad-accum-steps 3"),
     (["--grad-accum-steps", "0"], "--grad-accum-steps must be at least 1"),
     (["--model", "no_such_model"], "unknown model 'no_such_model'"),
-    (["--model", "resnet18", "--mixtoken"], "resnet18 has no token outputs"),
+    (["--model", "resnet18", "--label-mode", "class", "--mixtoken"], "resnet18 has no token outputs"),
+    (["--label-mode", "class", "--dense-weight", "0.5"], "--label-mode class trains the class output only"),
     (["--resume", "--initial-checkpoint", "x.pth"], "drop --initial-checkpoint"),
 ])
 def test_argument_errors_are_one_line(argv, message, capsys):
@@ -308,3 +309,35 @@ def test_train_entry_points_share_the_options(capsys):
         for flag in ("--grad-accum-steps", "--opt", "--sched", "--amp", "--no-model-ema", "--initial-checkpoint",
                      "--torchcompile", "--channels-last", "--label-compat", "demo-cnn"):
             assert flag in out.stdout and flag in cli_help, (cmd, flag)
+
+
+def test_token_models_are_named_types_and_the_loader_grid_is_the_models_total_stride():
+    """VOLO has a forward_train but is no LV-ViT; wrapped, its loader grid is at stride 16 (not its stride-8
+    patch embedding), Swin's at 32 (not its 4 px patches), a ViT's at its patch size; --label-mode class
+    and hard labels leave the model as it is (one grid cell)."""
+    import timm
+    from timm.models.volo import VOLO
+
+    from tl_fast.train.checks import InputError
+    from tl_fast.train.factories import is_token_model, prepare_model, token_patch
+    volo = VOLO(layers=[1, 1, 1, 1], embed_dims=[16, 32, 32, 32], num_heads=[1, 1, 1, 1], img_size=64, num_classes=3)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", num_classes=3, img_size=64, embed_dim=8,
+                             depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=2)
+    vit = timm.create_model("test_vit", num_classes=3, img_size=64)
+    assert not is_token_model(volo) and is_token_model(lvvit_demo(num_classes=3))
+    tokens = _args("--model", "test_vit")
+    for model, stride in ((volo, 16), (swin, 32), (vit, vit.patch_embed.patch_size[0])):
+        wrapped = prepare_model(model, tokens)
+        assert is_token_model(wrapped) and wrapped.model is model
+        assert token_patch(wrapped, 64, True) == stride
+    for argv in (("--label-mode", "class"), ("--no-token-label",)):
+        assert prepare_model(vit, _args("--model", "test_vit", *argv)) is vit
+    assert token_patch(vit, 64, False) == 64
+    # Fine-tuning from a run of other classes re-initializes the token head with the class head.
+    from tl_fast.train.factories import classifier_keys
+    assert set(classifier_keys(prepare_model(vit, tokens), "x.pth")) == {"head.weight", "head.bias", "aux_head.weight",
+                                                                         "aux_head.bias"}
+    with pytest.raises(InputError, match="--img-size 72: image size 72x72 gives no whole token grid"):
+        token_patch(prepare_model(swin, tokens), 72, True)
+    with pytest.raises(InputError, match="cannot train with token labels: .*num_classes=0.*--label-mode class"):
+        prepare_model(timm.create_model("test_vit", num_classes=0), tokens)

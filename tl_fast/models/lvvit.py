@@ -43,6 +43,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ..ops.reference import mix_box_mask
+from .grid import token_grid_for
 
 __all__ = [
     "LVViT", "ConvPatchEmbed", "Block", "Attention", "Mlp", "DropPath", "default_cfgs", "checkpoint_filter_fn",
@@ -242,6 +243,10 @@ class LVViT(nn.Module):
             head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
             self._init_weights(head)
             setattr(self, name, head.to(self.cls_token.device, self.cls_token.dtype))
+
+    def token_grid(self, img_size: int | tuple[int, int]) -> tuple[int, int]:
+        """The token grid ``(Gh, Gw)`` for an input of ``img_size`` (the image over the patch size)."""
+        return token_grid_for(img_size, self.patch_embed.patch_size, type(self).__name__)
 
     # ---- forward ----------------------------------------------------------------------------
 

@@ -8,12 +8,13 @@ import textwrap
 # Defaults that depend on the data: the demo presets are sized for two CPU cores and a few minutes.
 PRESETS = {
     "demo": dict(model="lvvit_demo", img_size=64, epochs=10, batch_size=64, lr=0.02, warmup_epochs=1.0,
-                 drop_path=0.0, aa="none", crop_scale=0.25, reprob=0.0, workers=2),
+                 drop_path=0.0, aa="none", crop_scale=0.25, reprob=0.0, workers=2, label_mode="tokens"),
     # timm's narrow test ResNet (0.4M parameters) at 64 px: a CNN that trains on the demo in minutes.
     "demo-cnn": dict(model="test_resnet", img_size=64, epochs=10, batch_size=64, lr=0.02, warmup_epochs=1.0,
-                     drop_path=0.0, aa="none", crop_scale=0.25, reprob=0.0, workers=2),
+                     drop_path=0.0, aa="none", crop_scale=0.25, reprob=0.0, workers=2, label_mode="class"),
     "imagenet": dict(model="lvvit_s", img_size=224, epochs=300, batch_size=128, lr=1.6e-3, warmup_epochs=5.0,
-                     drop_path=0.1, aa="rand-m9-mstd0.5-inc1", crop_scale=0.08, reprob=0.25, workers=8),
+                     drop_path=0.1, aa="rand-m9-mstd0.5-inc1", crop_scale=0.08, reprob=0.25, workers=8,
+                     label_mode="tokens"),
 }
 
 # LV-ViT sizes built by tl_fast.models (tl_fast.models.MODEL_NAMES); any other name goes to timm.create_model.
@@ -22,14 +23,17 @@ SCHEDULES = ("cosine", "tanh", "step", "multistep", "poly", "constant")
 
 DESCRIPTION = """Train an image classifier with token labeling: a thin trainer over tl_fast.TokenLabelLoader.
 
-LV-ViT models (lvvit_demo/t/s/m/l) train with a dense loss on every token; any other model timm.create_model
-builds (resnet50, vit_small_patch16_224, ...) trains on the class output. With no --data it trains on the
-built-in demo dataset (generated, annotated and stored on first use), so the whole path runs on a laptop."""
+LV-ViT models (lvvit_demo/t/s/m/l) and any other model timm.create_model builds (vit_small_patch16_224,
+volo_d1_224, swin_tiny_patch4_window7_224, convnext_tiny, ...) train with a dense loss on every token of their
+final grid and MixToken (--label-mode tokens); --label-mode class trains the class output alone on the pooled
+crop target. With no --data it trains on the built-in demo dataset (generated, annotated and stored on first
+use), so the whole path runs on a laptop."""
 
 EPILOG = """examples:
   %(prog)s --loader torch                          # demo data, CPU-sized LV-ViT, a few minutes
   %(prog)s --no-token-label                        # the same, class-token labels only (baseline)
   %(prog)s --preset demo-cnn                       # a small timm CNN on the demo data, pooled machine labels
+  %(prog)s --model vit_tiny_patch16_224 --patch-size 8  # a timm ViT with token labeling on the demo data
   %(prog)s --resume                                # continue exactly from <output>/last.pth
   torchrun --nproc_per_node 8 -m tl_fast.train --loader dali --data /imagenet \\
       --labels /imagenet/labels.tlstore --model lvvit_s   # LV-ViT-S recipe (lr 1.6e-3 per 1024 images)
@@ -82,8 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--reprob", type=float, help="random-erasing probability (0: off)")
     d.add_argument("--channels-last", action="store_true", help="channels_last images and model (faster convs on GPU)")
     m = p.add_argument_group("model")
-    m.add_argument("--model", help=f"{', '.join(LVVIT_NAMES)} (LV-ViT, token labeling; lvvit_demo is CPU-sized) or "
-                   "any name timm.create_model builds (class output only)")
+    m.add_argument("--model", help=f"{', '.join(LVVIT_NAMES)} (LV-ViT; lvvit_demo is CPU-sized) or any name "
+                   "timm.create_model builds (token labeling through tl_fast.models.token_labeling)")
     m.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights for --model")
     m.add_argument("--initial-checkpoint", metavar="PATH", help="start from these weights (a state dict, a timm or "
                    "official LV-ViT checkpoint, or this trainer's .pth); a classifier of another size is re-initialized")
@@ -122,12 +126,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, default=0)
     tl = p.add_argument_group("labels")
     tl.add_argument("--token-label", action=argparse.BooleanOptionalAction, default=True,
-                    help="targets from the label store (LV-ViT: every token; other models: the pooled crop target "
-                    "of the class output); off: class-token CE on hard labels")
+                    help="targets from the label store (see --label-mode); off: class-output CE on hard labels")
+    tl.add_argument("--label-mode", choices=("tokens", "class"),
+                    help="tokens: every token of the model's final grid and its class output (LV-ViT as it is, a "
+                    "timm model through tl_fast.models.token_labeling: aux head, MixToken); class: the class output "
+                    "alone on the pooled crop target (ReLabel's LabelPooling; default: the preset's, tokens)")
     tl.add_argument("--mixtoken", action=argparse.BooleanOptionalAction,
-                    help="MixToken (LV-ViT only): tokens inside the batch's box come from the partner sample B-1-b "
-                    "(default: on with token labels, off without; --no-token-label --mixtoken mixes the hard labels "
-                    "by area, a token-level CutMix baseline)")
+                    help="MixToken: tokens inside the batch's box come from the partner sample B-1-b, in the model's "
+                    "first token map (default: on with token labels in --label-mode tokens, off otherwise; "
+                    "--no-token-label --mixtoken mixes the hard labels by area, a token-level CutMix baseline)")
     tl.add_argument("--mixtoken-per-sample", action="store_true", help="one MixToken box per sample")
     tl.add_argument("--dense-weight", type=float, default=1.0, help="weight of the token loss (paper: 0.5)")
     tl.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
@@ -177,9 +184,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         if not timm.is_model(args.model):
             parser.error(f"unknown model {args.model!r}: use one of {', '.join(LVVIT_NAMES)} or a timm model name "
                          "(python -c \"import timm; print(timm.list_models('resnet*'))\")")
-        if args.mixtoken:
-            parser.error(f"--mixtoken mixes tokens inside the model; {args.model} has no token outputs "
-                         "(it is an LV-ViT option)")
-        if args.dense_weight != 1.0:
-            parser.error(f"--dense-weight is an LV-ViT token-labeling option; {args.model} "
-                         "trains on its class output only")
+        if args.mixtoken and args.label_mode == "class":
+            parser.error(f"--mixtoken mixes tokens inside the model; with --label-mode class {args.model} has no "
+                         "token outputs (use --label-mode tokens)")
+    if args.dense_weight != 1.0 and args.label_mode == "class":
+        parser.error("--dense-weight weighs the token loss; --label-mode class trains the class output only")

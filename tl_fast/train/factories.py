@@ -14,8 +14,29 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 
 def is_token_model(model: nn.Module) -> bool:
-    """LV-ViT-like: ``forward_train(x, mix_box)`` returns (class logits, token logits)."""
-    return callable(getattr(model, "forward_train", None))
+    """``forward_train(x, mix_box)`` returns (class logits, token logits): an LV-ViT or a model wrapped by
+    :func:`tl_fast.models.token_labeling`. Named types, not duck typing: timm's VOLO has a
+    ``forward_train`` of another contract (its own box, three outputs)."""
+    from tl_fast.models import is_token_labeling_model
+    return is_token_labeling_model(model)
+
+
+def supervises_tokens(args: argparse.Namespace) -> bool:
+    """Whether the loss reaches the token logits: token labels in ``--label-mode tokens``."""
+    return bool(args.token_label) and args.label_mode == "tokens"
+
+
+def prepare_model(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """The model as the run trains it: ``token_labeling(model)`` (aux token head, MixToken) when the run
+    supervises or mixes tokens; the model itself otherwise (and an LV-ViT always)."""
+    from tl_fast.models import LVViT, token_labeling
+    if isinstance(model, LVViT) or args.label_mode != "tokens" or not (args.token_label or args.mixtoken):
+        return model
+    try:
+        return token_labeling(model)
+    except ValueError as err:
+        raise InputError(f"--model {args.model} cannot train with token labels: {err} (or train its class output "
+                         "alone with --label-mode class)") from None
 
 
 def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
@@ -43,20 +64,26 @@ def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         raise SystemExit(f"error: timm cannot build {args.model} {what}: {err}") from None
 
 
-def patch_size(model: nn.Module, img_size: int) -> int:
-    """The token grid's patch for the loader (the whole image, one cell, for models without patches)."""
-    embed = getattr(model, "patch_embed", None)
-    size = getattr(embed, "patch_size", None)
-    if size is None:
+def token_patch(model: nn.Module, img_size: int, token_model: bool) -> int:
+    """The loader's token size in pixels: the model's total stride, so the loader's grid is the model's
+    token grid; the whole image (one cell) for a model trained on its class output alone."""
+    if not token_model:
         return img_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
+    try:
+        gh, _ = model.token_grid(img_size)
+    except ValueError as err:
+        raise InputError(f"--img-size {img_size}: {err}") from None
+    return img_size // gh
 
 
 def load_initial_checkpoint(model: nn.Module, path: str, classes: list[str] | None = None) -> list[str]:
     """Load weights to fine-tune from: this trainer's checkpoint (``model``), timm's (``state_dict``)
     or a bare state dict. A classifier whose shape differs (another class count), or that was trained
     on other classes than ``classes`` (by name, when the file records them), keeps its fresh
-    initialization; returns those keys. Any other mismatch is an error."""
+    initialization, and so does the token head of a :func:`~tl_fast.models.token_labeling` model that
+    a plain timm checkpoint lacks; returns those keys. Any other mismatch is an error."""
+    from tl_fast.models import LVViT, TokenLabeling
+
     from .checkpoint import check_initial_classes, load_file
 
     state = load_file(path, "cpu", "--initial-checkpoint")
@@ -71,7 +98,7 @@ def load_initial_checkpoint(model: nn.Module, path: str, classes: list[str] | No
     if other_classes:  # same count, other classes: the head would score them as these
         heads = classifier_keys(model, path)
         state = {k: v for k, v in state.items() if k not in heads}
-    if type(model).__name__ == "LVViT":  # official LV-ViT files: names, position-embedding size, heads
+    if isinstance(model, LVViT):  # official LV-ViT files: names, position-embedding size, heads
         from tl_fast.models import load_checkpoint
         before = {k: v.shape for k, v in model.state_dict().items()}
         try:
@@ -85,6 +112,9 @@ def load_initial_checkpoint(model: nn.Module, path: str, classes: list[str] | No
         reinit += [k for k in heads if k not in reinit]
     missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in reinit}, strict=False)
     missing = [k for k in missing if k not in reinit]
+    if isinstance(model, TokenLabeling):  # a plain timm checkpoint into the wrapped model: the token head is new
+        reinit += [k for k in missing if k.startswith("aux_head.")]
+        missing = [k for k in missing if not k.startswith("aux_head.")]
     if missing or unexpected:
         raise InputError(f"--initial-checkpoint {path} does not fit {type(model).__name__}: missing "
                          f"{missing[:6]}, unexpected {unexpected[:6]}")
@@ -92,9 +122,13 @@ def load_initial_checkpoint(model: nn.Module, path: str, classes: list[str] | No
 
 
 def classifier_keys(model: nn.Module, path: str) -> list[str]:
-    """The state-dict keys of ``model``'s classifier (timm's ``pretrained_cfg["classifier"]``)."""
+    """The state-dict keys of ``model``'s classifier (timm's ``pretrained_cfg["classifier"]``, and the
+    aux head of a token-labeling wrapper)."""
+    from tl_fast.models import TokenLabeling
     names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
     names = (names,) if isinstance(names, str) else tuple(names or ())
+    if isinstance(model, TokenLabeling):  # the token head scores the same classes
+        names += ("aux_head",)
     keys = [k for k in model.state_dict() if any(k == n or k.startswith(n + ".") for n in names)]
     if not keys:
         raise InputError(f"--initial-checkpoint {path} was trained on other classes than the train split and "
@@ -105,7 +139,7 @@ def classifier_keys(model: nn.Module, path: str) -> list[str]:
 
 def make_loaders(args: argparse.Namespace, dist: DistInfo, patch: int, token_model: bool):
     """Train and val :class:`tl_fast.TokenLabelLoader`; the train batch is one accumulation step's share.
-    A model without token outputs gets the maps in ``label_mode="class"`` (the class-token target only)."""
+    A run that does not supervise tokens gets the maps in ``label_mode="class"`` (the class-token target only)."""
     from tl_fast import TokenLabelLoader
     from tl_fast.augment import EraseConfig
     from tl_fast.plan import AugmentConfig, RandAugmentConfig
@@ -118,7 +152,8 @@ def make_loaders(args: argparse.Namespace, dist: DistInfo, patch: int, token_mod
                              augment=AugmentConfig(scale=(args.crop_scale, 1.0), randaugment=aa), train=True,
                              erase=EraseConfig(prob=args.reprob) if args.reprob > 0 else None,
                              mixtoken=args.mixtoken, mixtoken_per_sample=args.mixtoken_per_sample,
-                             token_labels=args.token_label, label_mode="tokens" if token_model else "class",
+                             token_labels=args.token_label,
+                             label_mode="tokens" if token_model and args.label_mode == "tokens" else "class",
                              label_compat=args.label_compat, **common)
     # The val split's class ids are the train split's, matched by name (a val folder without the
     # first class would otherwise shift every id); a val class train lacks is an error.

@@ -14,8 +14,8 @@ from .metrics import format_seconds
 
 
 class TrainForward(nn.Module):
-    """Routes ``forward`` to the training pass (LV-ViT's ``forward_train``), so DistributedDataParallel
-    and ``torch.compile`` see it; plain classifiers return their logits."""
+    """Routes ``forward`` to the training pass (``forward_train`` of an LV-ViT or a token-labeling wrapper),
+    so DistributedDataParallel and ``torch.compile`` see it; plain classifiers return their logits."""
 
     def __init__(self, model: nn.Module, token_model: bool):
         super().__init__()
@@ -29,8 +29,10 @@ class TrainForward(nn.Module):
 def make_loss_fn(args, token_model: bool) -> Callable:
     """``loss_fn(outputs, batch)`` for the run's label mode.
 
-    * LV-ViT with token labels: the dense loss on every token, class target mixed by area (docs/spec.md section 3).
-    * another model with token labels: the pooled crop target on the class output (``batch.loss(logits)``).
+    * token labels, ``--label-mode tokens`` (LV-ViT or a wrapped timm model): the dense loss on every
+      token and the class output, class target mixed by area (docs/spec.md section 3).
+    * token labels, ``--label-mode class`` (any classifier): the pooled crop target on the class output
+      (``batch.loss(logits)``).
     * no token labels: cross-entropy on hard labels, mixed by area when tokens were mixed.
 
     ``tl_fast.train.main(make_loss=...)`` takes another factory with this signature (experiments such
@@ -40,7 +42,7 @@ def make_loss_fn(args, token_model: bool) -> Callable:
         cls, tokens = outputs if token_model else (outputs, None)
         if not args.token_label:
             return batch.loss(cls)
-        if not token_model:  # the pooled crop target alone, from the compressed maps
+        if tokens is None or args.label_mode != "tokens":  # the pooled crop target alone, from the compressed maps
             return batch.loss(cls, fused=args.fused_loss)
         return batch.loss(cls, tokens, fused=args.fused_loss, dense_weight=args.dense_weight)
 

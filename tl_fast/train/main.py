@@ -21,7 +21,7 @@ from .distributed import (
 )
 from .factories import (
     AMP_DTYPES, create_model, is_token_model, load_initial_checkpoint, make_ema, make_loaders, make_optimizer,
-    make_scaler, make_scheduler, patch_size, scaled_lr,
+    make_scaler, make_scheduler, prepare_model, scaled_lr, supervises_tokens, token_patch,
 )
 from .loop import TrainForward, TrainStep, make_loss_fn, steps_per_epoch, train_one_epoch
 from .metrics import JsonlLogger, ThroughputMeter, evaluate
@@ -79,16 +79,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
         torch.backends.cudnn.benchmark = True
     locate_data(args, dist)
     torch.manual_seed(args.seed)
-    probe = create_model(args, num_classes=1)
+    probe = prepare_model(create_model(args, num_classes=1), args)
     token_model = is_token_model(probe)
     if args.mixtoken is None:
-        args.mixtoken = args.token_label and token_model
-    patch = patch_size(probe, args.img_size)
+        args.mixtoken = supervises_tokens(args) and token_model
+    patch = token_patch(probe, args.img_size, token_model)  # the loader's grid is the model's token grid
     del probe
     with data_errors(args):
         train_loader, val_loader = make_loaders(args, dist, patch, token_model)
     check_batches(train_loader, args, dist.world_size)
-    model = create_model(args, num_classes=train_loader.num_classes)  # after the probe: today's initial weights
+    # After the probe: today's initial weights. A wrapped model holds its aux head (EMA, checkpoints).
+    model = prepare_model(create_model(args, num_classes=train_loader.num_classes), args)
     if args.initial_checkpoint:
         reinit = load_initial_checkpoint(model, args.initial_checkpoint, train_loader.classes)
         if dist.is_main:
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
     if dist.distributed:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-            find_unused_parameters=token_model and not args.token_label)  # class token only: aux_head gets no gradient
+            find_unused_parameters=token_model and not supervises_tokens(args))  # class output only: no aux gradient
     lr = scaled_lr(args.lr, args.batch_size * dist.world_size)
     opt = make_optimizer(args, model, lr)
     steps = steps_per_epoch(len(train_loader), args.grad_accum_steps)
@@ -123,7 +124,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser,
                      clip_grad=args.clip_grad, accum_steps=args.grad_accum_steps, amp_dtype=AMP_DTYPES[args.amp],
                      seed=args.seed, rank=dist.rank, mix_tokens=token_model and args.mixtoken)
     if dist.is_main:
-        labels = ("token labels" if token_model else "pooled crop labels") if args.token_label else "hard labels"
+        labels = ("token labels" if token_model and supervises_tokens(args) else "pooled crop labels") \
+            if args.token_label else "hard labels"
         print(f"{args.model}: {header['params'] / 1e6:.2f}M params, {train_loader.num_classes} classes, "
               f"{args.img_size}px, {steps} steps/epoch x {args.epochs} epochs, {args.loader} loader, {labels}, "
               f"MixToken {'on' if args.mixtoken else 'off'}, {args.opt} lr {lr:.2e} {args.sched}, amp {args.amp}, "
@@ -203,13 +205,14 @@ def _closing_lines(args, result: dict, state: dict, dist, out: Path) -> None:
 
 
 def evaluate_models(args, model, ema, val_loader, dist, token_model: bool) -> dict:
-    """Model and EMA in one pass over the val split. LV-ViT with token labels: its rule (cls + 0.5 max
-    token); LV-ViT without: the class head alone (the auxiliary head was never trained); others: logits."""
+    """Model and EMA in one pass over the val split. Token-labeled (LV-ViT or a wrapped timm model): the
+    inference rule (cls + 0.5 max token); a token model trained on its class output alone: the class head
+    (the auxiliary head was never trained); others: their logits."""
     if val_loader is None:
         return {}
     model.eval()
     nets = {"": model, **({"ema_": ema.module} if ema is not None else {})}
-    cls_only = token_model and not args.token_label
+    cls_only = token_model and not supervises_tokens(args)
     predict = {k: ((lambda x, n=n: n.forward_train(x)[0]) if cls_only else n) for k, n in nets.items()}
     return evaluate(predict, val_loader, device=dist.device, amp_dtype=AMP_DTYPES[args.amp],
                     progress=dist.is_main and not args.no_progress, desc="eval")
