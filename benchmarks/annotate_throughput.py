@@ -12,10 +12,13 @@ the loop, assembly of the store); ``loop`` is its inference loop alone. Stage sh
 annotator's loop time per stage; ``writer`` is the writer thread's busy time, which overlaps the
 loop. On CUDA the shares come from an extra profiled round (a synchronize after each stage).
 
-    python benchmarks/annotate_throughput.py --threads 1 --img-size 96 --rounds 9   # CPU (BENCHMARKS.md)
-    python benchmarks/annotate_throughput.py --device cuda --amp --channels-last --model convnextv2_large \\
+    python -m benchmarks.annotate_throughput --threads 1 --img-size 96 --rounds 9   # CPU (BENCHMARKS.md)
+    python -m benchmarks.annotate_throughput --device cuda --amp --channels-last --model convnextv2_large \\
         --img-size 384 --batch-size 64 --workers 12 --num-images 4096 --rounds 5      # GPU variant
-    python benchmarks/annotate_throughput.py --disk       # store bytes per image by map size
+    python -m benchmarks.annotate_throughput --disk       # store bytes per image by map size
+
+Rows: annotate against the plain loop; with ``--disk``, the store's bytes per image by map size
+against the public file (``benchmarks/results/annotate_throughput.json``).
 """
 from __future__ import annotations
 
@@ -26,7 +29,6 @@ import logging
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,11 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import harness
+from benchmarks.common import smooth_topk_maps
+from tl_fast.annotate import annotate, build_model, data_config, list_images
+from tl_fast.annotate.images import ResizedImages
 
-from benchmarks.common import machine_name  # noqa: E402
-from tl_fast.annotate import annotate, build_model, data_config, list_images  # noqa: E402
-from tl_fast.annotate.images import ResizedImages  # noqa: E402
+RATIO_TARGET = 0.95
 
 
 def make_images(root: Path, n: int, classes: int = 10, seed: int = 0) -> Path:
@@ -67,7 +70,6 @@ def disk_table(num_classes: int = 1000, topk: int = 5, n: int = 256) -> list[dic
     """Bytes per image of the store for common annotator map sizes, from real encodings: annotator-like
     (smooth) maps and, as the worst case, maps without spatial structure. Whole file (records,
     index, manifest with ImageNet-style keys) over the number of records."""
-    from benchmarks.common import smooth_topk_maps
     from tl_fast.store import StoreWriter
 
     rows = []
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--disk", action="store_true", help="only print the store's bytes per image by map size")
+    harness.add_record_arguments(p)
     args = p.parse_args(argv)
     if args.disk:
         rows = disk_table(args.num_classes, args.topk)
@@ -145,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['random_lossless']:16,.0f} {r['random_lossy']:13,.0f}")
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
+        harness.record("annotate_throughput", disk_rows(rows, args), args, argv)
         return {"disk": rows}
 
     if args.threads:
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"{len(imgs)} images, {args.model} K={args.num_classes} at {args.img_size} px, batch {args.batch_size}, "
           f"{args.workers} workers, {args.device}{' bf16' if args.amp else ''}"
-          f"{' channels-last' if args.channels_last else ''}; machine: {machine_name(args.device)}", flush=True)
+          f"{' channels-last' if args.channels_last else ''}; machine: {harness.machine_name(args.device)}", flush=True)
     run_plain(), run_annotate()  # warm-up: model, numba encoder, page cache
     rows = []
     for r in range(args.rounds):
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     stages = {s: statistics.median(a["stages"][s] / a["seconds"] for a in shares_from)
               for s in shares_from[0]["stages"]}
     stages["setup + assembly"] = statistics.median(1 - a["loop_seconds"] / a["seconds"] for a in shares_from)
-    out = {"machine": machine_name(args.device), "load_average": os.getloadavg()[0], "args": vars(args),
+    out = {"machine": harness.machine_name(args.device), "load_average": os.getloadavg()[0], "args": vars(args),
            "images": n, "map_size": rows[0]["annotate"]["map_size"], "plain_img_s": plain_rate,
            "annotate_img_s": ann_rate, "annotate_loop_img_s": loop_rate, "ratio": ratio, "loop_ratio": loop_ratio,
            "stage_share_of_annotate": stages, "rounds": rows}
@@ -216,6 +220,34 @@ def main(argv: list[str] | None = None) -> dict:
           + "  (writer overlaps the loop)")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    config = (f"{n} images, {args.model} K={args.num_classes} at {args.img_size} px, batch {args.batch_size}, "
+              f"{args.workers} workers, {args.device}{' bf16' if args.amp else ''}"
+              f"{' channels-last' if args.channels_last else ''}, torch threads {torch.get_num_threads()}; "
+              f"{args.rounds} rounds")
+    shares = {"stage_shares": {k: round(v, 4) for k, v in stages.items()}}
+    rows = [harness.row(f"tl-fast annotate, {label}", config, rate, "images/s", target="annotate",
+                        baseline="plain timm inference loop (same DataLoader, model, batch)", baseline_value=plain_rate,
+                        ratio=r, ratio_of="median over rounds of plain seconds / annotate seconds",
+                        goal=f">= {RATIO_TARGET}x" if whole else None, meets=r >= RATIO_TARGET,
+                        **(shares if whole else {}))
+            for label, rate, r, whole in (("end to end", ann_rate, ratio, True),
+                                          ("its inference loop alone", loop_rate, loop_ratio, False))]
+    harness.record("annotate_throughput", rows, args, argv, device=args.device)
+    return out
+
+
+def disk_rows(table: list[dict], args) -> list[dict]:
+    """The store's bytes per image (whole file) against the public file, by map size."""
+    out = []
+    for r in table:
+        for kind, label in (("smooth", "annotator-like maps"), ("random", "no spatial structure (worst case)")):
+            for mode in ("lossless", "lossy"):
+                value = r[f"{kind}_{mode}"]
+                out.append(harness.row(f"store bytes per image, {mode}, {label}",
+                                       f"{r['map']} top-{args.topk} K={args.num_classes}, whole file", value, "bytes",
+                                       target="label-store", baseline="public .pt file",
+                                       baseline_value=r["public_pt_bytes"], ratio=value / r["public_pt_bytes"],
+                                       ratio_of="value / baseline", percent=True))
     return out
 
 

@@ -1,6 +1,6 @@
-"""One table from ``benchmarks/kernel_throughput.py --json`` (what ``gpu_check.sh`` prints).
+"""One table from ``python -m benchmarks.kernel_throughput --json`` (what ``gpu_check.sh`` prints).
 
-    python benchmarks/kernel_table.py kernels_gpu.json
+    python -m benchmarks.kernel_table kernels_gpu.json
 
 Exits 1 when the kernels disagree with the reference (targets f32 max error > 1e-5, bf16 > 4e-3,
 fused loss relative error > 1e-4); the speed targets are printed as met / NOT met, never asserted.
@@ -48,7 +48,7 @@ def rows(r: dict) -> list[tuple[str, str, str]]:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     r = json.load(open(argv[0]))
-    r = r.get("gpu", r)  # label_throughput.py nests the same figures under "gpu"
+    r = r.get("gpu", r)  # benchmarks.label_throughput nests the same figures under "gpu"
     for name, value, target in rows(r):
         print(f"{name:<46}{value:>36}  {target}")
     e = r["targets_max_abs_err"]

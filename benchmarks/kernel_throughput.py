@@ -19,10 +19,13 @@ MixToken, smoothing 0.1 by default):
 
 Times are ``triton.testing.do_bench`` medians (20th / 80th percentiles alongside).
 
-    python benchmarks/kernel_throughput.py                       # CUDA
-    python benchmarks/kernel_throughput.py --sweep --json r.json # + the launch sweep (gpu_check.sh)
-    python benchmarks/kernel_throughput.py --device cpu --small  # interpreter smoke run of the same code
-    python benchmarks/label_throughput.py --device cuda          # the same, via the label benchmark
+    python -m benchmarks.kernel_throughput                       # CUDA
+    python -m benchmarks.kernel_throughput --sweep --json r.json # + the launch sweep (gpu_check.sh)
+    python -m benchmarks.kernel_throughput --device cpu --small  # interpreter smoke run of the same code
+    python -m benchmarks.label_throughput --device cuda          # the same, via the label benchmark
+
+Rows (on CUDA only; a CPU run is a smoke run): the targets against the memory floor and the public
+path, the fused loss against ``F.cross_entropy`` (``benchmarks/results/kernel_throughput.json``).
 """
 from __future__ import annotations
 
@@ -32,17 +35,16 @@ import os
 import sys
 from typing import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 if "--device" in sys.argv and "cpu" in sys.argv and __name__ == "__main__":
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on CPU tensors, before any kernel import
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import crop_flip_plan, machine_name, mix_box, smooth_topk_maps, time_cpu  # noqa: E402
-
+from benchmarks import harness  # noqa: E402
+from benchmarks.baselines import public_token_targets  # noqa: E402
+from benchmarks.common import crop_flip_plan, mix_box, smooth_topk_maps  # noqa: E402
 from tl_fast.ops import reference  # noqa: E402
-from tl_fast.ops.public import public_token_targets  # noqa: E402
 
 PUBLIC_SPEEDUP_TARGET = 150.0
 FLOOR_RATIO_TARGET = 1.5
@@ -60,7 +62,7 @@ def _timer(device: str, repeats: int) -> Callable[[Callable[[], object]], dict]:
                                                     quantiles=[0.5, 0.2, 0.8])
             return {"median": med / 1e3, "p20": p20 / 1e3, "p80": p80 / 1e3}
         return bench
-    return lambda fn: time_cpu(fn, repeats=repeats)
+    return lambda fn: harness.interleaved({"fn": fn}, repeats)["fn"].stats()
 
 
 def bandwidth(device: str, bench, nbytes: int) -> tuple[float, float]:
@@ -151,7 +153,7 @@ def run(args) -> dict:
     err_bf16 = (targets(torch.bfloat16)().float() - want).abs().max().item()
     err_public = (public() - want).abs().max().item()
 
-    res: dict = {"machine": machine_name(device), "device": device}
+    res: dict = {"machine": harness.machine_name(device), "device": device}
     times = {"public": bench(public), "torch_ops": bench(torch_ops), "triton_f32": bench(targets()),
              "triton_bf16": bench(targets(torch.bfloat16))}
 
@@ -325,10 +327,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--sweep", action="store_true", help=f"also time the launch shapes (tile, warps) {SWEEP}")
+    harness.add_record_arguments(parser)
     args = parser.parse_args(argv)
     if args.small:
         args.batch_size, args.num_classes, args.map_size, args.grid, args.repeats = 4, 50, 7, 3, 2
     res = run(args)
+    if res["device"] == "cuda":
+        harness.record("kernel_throughput", rows(res, args), args, argv, device="cuda")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2, default=float)
@@ -336,9 +341,51 @@ def main(argv=None) -> dict:
     return res
 
 
+def rows(res: dict, args) -> list[dict]:
+    """The targets against the memory floor and the public path; the fused loss against hard-label CE."""
+    t = res["times_s"]
+    config = (f"B={args.batch_size} K={args.num_classes} {args.map_size}x{args.map_size} top-{args.topk} "
+              f"grid {args.grid}x{args.grid}, crop+flip+MixToken, smoothing {args.smoothing}")
+    ms = lambda key: 1e3 * t[key]["median"]  # noqa: E731
+    spread = lambda key: {q: 1e3 * t[key][q] for q in ("p20", "p80")}  # noqa: E731
+    out = []
+    for dtype in ("f32", "bf16"):
+        key, floor = f"triton_{dtype}", 1e3 * res["floor_s"][dtype]
+        ratio = res[f"floor_ratio_{dtype}"]
+        out.append(harness.row(f"Triton token targets, {dtype} output, vs the memory floor", config, ms(key), "ms",
+                               target="gpu-token-targets", spread_of=spread(key),
+                               baseline="memory floor (maps read + targets written, over the measured write "
+                                        "bandwidth)", baseline_value=floor, ratio=ratio, ratio_of="value / baseline",
+                               goal=f"<= {FLOOR_RATIO_TARGET}x", meets=ratio <= FLOOR_RATIO_TARGET,
+                               write_bandwidth_GBps=res["write_bandwidth_GBps"]))
+        speedup = res["speedup_vs_public" + ("" if dtype == "f32" else "_bf16")]
+        out.append(harness.row(f"Triton token targets, {dtype} output, vs the public path", config, ms(key), "ms",
+                               target="gpu-token-targets", spread_of=spread(key),
+                               baseline="public path (scatter + 2x roi_align) on the same GPU",
+                               baseline_value=ms("public"), ratio=speedup, ratio_of="baseline / value",
+                               goal=f">= {PUBLIC_SPEEDUP_TARGET:.0f}x", meets=speedup >= PUBLIC_SPEEDUP_TARGET,
+                               max_abs_err=res["targets_max_abs_err"][key]))
+    out.append(harness.row("fused token-label loss, forward + backward, bf16 logits", config, ms("loss_fused"), "ms",
+                           target="gpu-fused-loss", spread_of=spread("loss_fused"),
+                           baseline="F.cross_entropy with hard labels, forward + backward",
+                           baseline_value=ms("loss_plain_ce"), ratio=res["loss_ratio_vs_ce"],
+                           ratio_of="value / baseline",
+                           goal=f"<= {LOSS_RATIO_TARGET}x", meets=res["loss_ratio_vs_ce"] <= LOSS_RATIO_TARGET,
+                           loss_rel_err=res["loss_rel_err"], grad_rel_err_bf16=res["grad_rel_err_bf16"]))
+    if "loss_ratio_vs_ce_graph" in res:
+        ratio = res["loss_ratio_vs_ce_graph"]
+        out.append(harness.row("fused token-label loss, forward + backward, in a CUDA graph", config,
+                               ms("loss_fused_graph"), "ms", target="gpu-fused-loss",
+                               spread_of=spread("loss_fused_graph"),
+                               baseline="F.cross_entropy with hard labels, in a CUDA graph",
+                               baseline_value=ms("loss_plain_ce_graph"), ratio=ratio, ratio_of="value / baseline",
+                               goal=f"<= {LOSS_RATIO_TARGET}x", meets=ratio <= LOSS_RATIO_TARGET))
+    return out
+
+
 def picture(res: dict, path: str) -> None:
     """Kernel times against the targets' write floor (f32; the bf16 floor is half the written bytes)."""
-    from plots import save_bars
+    from benchmarks.plots import save_bars
 
     t = res["times_s"]
     keys = [("targets f32", "triton_f32"), ("targets bf16", "triton_bf16"), ("fused loss\nfwd+bwd", "loss_fused"),

@@ -7,38 +7,37 @@ smoothing, MixToken) against tl_fast's two CPU implementations — the numba pat
 14x14 grid, crop + flip + MixToken. The three run interleaved, one call each per round, and the
 table gives medians, at each ``--threads`` count and each ``--load`` level (busy-loop processes run
 beside them, to stand for a loaded host). Then the label store's batched gather against one
-``torch.load`` per sample (``benchmarks/store_throughput.py``). "CPU ms" is the CPU time the process
+``torch.load`` per sample (``benchmarks.store_throughput``). "CPU ms" is the CPU time the process
 used per call, all threads together (OpenMP spin-waiting counts): on a shared host it shows the work
 apart from the waiting.
 
 GPU (``--device cuda``): the same public path on the GPU against the Triton kernels and the fused
-loss (``benchmarks/kernel_throughput.py``).
+loss (``benchmarks.kernel_throughput``).
 
-    python benchmarks/label_throughput.py --skip-store                  # CPU, 1 and 2 threads, quiet
-    python benchmarks/label_throughput.py --skip-store --load 0 1       # ... also beside one busy loop
-    python benchmarks/label_throughput.py --device cuda   # GPU part (run by benchmarks/gpu_check.sh)
+    python -m benchmarks.label_throughput --skip-store                  # CPU, 1 and 2 threads, quiet
+    python -m benchmarks.label_throughput --skip-store --load 0 1       # ... also beside one busy loop
+    python -m benchmarks.label_throughput --device cuda   # GPU part (benchmarks/gpu_check.sh runs it)
+
+Rows: the CPU path and the reference against the public path, per configuration
+(``benchmarks/results/label_throughput.json``); the store's and the kernels' rows go to their own
+benchmarks' files.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import crop_flip_plan, machine_name, mix_box, smooth_topk_maps  # noqa: E402
-
-from tl_fast.ops import cpu, reference  # noqa: E402
-from tl_fast.ops.public import public_token_targets  # noqa: E402
+from benchmarks import harness, kernel_throughput, store_throughput
+from benchmarks.baselines import public_token_targets
+from benchmarks.common import crop_flip_plan, mix_box, smooth_topk_maps
+from tl_fast.ops import cpu, reference
 
 CPU_TARGET = 8.0  # docs/spec.md section 5 / issue 14: the CPU path >= 8x the public path, also on a loaded host
 PATHS = (("public", "public (scatter + 2x roi_align)"), ("reference", "tl_fast reference (torch)"),
@@ -66,27 +65,6 @@ def busy_load(procs: int, seconds: float):
                 p.wait()
 
 
-def interleaved(fns: dict, repeats: int) -> dict:
-    """Wall-clock median and 20th/80th percentile seconds of each function, timed round-robin after one
-    warm-up, and the median CPU seconds the whole process used per call (all threads, spinning included)."""
-    for fn in fns.values():
-        fn()
-    times: dict = {name: [] for name in fns}
-    cpu_times: dict = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-            cpu_times[name].append(time.process_time() - c0)
-    out = {}
-    for name, ts in times.items():
-        q = np.percentile(ts, [20, 80])
-        out[name] = {"median": statistics.median(ts), "p20": float(q[0]), "p80": float(q[1]), "all": ts,
-                     "cpu_median": statistics.median(cpu_times[name])}
-    return out
-
-
 def cpu_targets(args, threads: int, load: int) -> dict:
     """One configuration: ``threads`` torch (and CPU-path) threads, ``load`` busy loops beside."""
     values, indices = smooth_topk_maps(args.batch_size, args.num_classes, args.topk, args.map_size)
@@ -107,14 +85,16 @@ def cpu_targets(args, threads: int, load: int) -> dict:
     del public
     with busy_load(load, args.load_seconds):
         load_avg = os.getloadavg()[0]
-        t = interleaved(fns, args.repeats)
+        timed = harness.interleaved(fns, args.repeats)
+    t = {name: {**x.stats(), "all": x.seconds, "cpu_median": harness.spread(x.cpu_seconds)["median"]}
+         for name, x in timed.items()}
     speedup = {name: t["public"]["median"] / t[name]["median"] for name in ("reference", "cpu")}
     return {"threads": threads, "load_procs": load, "load_average": load_avg, "times_s": t, "speedup": speedup,
             "max_abs_diff_vs_public": err, "meets_target": speedup["cpu"] >= CPU_TARGET}
 
 
 def print_cpu_table(args, runs: list[dict]) -> None:
-    print(f"\nToken targets on CPU — {machine_name('cpu')}")
+    print(f"\nToken targets on CPU — {harness.machine_name('cpu')}")
     print(f"B={args.batch_size} K={args.num_classes} maps {args.map_size}x{args.map_size} top-{args.topk} "
           f"grid {args.grid}x{args.grid}, crop+flip+MixToken, smoothing {args.smoothing}; interleaved, "
           f"median of {args.repeats} (p20-p80); OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
@@ -151,25 +131,50 @@ def main(argv=None) -> dict:
                         help="a busy loop stops by itself after this long, even if the benchmark is killed")
     parser.add_argument("--skip-store", action="store_true", help="skip the label-store gather benchmark")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    harness.add_record_arguments(parser)
     args = parser.parse_args(argv)
 
-    results: dict = {"machine": machine_name(args.device), "args": vars(args)}
+    results: dict = {"machine": harness.machine_name(args.device), "args": vars(args)}
+    record = ["--results-dir", args.results_dir] + (["--no-record"] if args.no_record else [])
     if args.device == "cuda":
         torch.set_num_threads(args.threads[0])
-        kernel_bench = importlib.import_module("kernel_throughput")
-        results["gpu"] = kernel_bench.run(args)
+        results["gpu"] = kernel_throughput.run(args)
+        harness.record("kernel_throughput", kernel_throughput.rows(results["gpu"], args), args, argv, device="cuda",
+                       module="benchmarks.label_throughput")
     else:
         runs = [cpu_targets(args, threads, load) for load in args.load for threads in args.threads]
         results["cpu_targets"] = runs
         print_cpu_table(args, runs)
+        harness.record("label_throughput", rows(args, runs), args, argv)
         if not args.skip_store:
             torch.set_num_threads(1)
-            store_bench = importlib.import_module("store_throughput")
-            results["store"] = store_bench.main([])
+            results["store"] = store_throughput.main(record)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=float)
     return results
+
+
+def rows(args, runs: list[dict]) -> list[dict]:
+    """One row per CPU implementation and configuration, against the public path of the same run."""
+    sizes = (f"B={args.batch_size} K={args.num_classes} {args.map_size}x{args.map_size} top-{args.topk} "
+             f"grid {args.grid}x{args.grid}, crop+flip+MixToken")
+    out = []
+    for r in runs:
+        config = f"{sizes}; {r['threads']} torch thread(s), {r['load_procs']} busy loop(s) beside"
+        pub = r["times_s"]["public"]
+        for key, what in (("cpu", "numba CPU path (impl='auto')"), ("reference", "PyTorch reference (impl='torch')")):
+            t = r["times_s"][key]
+            cpu_target = key == "cpu"
+            out.append(harness.row(
+                f"token targets, {what}", config, 1e3 * t["median"], "ms", target="cpu-token-targets",
+                spread_of={"p20": 1e3 * t["p20"], "p80": 1e3 * t["p80"]},
+                baseline="public path (scatter + 2x roi_align)", baseline_value=1e3 * pub["median"],
+                ratio=r["speedup"][key], ratio_of="baseline / value",
+                goal=f">= {CPU_TARGET:.0f}x" if cpu_target else None, meets=r["speedup"][key] >= CPU_TARGET,
+                cpu_ms=1e3 * t["cpu_median"], public_cpu_ms=1e3 * pub["cpu_median"],
+                load_average=round(r["load_average"], 1), max_abs_diff=r["max_abs_diff_vs_public"][key]))
+    return out
 
 
 if __name__ == "__main__":

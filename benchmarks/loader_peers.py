@@ -24,8 +24,11 @@ Each native peer runs in a process of its own (spawned, built once, measured on 
 same interleaved rounds), so it is measured as it runs without tl_fast in the process, and FFCV's
 own loader (which mutates numba's shared types) cannot reach tl_fast's loaders either.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/loader_peers.py --batch-size 32 --workers 2 \\
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.loader_peers --batch-size 32 --workers 2 \\
         --json peers.json                     # demo dataset; writes peers.json and peers-*.png
+
+Rows: each tl_fast backend with labels on against its native peer
+(``benchmarks/results/loader_peers.json``).
 """
 from __future__ import annotations
 
@@ -45,7 +48,8 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from loader_throughput import measure  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks.loader_throughput import measure  # noqa: E402
 from tl_fast.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from tl_fast.loaders import TokenLabelLoader  # noqa: E402
 from tl_fast.plan import AugmentConfig  # noqa: E402
@@ -241,6 +245,7 @@ def main(argv=None) -> None:
                    "too short for a shared machine)")
     p.add_argument("--workdir", help="where the .beton files go (default: a temp dir)")
     p.add_argument("--json", help="also write the figures to this JSON file (and a PNG beside it)")
+    harness.add_record_arguments(p)
     args = p.parse_args(argv)
     args.backends = [b for b in args.backends.split(",") if b]
     args.recipes = [r for r in args.recipes.split(",") if r]
@@ -284,7 +289,7 @@ def main(argv=None) -> None:
         close_peers(runs)
 
     def stat(v):
-        return statistics.median(v), float(np.percentile(v, 20)), float(np.percentile(v, 80))
+        return tuple(harness.spread(v).values())  # median, p20, p80
 
     print(f"\nloaders vs native pipelines, images/s (median [p20, p80] of {args.rounds} rounds x {args.batches} "
           f"batches), batch {args.batch_size}, {args.image_size}px, {args.workers} workers, {os.cpu_count()} CPUs")
@@ -303,6 +308,7 @@ def main(argv=None) -> None:
                 ratio = f"{ratios[(recipe, name)][0]:.2f}, {paired:.2f} vs {peer}"
         cpu = statistics.median(cpu_ms[(recipe, name)])
         print(f"{recipe:<10} {name:<28} {m:9.1f} [{lo:6.1f},{hi:6.1f}] {ratio:>44} {cpu:11.2f}")
+    harness.record("loader_peers", rows(args, order, rates, cpu_ms, ratios), args, argv)
     if args.json:
         import json
 
@@ -312,7 +318,7 @@ def main(argv=None) -> None:
                          "cpu_ms_per_image": statistics.median(cpu_ms[(rc, nm)]),
                          "on_over_peer": ratios.get((rc, nm))}
                                 for rc, nm in order]}, f, indent=1)
-        from plots import save_bars
+        from benchmarks.plots import save_bars
 
         for recipe in args.recipes:
             names = [nm for rc, nm in order if rc == recipe]
@@ -323,6 +329,28 @@ def main(argv=None) -> None:
                             {"images/s": [stat(rates[(recipe, nm)]) for nm in names]})
             if png:
                 print(f"picture: {png}")
+
+
+def rows(args, order: list, rates: dict, cpu_ms: dict, ratios: dict) -> list[dict]:
+    """tl_fast with labels on against each native peer (goal >= 1.0 against native FFCV and DALI)."""
+    window = f"{args.rounds} rounds x {args.warmup} warm-up + {args.batches} timed batches"
+    out = []
+    for (recipe, name), (ratio, paired) in ratios.items():
+        peer = PEERS[(recipe, name.split()[1].rstrip(","))]
+        native = peer in ("FFCV native", "DALI native")
+        on, base = harness.spread(rates[(recipe, name)]), harness.spread(rates[(recipe, peer)])
+        config = (f"{RECIPE_NAMES[recipe]}; batch {args.batch_size}, {args.image_size} px, {args.workers} workers, "
+                  f"CPU pipelines; {window}")
+        out.append(harness.row(
+            f"{name} vs {peer} without labels", config, on["median"], "images/s",
+            target="loader-vs-peers", spread_of=on, baseline=f"{peer}, no labels", baseline_value=base["median"],
+            ratio=ratio, ratio_of="value / baseline", goal=">= 1.0x" if native else None, meets=ratio >= 1.0,
+            paired_ratio=paired, cpu_ms_per_image=statistics.median(cpu_ms[(recipe, name)]),
+            peer_cpu_ms_per_image=statistics.median(cpu_ms[(recipe, peer)])))
+    return out
+
+
+RECIPE_NAMES = {"crop-flip": "crop + flip + normalize", "full": f"full recipe ({RAND_AUGMENT}, erasing 0.25)"}
 
 
 if __name__ == "__main__":

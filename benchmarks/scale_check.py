@@ -6,7 +6,7 @@ Builds in ``--workdir`` (default: a temp dir; about 5 GB at the default sizes):
   demo dataset's JPEGs, indexed by ``ImageFolderIndex`` with an empty index cache;
 * ``--pt-files`` public label files (``<class>/<image>.pt``, hard links to one real ``torch.save``
   file), converted by ``convert_pt`` with the default worker count, in one process (``workers=0``,
-  the default before issue 19) and with one worker per available core;
+  the old way) and with one worker per available core;
 * a lossless store of ``--records`` records (default 1,281,167, ImageNet-1k's train split; 18x18
   top-5 maps of K=1000, cycling through 1,024 distinct annotator-like maps), written with
   ``StoreWriter``; then random batched gathers (batch 128) from it and from a cache-sized store
@@ -16,7 +16,9 @@ Builds in ``--workdir`` (default: a temp dir; about 5 GB at the default sizes):
   file-backed memory each gathered record maps in and the bytes it reads from storage
   (``/proc/self/io``); and ``verify()``.
 
-    python benchmarks/scale_check.py [--parts index,convert,store] [--workdir DIR] [--json out.json]
+Rows: the gathers (label-store target) and the tools' rates (``benchmarks/results/scale_check.json``).
+
+    python -m benchmarks.scale_check [--parts index,convert,store] [--workdir DIR] [--json out.json]
 """
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ import time
 import numpy as np
 import torch
 
+from benchmarks import harness
+from benchmarks.synthetic import synthetic_topk_maps
 from tl_fast.store import LabelStore, StoreWriter
-from tl_fast.store.synthetic import synthetic_topk_maps
 
 PARTS = ("index", "convert", "store")
 IMAGENET_TRAIN = 1_281_167
@@ -152,7 +155,7 @@ def _cache(path: str) -> None:
 
 def _gather(path: str, batches: int, access: str, cold: bool, batch: int = 128, seed: int = 0) -> dict:
     """Random batched gathers from a fresh mapping of ``path`` opened with ``access`` ("normal" is the
-    mapping before issue 19), from a warm page cache or (``cold``) after evicting the file: maps/s,
+    kernel's default mapping), from a warm page cache or (``cold``) after evicting the file: maps/s,
     and per record read the file-backed memory mapped into the process and the bytes read from
     storage. For "populate" the mapping's set-up (it reads the whole store in when cold) is timed
     apart, as ``setup_s``; the gathers after it are what a loader sees for the rest of the run."""
@@ -239,6 +242,7 @@ def main(argv=None) -> None:
                    help="random batches of 128 per cold gather run (the store evicted from the page cache first)")
     p.add_argument("--gather-rounds", type=int, default=3, help="interleaved rounds of every gather variant")
     p.add_argument("--json", help="also write the figures to this JSON file")
+    harness.add_record_arguments(p)
     args = p.parse_args(argv)
     parts = [x for x in args.parts.split(",") if x]
     if bad := [x for x in parts if x not in PARTS]:
@@ -280,6 +284,44 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=1)
+    harness.record("scale_check", rows(results), args, argv)
+
+
+def rows(results: dict) -> list[dict]:
+    """The gathers per store, cache state and mapping; the tools' rates."""
+    out = []
+    if "index" in results:
+        r = results["index"]
+        out.append(harness.row("index an image folder, cold (quick check of every image)", f"{r['images']} images",
+                               r["index_images_per_s"], "images/s", target="imagenet-scale",
+                               seconds=r["index_s"], cached_index_s=r["cached_index_s"],
+                               progress_bar_after_s=r["bar_after_s"]))
+    if "convert" in results:
+        r = results["convert"]
+        out.append(harness.row("convert-pt, default workers", f"{r['files']} public .pt files, {r['cores']} cores",
+                               r["default_files_per_s"], "files/s", target="imagenet-scale",
+                               baseline="in one process (--workers 0)", baseline_value=r["one_process_files_per_s"],
+                               ratio=r["default_files_per_s"] / r["one_process_files_per_s"],
+                               ratio_of="value / baseline"))
+    if "store" in results:
+        r = results["store"]
+        if "writer_records_per_s" in r:
+            out.append(harness.row("StoreWriter, one thread", f"{r['gather_big']['records']} records, 18x18 top-5 "
+                                   "K=1000", r["writer_records_per_s"], "records/s", target="imagenet-scale"))
+        out.append(harness.row("LabelStore.verify(), one thread", f"{r['store_gb']:.2f} GB store",
+                               r["verify_records_per_s"], "records/s", target="imagenet-scale"))
+        for name in ("big", "small"):
+            g = r[f"gather_{name}"]
+            for run in g["runs"]:
+                chosen = run["access"] == g["auto"] and not run["cold"]
+                config = (f"{g['records']:,} records, {'cold' if run['cold'] else 'warm'} page cache, "
+                          f"{run['rounds']} rounds; access='auto' picks {g['auto']!r}")
+                out.append(harness.row(
+                    f"batched gather (128), mapping {run['access']!r}", config, run["maps_per_s"], "maps/s",
+                    target="label-store", goal=">= 200,000 maps/s" if chosen else None,
+                    meets=run["maps_per_s"] >= 200_000, mapped_kb_per_record=run["rss_file_kb_per_record"],
+                    storage_kb_per_record=run["storage_kb_per_record"], setup_s=run["setup_s"]))
+    return out
 
 
 if __name__ == "__main__":

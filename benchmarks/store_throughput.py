@@ -1,6 +1,6 @@
 """Label-store benchmark: batched gather rate and bytes per record against one ``.pt`` file per sample.
 
-Builds, in a temporary folder, N realistic 18x18 top-5 K=1000 maps (``tl_fast.store.synthetic``,
+Builds, in a temporary folder, N realistic 18x18 top-5 K=1000 maps (``benchmarks.synthetic``,
 kind "smooth"), writes them as a lossless store, a lossy store and the public layout (one
 ``torch.save`` of a ``[2, 5, 18, 18]`` float16 tensor per image), then measures in the same run:
 
@@ -10,52 +10,35 @@ kind "smooth"), writes them as a lossless store, a lossy store and the public la
 * bytes per record (lossless, lossy) against the public file size, on "smooth", "field" and "random"
   maps.
 
-Medians over repeats (20th/80th percentiles in the returned dict). Run:
-``python benchmarks/store_throughput.py [--n 4096] [--repeats 7]``.
+Medians over interleaved repeats (20th/80th percentiles beside). Rows: the gathers against the public
+files, the bytes per record against the public file (``benchmarks/results/store_throughput.json``).
+
+    python -m benchmarks.store_throughput [--n 4096] [--repeats 15]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
-import time
 
 import numba
 import numpy as np
 import torch
 
+from benchmarks import harness
+from benchmarks.synthetic import synthetic_topk_maps
 from tl_fast.store import LabelStore, StoreWriter, decode_records, encode_record
-from tl_fast.store.synthetic import synthetic_topk_maps
+
+GATHER_TARGET = 200_000  # maps/s on one core (docs/spec.md section 5)
+BYTES_TARGET = 0.60  # lossless bytes per record over the public file's, annotator-like maps
 
 
-def _time_interleaved(fns: dict, repeats: int) -> dict[str, np.ndarray]:
-    """Seconds per call of each function; the functions take turns in every repeat so that load
-    from other processes affects all of them alike."""
-    out: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            out[name].append(time.perf_counter() - t0)
-    return {name: np.asarray(v) for name, v in out.items()}
-
-
-def _rate(items: int, seconds: np.ndarray) -> dict:
-    rates = items / seconds
-    return {"median": float(np.median(rates)), "p20": float(np.percentile(rates, 20)),
-            "p80": float(np.percentile(rates, 80)), "best": float(rates.max())}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _rate(items: int, timing: harness.Timing) -> dict:
+    """Maps per second (median, p20, p80, best) and per second of this process's CPU time: on a shared
+    host the second is what the machine's load moves least."""
+    rates = items / np.asarray(timing.seconds)
+    per_cpu = items / max(harness.spread(timing.cpu_seconds)["median"], 1e-9)
+    return {**harness.spread(rates), "best": float(rates.max()), "per_cpu_second": per_cpu}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size-n", type=int, default=256, help="maps per kind for the bytes/record table")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="do not print the table")
+    harness.add_record_arguments(p)
     args = p.parse_args(argv)
 
     numba.set_num_threads(1)
@@ -78,8 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     n, bsz, k, hw, nc = args.n, args.batch, args.topk, tuple(args.map_size), args.num_classes
     rng = np.random.default_rng(args.seed)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    results: dict = {"machine": f"{_cpu_name()} ({os.cpu_count()} cpus)", "load_avg": load, "n": n, "batch": bsz,
-                     "num_classes": nc, "topk": k, "map_size": hw, "threads": 1}
+    results: dict = {"machine": f"{harness.cpu_model()} ({os.cpu_count()} cpus)", "load_avg": load, "n": n,
+                     "batch": bsz, "num_classes": nc, "topk": k, "map_size": hw, "threads": 1}
     try:
         values, indices = synthetic_topk_maps(n, num_classes=nc, topk=k, map_size=hw, kind="smooth", seed=args.seed)
         with tempfile.TemporaryDirectory(prefix="tl_fast_store_bench_") as tmp:
@@ -123,10 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
                     t = torch.stack(ts)
                     t[:, 0].contiguous(), t[:, 1].long()
 
-            for fn in (gather, raw_decode, public, lambda: gather(lossy)):  # warm-up: compile, page cache
-                fn()
-            secs = _time_interleaved({"gather": gather, "lossy": lambda: gather(lossy), "raw": raw_decode,
-                                      "public": public}, args.repeats)
+            # warm-up (compilation, page cache), then interleaved repeats
+            secs = harness.interleaved({"gather": gather, "lossy": lambda: gather(lossy), "raw": raw_decode,
+                                        "public": public}, args.repeats)
             results["gather_maps_s"] = _rate(gathered, secs["gather"])
             results["gather_lossy_maps_s"] = _rate(gathered, secs["lossy"])
             results["decode_records_maps_s"] = _rate(gathered, secs["raw"])
@@ -150,7 +133,43 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not args.quiet:
         print(format_table(results))
+    harness.record("store_throughput", rows(results), args, argv)
     return results
+
+
+def rows(r: dict) -> list[dict]:
+    """Gathers against one ``torch.load`` per sample; bytes per record against the public file."""
+    config = (f"{r['map_size'][0]}x{r['map_size'][1]} top-{r['topk']} K={r['num_classes']}, N={r['n']}, "
+              f"batch {r['batch']}, 1 thread")
+    pub = r["public_maps_s"]
+    out = []
+    for key, what in (("gather_maps_s", "LabelStore.read, lossless"), ("gather_lossy_maps_s", "LabelStore.read, lossy"),
+                      ("decode_records_maps_s", "decode_records (raw records, as the loaders hand them over)")):
+        x = r[key]
+        lossless = key == "gather_maps_s"
+        out.append(harness.row(f"batched gather: {what}", config, x["median"], "maps/s", target="label-store",
+                               spread_of=x, baseline="torch.load of one public .pt per sample",
+                               baseline_value=pub["median"], ratio=x["median"] / pub["median"],
+                               ratio_of="value / baseline", goal=f">= {GATHER_TARGET:,} maps/s" if lossless else None,
+                               meets=x["median"] >= GATHER_TARGET, load_average=round(r["load_avg"], 1),
+                               maps_per_cpu_second=x["per_cpu_second"],
+                               public_maps_per_cpu_second=pub["per_cpu_second"]))
+    pt = r["public_pt_bytes"]
+    names = {"smooth": "annotator-like maps", "field": "upsampled class field + noise",
+             "random": "no spatial structure (worst case)"}
+    sizes = f"{r['map_size'][0]}x{r['map_size'][1]} top-{r['topk']} K={r['num_classes']}"
+    measured = [(f"bytes per record, {mode}, {names[kind]}", kind, b[mode]) for kind, b in r["bytes"].items()
+                for mode in ("lossless", "lossy")]
+    measured += [(f"bytes per image, whole store file (index and manifest included), {mode}, {names['smooth']}",
+                  "smooth", r["bytes"]["smooth"][f"{mode}_file"]) for mode in ("lossless", "lossy")]
+    for what, kind, value in measured:
+        share = value / pt
+        goal = kind == "smooth" and "lossless" in what
+        out.append(harness.row(what, sizes, value, "bytes", target="label-store",
+                               baseline="public .pt file (torch.save of [2, k, H, W] float16)", baseline_value=pt,
+                               ratio=share, ratio_of="value / baseline", percent=True,
+                               goal=f"<= {BYTES_TARGET:.0%}" if goal else None, meets=share <= BYTES_TARGET))
+    return out
 
 
 def format_table(r: dict) -> str:
@@ -160,15 +179,15 @@ def format_table(r: dict) -> str:
     lines = [f"Label store, {r['map_size'][0]}x{r['map_size'][1]} top-{r['topk']} K={r['num_classes']} maps, "
              f"N={r['n']}, batch {r['batch']}, 1 thread, {r['machine']}, load average {r['load_avg']:.1f} "
              "at start", "",
-             "| read path | maps/s (median) | p20-p80 | best | vs public (medians) |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+             "| read path | maps/s (median) | p20-p80 | best | vs public (medians) | maps per CPU second |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, key in (("public: torch.load one .pt per sample", "public_maps_s"),
                       ("LabelStore.read (lossless)", "gather_maps_s"),
                       ("LabelStore.read (lossy)", "gather_lossy_maps_s"),
                       ("decode_records (padded raw records)", "decode_records_maps_s")):
         x = r[key]
         lines.append(f"| {name} | {x['median']:,.0f} | {x['p20']:,.0f}-{x['p80']:,.0f} | {x['best']:,.0f} | "
-                     f"{x['median'] / pub:.1f}x |")
+                     f"{x['median'] / pub:.1f}x | {x['per_cpu_second']:,.0f} |")
     lines += ["", "| maps | public .pt B | lossless B/record | ratio | lossy B/record | ratio |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for kind, b in r["bytes"].items():

@@ -1,14 +1,16 @@
 """Does token labeling help? Trains the same small LV-ViT (or timm ViT) on the demo dataset with and without it.
 
-    python benchmarks/token_label_evidence.py --epochs 300 --seeds 0 1 --parallel 4
-    python benchmarks/token_label_evidence.py --variants vit-hard vit-class vit-tokens --baseline vit-hard \
+    python -m benchmarks.token_label_evidence --epochs 300 --seeds 0 1 --parallel 4
+    python -m benchmarks.token_label_evidence --variants vit-hard vit-class vit-tokens --baseline vit-hard \
         --epochs 15 --parallel 2 --threads 1 -- --depth 4 --dim 96 --heads 3
 
 Each run is ``examples/train_lvvit.py --preset demo`` with one variant's flags (below) and one seed;
 runs go ``--parallel`` at a time, each logging to ``<out>/<variant>_s<seed>/``. The table gives the
 final val top-1 of the model and its EMA per seed, their mean, and each variant against ``--baseline``
-(class-token only by default). Runs still going at ``--time-limit`` are stopped and reported as unfinished (a cosine schedule
-cut short is not a result). With no ``--data`` the built-in demo dataset is prepared first.
+(class-token only by default). Runs still going at ``--time-limit`` are stopped and reported as
+unfinished (a cosine schedule cut short is not a result). With no ``--data`` the built-in demo dataset
+is prepared first. Rows: each variant's mean top-1 against the baseline's
+(``benchmarks/results/token_label_evidence.json``).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import harness
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> trainer flags
     "cls-only": ["--no-token-label"],  # (a) hard labels on the class token, no mixing
@@ -28,7 +32,7 @@ VARIANTS = {  # name -> trainer flags
     "cls-mixtoken": ["--no-token-label", "--mixtoken"],  # (a') same MixToken boxes, hard labels mixed by area
     "token-label": ["--no-mixtoken"],  # (c) token labeling without mixing
     # (b) with the experimental class target weighed by what the mixed tokens show, not by area
-    # (benchmarks/mix_class_target.py)
+    # (experiments/mix_class_target.py)
     "token-label-mixtoken-content": ["--mix-cls-target", "content"],
     # A small timm CNN (the demo-cnn preset's test_resnet): hard labels vs the annotator's pooled crop targets
     "cnn-hard": ["--model", "test_resnet", "--no-token-label"],
@@ -60,21 +64,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/token_label_evidence", help="run folders (checkpoint, log, stdout)")
     p.add_argument("--summary", help="summary JSON with every run's evaluations (default: <out>/summary.json)")
     p.add_argument("extra", nargs="*", help="more trainer flags, after --")
+    harness.add_record_arguments(p)
     return p.parse_args(argv)
 
 
 def demo_data(path: str | None) -> Path:
     if path:
         return Path(path)
-    sys.path.insert(0, str(ROOT))
     from tl_fast.demo import prepare
     return Path(prepare(progress=False).root)
 
 
 def command(args, data: Path, variant: str, seed: int, out: Path) -> list[str]:
-    # Variants with the experiment's options run the trainer through benchmarks/mix_class_target.py.
+    # Variants with the experiment's options run the trainer through experiments/mix_class_target.py.
     experiment = "--mix-cls-target" in VARIANTS[variant]
-    script = ROOT / "benchmarks" / "mix_class_target.py" if experiment else ROOT / "examples" / "train_lvvit.py"
+    script = ROOT / "experiments" / "mix_class_target.py" if experiment else ROOT / "examples" / "train_lvvit.py"
     return [sys.executable, str(script), "--preset", "demo", "--data", str(data),
             "--labels", args.labels or str(data / "train_labels.tlstore"), "--epochs", str(args.epochs), "--seed", str(seed),
             "--workers", str(args.workers), "--eval-every", str(args.eval_every), "--output", str(out),
@@ -167,6 +171,40 @@ def summarize(args, states: dict, out_root: Path) -> dict:
     return {"epochs": args.epochs, "seeds": args.seeds, "extra": args.extra, "runs": rows, "table": table}
 
 
+def _trainer_device(extra: list[str]) -> str:
+    """The device the runs trained on: the trainer's ``--device`` flag, else its default."""
+    import torch
+
+    if "--device" in extra[:-1]:
+        return extra[extra.index("--device") + 1]
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rows(args, summary: dict) -> list[dict]:
+    """Each variant's mean val top-1 over its finished seeds against ``--baseline``'s, on the seeds both
+    finished."""
+    table = summary["table"]
+    base = args.baseline
+    out = []
+    for variant, t in table.items():
+        if variant == base or base not in table:
+            continue
+        seeds = sorted(set(t["per_seed"]) & set(table[base]["per_seed"]))
+        if not seeds:
+            continue
+        mean = sum(t["per_seed"][s]["top1"] for s in seeds) / len(seeds)
+        base_mean = sum(table[base]["per_seed"][s]["top1"] for s in seeds) / len(seeds)
+        config = (f"demo data, {args.epochs} epochs, seeds {' '.join(map(str, seeds))}, trainer flags "
+                  f"{' '.join(VARIANTS[variant] + args.extra) or '(preset)'}")
+        out.append(harness.row(f"{variant}: mean val top-1", config, mean, "% top-1", target="demo",
+                               baseline=f"{base}: mean val top-1, same seeds", baseline_value=base_mean,
+                               difference=round(mean - base_mean, 2),
+                               per_seed={s: t["per_seed"][s]["top1"] for s in seeds},
+                               baseline_per_seed={s: table[base]["per_seed"][s]["top1"] for s in seeds},
+                               wall_s=round(summary.get("wall_s", 0.0))))
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out_root = Path(args.out)
@@ -179,6 +217,7 @@ def main(argv=None) -> int:
     summary = summarize(args, states, out_root)
     summary["wall_s"] = time.monotonic() - t0
     Path(args.summary or out_root / "summary.json").write_text(json.dumps(summary, indent=1))
+    harness.record("token_label_evidence", rows(args, summary), args, argv, device=_trainer_device(args.extra))
     return 0 if all(s.get("state") == "finished" for s in states.values()) else 1
 
 

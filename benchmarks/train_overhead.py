@@ -13,11 +13,12 @@ Same model, same batch, same run; every variant is a full step (forward, loss, b
 
 Reports medians (20th / 80th percentiles) and the ratio to ``cls-only`` (docs/spec.md section 5 targets
 on GPU, B=128: ``token-fused`` <= 1.01x for LV-ViT-S, <= 1.02x for a timm ViT-S). Variants are
-interleaved round by round so a drifting machine affects all of them alike.
+interleaved round by round so a drifting machine affects all of them alike. Rows: each variant against
+``cls-only`` (``benchmarks/results/train_overhead.json``).
 
-    python benchmarks/train_overhead.py                      # CPU: tiny model, small batch
-    python benchmarks/train_overhead.py --device cuda        # LV-ViT-S, B=128, 224 px, bf16
-    python benchmarks/train_overhead.py --device cuda --model vit_small_patch16_224   # timm ViT-S, wrapped
+    python -m benchmarks.train_overhead                      # CPU: tiny model, small batch
+    python -m benchmarks.train_overhead --device cuda        # LV-ViT-S, B=128, 224 px, bf16
+    python -m benchmarks.train_overhead --device cuda --model vit_small_patch16_224   # timm ViT-S, wrapped
 """
 from __future__ import annotations
 
@@ -31,9 +32,13 @@ import torch
 import torch.nn.functional as F
 
 import tl_fast.ops as ops
-from tl_fast.models import MODEL_NAMES, create_lvvit, token_labeling
-from common import crop_flip_plan, interleaved_step_times, machine_name, median_ms, mix_box, smooth_topk_maps
+from benchmarks import harness
+from benchmarks.common import crop_flip_plan, mix_box, smooth_topk_maps
 from timm.optim import create_optimizer_v2
+from tl_fast.models import MODEL_NAMES, create_lvvit, token_labeling
+
+# token-fused over cls-only on a GPU at B=128 (docs/spec.md section 5): LV-ViT-S, and a wrapped timm ViT-S
+STEP_TARGETS = {"lvvit_s": ("train-step-overhead", 1.01), "vit_small_patch16_224": ("timm-token-labeling", 1.02)}
 
 
 def synthetic_batch(batch: int, img_size: int, grid: tuple[int, int], num_classes: int, topk: int,
@@ -91,9 +96,11 @@ def make_steps(model, batch, num_classes: int, grid, amp: torch.dtype | None, sm
 def measure(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, rounds: int) -> dict:
     """Medians per variant, and each variant's median over rounds of its time over ``cls-only``'s in the
     same round (``paired``: steadier than a ratio of medians on a machine whose speed drifts)."""
-    times = interleaved_step_times(steps, device, warmup, rounds)
-    base = np.asarray(times["cls-only"])
-    return {k: {**median_ms(v), "paired": float(np.median(np.asarray(v) / base))} for k, v in times.items()}
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    times = harness.interleaved(steps, rounds, warmup, sync)
+    base = np.asarray(times["cls-only"].seconds)
+    return {k: {**{f"{q}_ms": v for q, v in t.stats(1e3).items()},
+                "paired": float(np.median(np.asarray(t.seconds) / base))} for k, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -113,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, help="timed steps per variant (default: 30 on cuda, 8 on cpu)")
     p.add_argument("--skip-targets", action="store_true", help="leave out the materialized-targets variant")
     p.add_argument("--json", help="also write the results here")
+    harness.add_record_arguments(p)
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
@@ -137,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.skip_targets:
         steps.pop("token-targets")
     res = measure(steps, device, args.warmup, rounds)
-    name = machine_name(args.device)
+    name = harness.machine_name(args.device)
     base = res["cls-only"]["median_ms"]
     print(f"train step overhead of token labeling: {model_name}, B={bsz}, {img}px, grid {grid[0]}x{grid[1]}, K={k}, "
           f"{args.map_size}x{args.map_size} top-{args.topk} maps, amp={args.amp or ('bf16' if gpu else 'none')}, on {name}")
@@ -151,6 +159,35 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
+    harness.record("train_overhead", rows(args, res, model_name, bsz, img, k, rounds, bare is not None), args, argv,
+                   device=args.device)
+    return out
+
+
+def rows(args, res: dict, model_name: str, bsz: int, img: int, k: int, rounds: int, wrapped: bool) -> list[dict]:
+    """Each variant's step against ``cls-only``; the goal on ``token-fused`` at the spec's sizes on a GPU."""
+    gpu = args.device == "cuda"
+    arch = "".join(f", {n} {v}" for n, v in (("patch", args.patch_size), ("depth", args.depth)) if v is not None)
+    config = (f"{model_name}{arch}, B={bsz}, {img} px, K={k}, {args.map_size}x{args.map_size} top-{args.topk} maps, "
+              f"amp {args.amp or ('bf16' if gpu else 'none')}, {args.device}; {rounds} interleaved rounds")
+    target, goal = STEP_TARGETS.get(model_name, ("timm-token-labeling" if wrapped else "train-step-overhead", None))
+    at_spec_size = gpu and bsz == 128 and img == 224 and not arch and goal is not None
+    base = res["cls-only"]["median_ms"]
+    family = "timm model wrapped by token_labeling" if wrapped else "LV-ViT"
+    baseline = ("the bare timm model's step on hard labels" if wrapped else
+                "the same step, class token only on hard labels")
+    out = []
+    for key, what in (("wrapper-hard", "the wrapper alone (hard labels on the class and every token), MixToken"),
+                      ("token-fused", "token labeling with the fused loss, MixToken"),
+                      ("token-targets", "token labeling, targets materialized + soft CE, MixToken")):
+        if key not in res:
+            continue
+        ratio = res[key]["median_ms"] / base
+        out.append(harness.row(f"{family} step, {what}", config, res[key]["median_ms"], "ms", target=target,
+                               spread_of={"p20": res[key]["p20_ms"], "p80": res[key]["p80_ms"]}, baseline=baseline,
+                               baseline_value=base, ratio=ratio, ratio_of="value / baseline",
+                               goal=f"<= {goal}x" if key == "token-fused" and at_spec_size else None,
+                               meets=goal is not None and ratio <= goal, paired_ratio=res[key]["paired"]))
     return out
 
 

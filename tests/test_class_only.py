@@ -17,9 +17,9 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
+from benchmarks.baselines import public_token_targets  # noqa: E402
 from tl_fast import geometry, ops  # noqa: E402
 from tl_fast.ops import reference  # noqa: E402
-from tl_fast.ops.public import public_token_targets  # noqa: E402
 from tl_fast.plan import AugmentConfig, RandAugmentConfig, draw_mix_box, plan_batch  # noqa: E402
 from test_kernels import _kernel_modules, random_maps  # noqa: E402
 

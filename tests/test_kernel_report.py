@@ -1,4 +1,4 @@
-"""The static properties the kernels' design relies on, from benchmarks/kernel_report.py.
+"""The static properties the kernels' design relies on, from tools/kernel_report.py.
 
 Every kernel specialization the library launches at the benchmark size is compiled for sm_90 with
 Triton's bundled ptxas (no GPU needed), in a subprocess without TRITON_INTERPRET. Asserted: no
@@ -25,7 +25,7 @@ def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernel_report.py"), "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "tools.kernel_report", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())

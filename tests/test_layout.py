@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 THIS = Path(__file__).resolve()
-CITED_FOLDERS = ("tl_fast", "tests", "benchmarks", "examples", "scripts")
+CITED_FOLDERS = ("tl_fast", "tests", "benchmarks", "tools", "experiments", "examples", "scripts", "docs")
 
 
 def _sources():
@@ -16,7 +16,8 @@ def _sources():
         for path in sorted((REPO / folder).rglob("*")):
             if path.suffix in (".py", ".sh", ".md") and "__pycache__" not in path.parts and path != THIS:
                 yield path
-    yield REPO / "README.md"
+    for doc in ("README.md", "BENCHMARKS.md", "CONTRIBUTING.md"):
+        yield REPO / doc
 
 
 def test_spec_citations_name_existing_sections():

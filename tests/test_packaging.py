@@ -75,8 +75,26 @@ def test_wheel_ships_kernels_and_license(wheel):
         assert f"tl_fast/kernels/{module}.py" in names
     assert any(n.endswith("licenses/LICENSE") for n in names), "the Apache-2.0 text must ship in the wheel"
     # Only the package: no top-level folder of the checkout rides along as tl_fast.* or on its own.
-    assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "examples/", "kernels/",
-                                                  "tl_fast/tests/", "tl_fast/benchmarks/"))]
+    assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "tools/", "experiments/", "examples/",
+                                                  "kernels/", "tl_fast/tests/", "tl_fast/benchmarks/"))]
+
+
+def test_wheel_leaves_out_test_and_benchmark_helpers(wheel):
+    """The public path's re-statement and the synthetic maps serve tests and benchmarks only: they live in
+    benchmarks/ (benchmarks.baselines, benchmarks.synthetic), not in the installed package."""
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "tl_fast/ops/reference.py" in names and "tl_fast/store/reader.py" in names
+    for gone in ("tl_fast/ops/public.py", "tl_fast/store/synthetic.py", "benchmarks/baselines.py",
+                 "benchmarks/synthetic.py"):
+        assert gone not in names
+    assert not [n for n in names if n.endswith(".py") and not n.startswith("tl_fast/")]
+
+
+def test_installed_package_has_no_test_helpers(installed):
+    python, _, env, work = installed
+    out = _run([python, "-c", "import importlib.util as u; print([m for m in ('tl_fast.ops.public', "
+                "'tl_fast.store.synthetic', 'benchmarks') if u.find_spec(m) is not None])"], cwd=work, env=env)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_checkout_has_no_symbolic_links():
@@ -102,9 +120,9 @@ def test_installed_kernels_run_in_the_interpreter(installed):
     code = """
 import torch
 from tl_fast import ops
-from tl_fast.store.synthetic import synthetic_topk_maps
-v, i = synthetic_topk_maps(3, num_classes=37, topk=3, map_size=(5, 6), kind="random", seed=1)
-v, i = torch.from_numpy(v), torch.from_numpy(i).int()
+g = torch.Generator().manual_seed(1)
+v, i = torch.randn(3, 37, 5, 6, generator=g).softmax(1).topk(3, dim=1)
+v, i = v.half(), i.int()
 affine = torch.tensor([[0.6, 0.0, 0.1], [0.0, 0.7, 0.2]]).expand(3, 2, 3).contiguous()
 a = ops.token_targets(v, i, affine, num_classes=37, grid=(3, 3), smoothing=0.1, mix_box=(0, 1, 2, 3), impl="triton")
 b = ops.token_targets(v, i, affine, num_classes=37, grid=(3, 3), smoothing=0.1, mix_box=(0, 1, 2, 3), impl="torch")

@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks.baselines import public_token_targets
 from tl_fast import geometry
 from tl_fast.ops import reference
-from tl_fast.ops.public import public_token_targets
 from tl_fast.plan import AugmentConfig, draw_mix_box, plan_batch
 
 

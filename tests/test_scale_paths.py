@@ -1,22 +1,20 @@
 """ImageNet-scale host paths (issue 19): chunked index checks with an early progress bar, convert-pt's
-default worker count, the label store's mapping advice, and benchmarks/scale_check.py end to end."""
+default worker count, the label store's mapping advice, and benchmarks.scale_check end to end."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks.synthetic import synthetic_topk_maps
 from test_loader_helpers import make_folder
 from tl_fast import dataset
 from tl_fast.imagecheck import check_image
 from tl_fast.store import LabelStore, StoreWriter
 from tl_fast.store import commands, reader
-from tl_fast.store.synthetic import synthetic_topk_maps
 
 
 # -- indexing ----------------------------------------------------------------------------------------
@@ -198,12 +196,15 @@ def test_loader_opens_its_store_for_scattered_reads(tmp_path):
 # -- the benchmark -------------------------------------------------------------------------------------
 
 def test_scale_check_runs_small(tmp_path, capsys):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "scale_check.py"
-    spec = importlib.util.spec_from_file_location("scale_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.main(["--workdir", str(tmp_path / "w"), "--images", "40", "--pt-files", "8", "--records", "300",
-              "--small-records", "100", "--gather-batches", "2", "--cold-batches", "1", "--gather-rounds", "1",
-              "--json", str(tmp_path / "r.json")])
+    from benchmarks import harness, scale_check
+
+    scale_check.main(["--workdir", str(tmp_path / "w"), "--images", "40", "--pt-files", "8", "--records", "300",
+                      "--small-records", "100", "--gather-batches", "2", "--cold-batches", "1", "--gather-rounds", "1",
+                      "--json", str(tmp_path / "r.json"), "--results-dir", str(tmp_path / "results")])
     out = capsys.readouterr().out
     assert "index: 40 images" in out and "convert-pt:" in out and "cold random" in out and "verify:" in out
+    rows = harness.read_rows(tmp_path / "results" / "scale_check.json")
+    assert {r["target"] for r in rows} == {"imagenet-scale", "label-store"}
+    gathers = [r for r in rows if r["target"] == "label-store"]
+    assert len(gathers) == 2 * 2 * len(scale_check.ACCESSES)  # two stores, warm and cold, each mapping
+    assert sum("goal" in r for r in gathers) == 2  # the warm gather of the mapping 'auto' picks, per store

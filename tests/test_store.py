@@ -10,10 +10,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.synthetic import synthetic_topk_maps
 from tl_fast.store import LabelStore, StoreError, StoreWriter, TopKMaps, decode_records, encode_record
 from tl_fast.store.codec import _checksum, float16_keys
 from tl_fast.store.format import HEADER_SIZE
-from tl_fast.store.synthetic import synthetic_topk_maps
 
 K, TOPK, HW = 1000, 5, (18, 18)
 
@@ -79,6 +79,18 @@ def test_size_target_on_smooth_maps(tmp_path, maps):
     v, i = maps
     sizes = [encode_record(v[n], i[n])[0].nbytes for n in range(len(v))]
     assert np.median(sizes) <= 0.6 * 8013
+
+
+def test_public_pt_bytes_is_the_size_of_a_public_file(tmp_path):
+    """``tl-fast inspect`` sets a store against the public layout by ``public_pt_bytes``: a file written the
+    public way is that size (its zip archive is named after the file, so a few bytes more)."""
+    from tl_fast.store.commands import public_pt_bytes
+
+    for k, hw in ((2, (4, 4)), (5, (18, 18))):
+        path = tmp_path / "n01440764" / f"n01440764_{k}.pt"
+        path.parent.mkdir(exist_ok=True)
+        torch.save(torch.zeros(2, k, *hw, dtype=torch.float16), path)
+        assert public_pt_bytes(k, hw) <= path.stat().st_size <= public_pt_bytes(k, hw) + 256
 
 
 def test_record_bytes_and_decode_records(tmp_path, maps):
@@ -470,18 +482,21 @@ def test_convert_pt_names_bad_file(tmp_path, capsys, bad, workers):
     assert not dst.exists() and os.listdir(tmp_path) == ["pub"]
 
 
-def test_benchmark_runs_small(capsys):
-    """benchmarks/store_throughput.py end to end on a tiny configuration (figures, not timings)."""
-    import importlib.util
-    from pathlib import Path
+def test_benchmark_runs_small(capsys, tmp_path):
+    """benchmarks.store_throughput end to end on a tiny configuration (figures, not timings), and its rows."""
+    from benchmarks import harness, store_throughput
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "store_throughput.py"
-    spec = importlib.util.spec_from_file_location("store_throughput", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    r = mod.main(["--n", "32", "--batch", "8", "--repeats", "1", "--public-n", "16", "--size-n", "2",
-                  "--num-classes", "50", "--topk", "3", "--map-size", "6", "5"])
+    r = store_throughput.main(["--n", "32", "--batch", "8", "--repeats", "1", "--public-n", "16", "--size-n", "2",
+                               "--num-classes", "50", "--topk", "3", "--map-size", "6", "5",
+                               "--results-dir", str(tmp_path)])
     assert r["gather_maps_s"]["median"] > 0 and r["public_maps_s"]["median"] > 0
     assert set(r["bytes"]) == {"smooth", "field", "random"}
     assert r["bytes"]["smooth"]["lossy"] < r["bytes"]["smooth"]["lossless"] < r["public_pt_bytes"]
     assert "LabelStore.read (lossless)" in capsys.readouterr().out
+    rows = {row["what"]: row for row in harness.read_rows(tmp_path / "store_throughput.json")}
+    gather = rows["batched gather: LabelStore.read, lossless"]
+    assert gather["value"] == pytest.approx(r["gather_maps_s"]["median"], rel=1e-5)
+    assert gather["baseline"]["value"] == pytest.approx(r["public_maps_s"]["median"], rel=1e-5)
+    smooth = rows["bytes per record, lossless, annotator-like maps"]
+    assert smooth["ratio"] == pytest.approx(r["bytes"]["smooth"]["lossless"] / r["public_pt_bytes"], rel=1e-5)
+    assert smooth["meets"] is True and smooth["command"].startswith("python -m benchmarks.store_throughput --n 32")

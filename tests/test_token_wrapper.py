@@ -275,18 +275,23 @@ def test_a_stem_that_does_not_declare_its_nhwc_layout_is_named_by_stem_format():
 
 
 def test_train_overhead_benchmark_runs_a_wrapped_timm_model(tmp_path):
-    """benchmarks/train_overhead.py --model <timm name> (what gpu_check.sh runs for ViT-S), tiny, on CPU."""
+    """python -m benchmarks.train_overhead --model <timm name> (what gpu_check.sh runs for ViT-S), tiny, on CPU,
+    and its rows (the timm target; no goal off the spec's GPU configuration)."""
     import json
     import subprocess
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "overhead.json"
-    run = subprocess.run([sys.executable, str(root / "benchmarks" / "train_overhead.py"), "--model", "test_vit",
+    run = subprocess.run([sys.executable, "-m", "benchmarks.train_overhead", "--model", "test_vit",
                           "--img-size", "32", "--batch-size", "2", "--num-classes", "16", "--map-size", "6",
-                          "--rounds", "2", "--warmup", "1", "--json", str(out)],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(root)})
+                          "--rounds", "2", "--warmup", "1", "--json", str(out), "--results-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)})
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert set(result["results"]) == {"cls-only", "wrapper-hard", "token-fused", "token-targets"}
     assert result["ratio_wrapper"] > 0 and result["ratio_fused"] > 0 and "grid 2x2" in run.stdout
+    rows = json.loads((tmp_path / "train_overhead.json").read_text())["rows"]
+    assert [r["target"] for r in rows] == ["timm-token-labeling"] * 3 and not any("goal" in r for r in rows)
+    assert rows[1]["ratio"] == pytest.approx(result["ratio_fused"], rel=1e-5)

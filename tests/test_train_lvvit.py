@@ -99,15 +99,32 @@ def test_few_steps_reduce_loss(dataset, tmp_path, loader):
 
 
 @pytest.mark.slow
-def test_content_mixed_class_target_trains(dataset, tmp_path):
-    """benchmarks/mix_class_target.py --mix-cls-target content (the experiment beside docs/spec.md section 3's area
-    rule, through the trainer's make_loss hook) runs and reduces the loss."""
-    trainer = _load_trainer(ROOT / "benchmarks" / "mix_class_target.py")
-    trainer.main(_args(dataset, tmp_path, "torch", "--epochs", "4", "--mix-cls-target", "content", "--gt-weight",
-                       "0.2"))
+def test_trainer_takes_an_experiments_options_and_loss(dataset, tmp_path):
+    """``tl_fast.train.main(add_arguments=..., make_loss=...)``: an experiment adds its own option and
+    replaces the loss without a copy of the trainer; the option reaches the loss, and it trains."""
+    from tl_fast.train.main import main as train_main
+
+    seen = []
+
+    def add_arguments(parser):
+        parser.add_argument("--loss-scale", type=float, default=1.0)
+
+    def make_loss(args, token_model):
+        seen.append((args.loss_scale, token_model))
+
+        def loss_fn(outputs, batch):
+            cls, tokens = outputs
+            return args.loss_scale * batch.loss(cls, tokens)
+        return loss_fn
+
+    train_main(_args(dataset, tmp_path, "torch", "--epochs", "4", "--loss-scale", "0.5"), prog="experiment.py",
+               add_arguments=add_arguments, make_loss=make_loss)
+    assert seen == [(0.5, True)]
     losses = _train_losses(tmp_path)
     steps = sorted(losses)
     assert losses[steps[0]] > 1.25 * np.mean([losses[s] for s in steps[-4:]])
+    with pytest.raises(SystemExit):  # the plain trainer does not know the experiment's option
+        train_main(_args(dataset, tmp_path / "plain", "torch", "--loss-scale", "0.5"))
 
 
 @pytest.mark.slow
@@ -197,14 +214,15 @@ def test_torchrun_two_processes_gloo(dataset, tmp_path, model):
 
 @pytest.mark.slow
 def test_token_label_evidence_script(dataset, tmp_path):
-    """benchmarks/token_label_evidence.py end to end: both variants train in parallel and the summary
-    holds each run's final evaluation and the difference to class-token only."""
+    """benchmarks.token_label_evidence end to end: both variants train in parallel, the summary holds
+    each run's final evaluation and the difference to class-token only, and so does its result row."""
     small = ["--img-size", "32", "--patch-size", "8", "--dim", "32", "--depth", "2", "--heads", "2",
              "--batch-size", "6", "--workers", "0", "--device", "cpu"]
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "token_label_evidence.py"), "--data", str(dataset),
+    cmd = [sys.executable, "-m", "benchmarks.token_label_evidence", "--data", str(dataset),
            "--labels", str(dataset / "labels.tlstore"), "--epochs", "2", "--seeds", "0", "--parallel", "2",
-           "--workers", "0", "--threads", "1", "--eval-every", "1", "--out", str(tmp_path), "--", *small]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+           "--workers", "0", "--threads", "1", "--eval-every", "1", "--out", str(tmp_path),
+           "--results-dir", str(tmp_path / "results"), "--", *small]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stdout + run.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [r["run"] for r in summary["runs"]] == ["cls-only_s0", "token-label-mixtoken_s0"]
@@ -215,6 +233,10 @@ def test_token_label_evidence_script(dataset, tmp_path):
     assert "token-label-mixtoken minus cls-only" in run.stdout
     start = [json.loads(line) for line in (tmp_path / "cls-only_s0" / "log.jsonl").read_text().splitlines()][0]
     assert start["args"]["token_label"] == "False" and start["args"]["img_size"] == "32"
+    (row,) = json.loads((tmp_path / "results" / "token_label_evidence.json").read_text())["rows"]
+    assert row["target"] == "demo" and row["value"] == pytest.approx(tl, abs=1e-3)
+    assert row["details"]["difference"] == pytest.approx(table["token-label-mixtoken"]["minus_cls_only"][0], abs=0.01)
+    assert row["machine"]["cpu"] and row["command"].startswith("python -m benchmarks.token_label_evidence --data")
 
 
 

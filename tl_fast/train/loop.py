@@ -36,7 +36,7 @@ def make_loss_fn(args, token_model: bool) -> Callable:
     * no token labels: cross-entropy on hard labels, mixed by area when tokens were mixed.
 
     ``tl_fast.train.main(make_loss=...)`` takes another factory with this signature (experiments such
-    as ``benchmarks/mix_class_target.py``)."""
+    as ``experiments/mix_class_target.py``)."""
 
     def loss_fn(outputs, batch):
         cls, tokens = outputs if token_model else (outputs, None)

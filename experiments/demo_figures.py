@@ -1,8 +1,10 @@
-"""Figures of the demo data for BENCHMARKS.md: annotator accuracy, label-store size on the demo
+"""Experiment (2026-11-26, last run 2026-12-02): figures of the demo data: annotator accuracy, label-store size on the demo
 annotator's real score maps against the public per-image ``.pt`` layout, and how the training crops and
 MixToken boxes meet the scenes' known objects.
 
-    python benchmarks/demo_figures.py [--data DIR]
+    PYTHONPATH=. python experiments/demo_figures.py [--data DIR]
+
+Results: docs/demo-evidence.md.
 
 The public layout is measured, not estimated: every record is written as its own ``torch.save`` of a
 ``[2, k, H, W]`` float16 tensor (values, then class ids as float16) into a temporary folder, and both

@@ -1,6 +1,7 @@
-"""Per-batch cost of the bad-input checks on the loaders' hot paths (B=128, ImageNet-sized JPEGs):
-the store's stat before each batch read, and the FFCV backend's fingerprints of a batch's packed
-images. Run: python benchmarks/check_overhead.py (medians of many calls, microseconds)."""
+"""Experiment (2026-12-01): per-batch cost of the bad-input checks on the loaders' hot paths (B=128,
+ImageNet-sized JPEGs): the store's stat before each batch read, and the FFCV backend's fingerprints of a
+batch's packed images (format version 3). Result: docs/image-checks.md.
+Run: PYTHONPATH=. python experiments/check_overhead.py (medians of many calls, microseconds)."""
 import os
 import tempfile
 import time
@@ -9,7 +10,6 @@ import numpy as np
 
 from tl_fast.imagecheck import packed_fingerprints
 
-from tl_fast.imagecheck import packed_fingerprints
 B = 128
 PATH = os.path.join(tempfile.mkdtemp(), "blob.bin")
 buf = np.memmap(PATH, dtype=np.uint8, mode="w+", shape=(B * 110_000,))

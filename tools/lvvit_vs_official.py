@@ -10,8 +10,8 @@ The official code is not a dependency: pass a checkout of https://github.com/zih
 It is imported from a temporary copy with its ``@register_model`` lines removed (its names, e.g.
 ``lvvit_s``, would otherwise replace tl_fast's in timm's registry); it runs on timm 1.x as is.
 
-    python benchmarks/lvvit_vs_official.py --official /path/to/TokenLabeling        # T, S, M at 224; L at 448
-    python benchmarks/lvvit_vs_official.py --official ... --models lvvit_s --batch-size 4
+    python -m tools.lvvit_vs_official --official /path/to/TokenLabeling        # T, S, M at 224; L at 448
+    python -m tools.lvvit_vs_official --official ... --models lvvit_s --batch-size 4
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Synthetic top-k score maps for tests and benchmarks (no annotator needed).
+"""Synthetic top-k score maps for tests and benchmarks (no annotator needed; not part of the installed
+package).
 
 Three kinds, from easy to hard for the codec:
 

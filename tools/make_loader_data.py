@@ -1,30 +1,27 @@
 #!/usr/bin/env python
-"""Data for `benchmarks/loader_throughput.py` on a machine without the demo: ImageNet-sized JPEGs
+"""Data for ``benchmarks.loader_throughput`` on a machine without the demo: ImageNet-sized JPEGs
 and a label store for them, generated locally (nothing to download or carry).
 
 * images: the demo's procedural scenes (``tl_fast.demo.scenes.render_scene``) at ImageNet-like
   sizes (sides 300-500 px, JPEG quality 90), ``OUT/imgs/<class>/<class>_<i>.jpg``, rendered by a
   process pool;
-* labels: ``OUT/labels.tls``, annotator-like synthetic top-k maps (``tl_fast.store.synthetic``) over
+* labels: ``OUT/labels.tls``, annotator-like synthetic top-k maps (``benchmarks.synthetic``) over
   the 32 classes, one record per image. Their values do not matter to the loader's speed, only their
   size (k and the map side; 18 x 18 top-5 as NFNet-F6's ImageNet maps by default).
 
-    python benchmarks/make_loader_data.py OUT --images 4096
+    python -m tools.make_loader_data OUT --images 4096
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from tl_fast.demo.scenes import SceneConfig, class_specs, render_scene  # noqa: E402
+from tl_fast.demo.scenes import SceneConfig, class_specs, render_scene
 
 SCENE = SceneConfig(min_side=300, max_side=500)
 NUM_CLASSES = 32
@@ -48,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
+    from benchmarks.synthetic import synthetic_topk_maps
     from tl_fast.store import StoreWriter
-    from tl_fast.store.synthetic import synthetic_topk_maps
 
     out = Path(args.out)
     names = [s.name for s in class_specs(NUM_CLASSES)]

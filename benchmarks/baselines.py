@@ -1,4 +1,5 @@
-"""A faithful re-statement of the public token-labeling path (LV-ViT), for tests and benchmarks.
+"""The public token-labeling path (LV-ViT), re-stated faithfully: the benchmarks' baseline and the
+tests' oracle for it (not part of the installed package).
 
 Per sample: scatter the top-k scores into a dense float32 ``[K, H, W]`` map, flip it when the
 sample is flipped, then ``torchvision.ops.roi_align`` twice (the token grid and one bin for the class
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from torchvision.ops import roi_align
 
-from .reference import apply_mixtoken
+from tl_fast.ops.reference import apply_mixtoken
 
 
 def public_token_targets(

@@ -8,22 +8,22 @@ resume in the middle of an epoch. The data is a small generated image folder, a 
 and a ``.beton`` packed from both (made once under ``--data``, then reused, so both runs read the
 same files).
 
-    python benchmarks/dump_batches.py --data /tmp/dump_data --out new.pt
-    python benchmarks/dump_batches.py --compare old.pt new.pt
+    python -m tools.dump_batches --data /tmp/dump_data --out new.pt
+    python -m tools.dump_batches --compare old.pt new.pt
+
+(A checkout from before the tools moved has it as ``benchmarks/dump_batches.py``; the dumps compare
+all the same.)
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import warnings
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from tl_fast.plan import AugmentConfig  # noqa: E402
+from tl_fast.plan import AugmentConfig
 
 CONFIGS = {
     "recipe": {},  # timm's recipe (RandAugment), erasing, one MixToken box per batch

@@ -8,8 +8,8 @@ Triton's bundled ptxas. Printed per specialization: registers, spill bytes, shar
 instruction count and whether the SASS has 128-bit global stores (``STG.E.128``; ``st.global.v4``
 in PTX when cuobjdump is unavailable).
 
-    python benchmarks/kernel_report.py            # table
-    python benchmarks/kernel_report.py --json r.json
+    python -m tools.kernel_report            # table
+    python -m tools.kernel_report --json r.json
 
 Must run WITHOUT ``TRITON_INTERPRET`` (interpreted kernels are not compiled).
 """
@@ -20,14 +20,11 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from contextlib import contextmanager
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    raise SystemExit("kernel_report.py compiles kernels: run it without TRITON_INTERPRET")
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    raise SystemExit("tools.kernel_report compiles kernels: run it without TRITON_INTERPRET")
 
 import torch  # noqa: E402
 import triton  # noqa: E402

@@ -1,4 +1,5 @@
-"""Cost of the FFCV backend's whole-byte image check against the decode it guards, in one run.
+"""Experiment (2026-12-02): cost of the FFCV backend's whole-byte image check against the decode it
+guards, in one run. Result: docs/image-checks.md.
 
 Per packed ImageNet-sized JPEG (500x375, quality 90): FFCV's full-size JPEG decode
 (``ffcv.libffcv.imdecode``, what the plan-crop decoder runs before its crop), the content hash the
@@ -8,7 +9,7 @@ pipeline runs: the hash brings the bytes into the cache the decode then reads). 
 a memory-mapped file (page cache), interleaved rounds, medians with 20th-80th percentiles.
 ``--loader``: also whole FFCV loader epochs over a packed folder of such images (crop + flip, no
 labels), with the check and with it switched off, interleaved.
-Run: python benchmarks/beton_hash_cost.py [--n 64 --rounds 7 --blur 1.0] [--loader --workers 2]"""
+Run: PYTHONPATH=. python experiments/beton_hash_cost.py [--n 64 --rounds 7 --blur 1.0] [--loader --workers 2]"""
 from __future__ import annotations
 
 import argparse

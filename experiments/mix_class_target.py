@@ -1,8 +1,8 @@
-"""Experiment: how should MixToken mix the class-token target? The trainer mixes it by area
+"""Experiment (2026-11-27): how should MixToken mix the class-token target? The trainer mixes it by area
 (docs/spec.md section 3); this runs the same trainer with two alternatives.
 
-    python benchmarks/mix_class_target.py --mix-cls-target content [trainer options]
-    python benchmarks/mix_class_target.py --gt-weight 0.5 [trainer options]
+    PYTHONPATH=. python experiments/mix_class_target.py --mix-cls-target content [trainer options]
+    PYTHONPATH=. python experiments/mix_class_target.py --gt-weight 0.5 [trainer options]
 
 * ``--mix-cls-target content`` weighs the two images of a mixed sample by what the mixed tokens' own
   targets show of each image's class (TokenMix-style, from the annotator's maps) instead of by area.
@@ -10,7 +10,7 @@
 * ``--gt-weight W`` takes a share W of the class-token target from the ground-truth label (mixed by
   area) and 1 - W from the annotator: a fixed blend, not the official ground-truth rule.
 
-Every other option is ``tl-fast train``'s; BENCHMARKS.md has the runs and what they showed.
+Every other option is ``tl-fast train``'s; docs/demo-evidence.md has the runs and what they showed.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def content_mixtoken(targets: torch.Tensor, mix_box, grid: tuple[int, int]) -> t
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("class-target experiment (benchmarks/mix_class_target.py)")
+    g = parser.add_argument_group("class-target experiment (experiments/mix_class_target.py)")
     g.add_argument("--mix-cls-target", choices=("area", "content"), default="area",
                    help="how MixToken mixes the class-token target: 'area' (docs/spec.md section 3) or "
                         "'content' (see above)")

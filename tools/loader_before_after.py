@@ -1,9 +1,9 @@
 """Loader throughput of two checkouts of tl_fast (before and after a change), interleaved.
 
-    python benchmarks/loader_before_after.py --old /path/to/old/checkout --new . --pairs 4 -- \\
+    python -m tools.loader_before_after --old /path/to/old/checkout --new . --pairs 4 -- \\
         --images DIR --labels STORE --batch-size 32 --workers 2 --rounds 1 --batches 16
 
-Each pair runs ``benchmarks/loader_throughput.py`` (the options after ``--``) once from each checkout,
+Each pair runs the loader benchmark (the options after ``--``) once from each checkout,
 in alternating order, each process importing its own checkout's ``tl_fast``; each side keeps its own
 work folder (a ``.beton`` format may differ between the two). Reported per backend and labels on/off:
 the median images/s of each side and the median over pairs of new / old (the two runs of a pair are
@@ -22,9 +22,12 @@ from pathlib import Path
 
 
 def run_once(checkout: Path, workdir: Path, passthrough: list[str], out_json: Path) -> dict:
-    script = checkout / "benchmarks" / "loader_throughput.py"
     env = dict(os.environ, PYTHONPATH=str(checkout))
-    cmd = [sys.executable, str(script), *passthrough, "--workdir", str(workdir), "--json", str(out_json)]
+    if (checkout / "benchmarks" / "__init__.py").is_file():  # a package since the tree's restructuring
+        bench = ["-m", "benchmarks.loader_throughput", "--no-record"]
+    else:
+        bench = [str(checkout / "benchmarks" / "loader_throughput.py")]
+    cmd = [sys.executable, *bench, *passthrough, "--workdir", str(workdir), "--json", str(out_json)]
     subprocess.run(cmd, check=True, env=env, cwd=checkout, stdout=subprocess.DEVNULL)
     return json.loads(out_json.read_text())
 

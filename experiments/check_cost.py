@@ -1,10 +1,11 @@
-"""Cost per image of the validity rule at indexing, against the header-only index it replaced, and
+"""Experiment (2026-12-02): cost per image of the validity rule at indexing, against the header-only index it replaced, and
 of the cheaper decodes that could stand in for it, on ImageNet-sized JPEGs (500x375, quality 90),
 one thread, interleaved rounds, medians.
 
 Each way is also run on the bad JPEGs of tests/test_bad_input.py (a truncated file with ``FF D9``
 appended, random bytes in the middle of the scan): a way that delivers pixels for either cannot be
-the default, whatever it costs. Run: python benchmarks/check_cost.py [--n 40 --rounds 7]"""
+the default, whatever it costs. Result: docs/image-checks.md.
+Run: PYTHONPATH=. python experiments/check_cost.py [--n 40 --rounds 7]"""
 from __future__ import annotations
 
 import argparse

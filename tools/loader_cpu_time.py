@@ -6,8 +6,8 @@ Steadier than wall time on a shared host (another session's work delays this one
 to its CPU time), so a before/after comparison of loader code can be run there; run it for the old
 and the new tree alternately.
 
-    python benchmarks/loader_cpu_time.py torch --images DIR --labels STORE
-    python benchmarks/loader_cpu_time.py ffcv --images TRAIN.beton          # without token labels
+    python -m tools.loader_cpu_time torch --images DIR --labels STORE
+    python -m tools.loader_cpu_time ffcv --images TRAIN.beton          # without token labels
 """
 from __future__ import annotations
 
@@ -16,13 +16,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads its OpenMP runtime
 
 import argparse  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
 import torch  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tl_fast.loaders import TokenLabelLoader  # noqa: E402
 
