@@ -85,7 +85,7 @@ _ALL = (
     Target("demo", "Token labeling on the demo",
            "2 idle cores, data prepared: token labeling vs the class-token baseline on the same budget: >= 50% "
            "val top-1, >= +5 points on the mean of 2 seeds, both runs in <= 5 min of training",
-           ("token_label_evidence",),
+           ("demo_gain", "token_label_evidence"),
            reading="What the runs so far show and why MixToken costs accuracy on the demo: "
                    "[docs/demo-evidence.md](docs/demo-evidence.md)."),
     Target("annotate", "Machine annotation against plain inference",

@@ -153,7 +153,7 @@ def test_default_root_honours_env(monkeypatch, tmp_path):
     monkeypatch.setenv("TL_FAST_DATA", str(tmp_path / "x"))
     assert default_root() == tmp_path / "x"
     monkeypatch.delenv("TL_FAST_DATA")
-    assert default_root() == Path.home() / ".cache" / "tl_fast" / "demo"
+    assert default_root() == Path.home() / ".cache" / "tl_fast" / "demo-v2"  # versioned: old caches stay apart
 
 
 def test_prepare_end_to_end_and_idempotent(tmp_path):

@@ -61,12 +61,16 @@ def dataset(tmp_path_factory):
     return root
 
 
-def _args(data, out, loader="torch", *extra):
-    return ["--loader", loader, "--data", str(data), "--labels", str(data / "labels.tlstore"), "--model", "lvvit_demo",
+def _tiny(data):
+    """The data, model and recipe of every run here (a 2-block LV-ViT at 32 px)."""
+    return ["--data", str(data), "--labels", str(data / "labels.tlstore"), "--model", "lvvit_demo",
             "--img-size", "32", "--patch-size", "8", "--dim", "32", "--depth", "2", "--heads", "2",
             "--batch-size", "6", "--workers", "0", "--lr", "0.2", "--warmup-epochs", "0.5", "--aa", "none",
-            "--crop-scale", "0.5", "--device", "cpu", "--no-progress", "--log-every", "1", "--output", str(out),
-            *extra]
+            "--crop-scale", "0.5", "--device", "cpu", "--no-progress", "--log-every", "1"]
+
+
+def _args(data, out, loader="torch", *extra):
+    return ["--loader", loader, *_tiny(data), "--output", str(out), *extra]
 
 
 def _log(out):
@@ -238,6 +242,39 @@ def test_token_label_evidence_script(dataset, tmp_path):
     assert row["details"]["difference"] == pytest.approx(table["token-label-mixtoken"]["minus_cls_only"][0], abs=0.01)
     assert row["machine"]["cpu"] and row["command"].startswith("python -m benchmarks.token_label_evidence --data")
 
+
+
+@pytest.mark.slow
+def test_demo_compare_trains_both_runs_differing_only_in_labels(dataset, tmp_path):
+    """tl_fast.demo.compare (scripts/demo.sh) in a one-epoch configuration: summary.json holds both runs,
+    curves.png is drawn, and the two logged trainer configurations differ only in the labels."""
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "tl_fast.demo.compare", "--seed", "3", "--output", str(out), "--loader", "torch",
+           "--workers", "0", "--threads", "1", "--no-progress", "--", *_tiny(dataset), "--epochs", "1"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seed"] == 3 and summary["epochs"] == 1
+    tl, base = summary["token_labeling"], summary["baseline"]
+    for r in (tl, base):
+        assert 0 <= r["top1"] <= 100 and 0 <= r["top5"] <= 100 and "img_per_s" in r
+    assert summary["gain_points"] == pytest.approx(tl["top1"] - base["top1"], abs=0.01)
+    assert (out / "curves.png").stat().st_size > 10_000
+    starts = {n: next(r for r in _log(out / n) if r["event"] == "start")["args"] for n in ("token_labeling", "baseline")}
+    differ = sorted(k for k in starts["baseline"] if starts["baseline"][k] != starts["token_labeling"].get(k))
+    assert differ == ["output", "token_label"] and summary["config_differences"] == ["token_label"]
+    assert starts["token_labeling"]["token_label"] == "True" and starts["baseline"]["mixtoken"] == "False"
+    assert starts["token_labeling"]["seed"] == "3" and starts["token_labeling"]["preset"] == "demo"
+    lines = run.stdout.strip().splitlines()
+    assert lines[-3].strip().startswith("token labeling: top-1") and "points top-1" in lines[-1]
+
+    alone = tmp_path / "alone"
+    cmd[cmd.index(str(out))] = str(alone)
+    run = subprocess.run([*cmd[:3], "--no-baseline", *cmd[3:]], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stdout + run.stderr
+    summary = json.loads((alone / "summary.json").read_text())
+    assert "baseline" not in summary and summary["token_labeling"]["top1"] is not None
+    assert not (alone / "baseline").exists()
 
 
 @pytest.mark.slow

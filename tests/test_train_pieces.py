@@ -44,6 +44,20 @@ def test_optimizer_exempts_norms_biases_pos_cls():
     assert isinstance(make_optimizer(_args("--opt", "sgd"), model, lr=0.1), torch.optim.SGD)
 
 
+def test_demo_preset_sizes_its_own_model_only():
+    """The demo's LV-ViT gets the preset's width and 48 px; another --model keeps its own size, and an
+    option given on the command line always wins."""
+    demo = _args()
+    assert (demo.model, demo.dim, demo.heads, demo.img_size) == ("lvvit_demo", 192, 6, 48)
+    assert (demo.mixtoken, demo.model_ema, demo.label_mode) == (False, False, "tokens")
+    vit = _args("--model", "vit_tiny_patch16_224")
+    assert (vit.dim, vit.heads, vit.img_size) == (None, None, 64)
+    assert (_args("--img-size", "40", "--dim", "96").img_size, _args("--dim", "96").dim) == (40, 96)
+    cnn = _args("--preset", "demo-cnn")
+    assert (cnn.dim, cnn.img_size, cnn.model_ema, cnn.eval_every) == (None, 64, True, 1)
+    assert _args("--data", "/somewhere").model_ema is True
+
+
 def _lrs(args, steps_per_epoch, n, lr=1.0):
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
     sched = make_scheduler(args, opt, steps_per_epoch, lr)
@@ -85,7 +99,7 @@ def test_schedule_resumes():
 
 def test_ema_tracks_and_warms_up():
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    ema = make_ema(_args("--ema-decay", "0.9"), model)
+    ema = make_ema(_args("--model-ema", "--ema-decay", "0.9"), model)  # the demo preset keeps no EMA
     assert make_ema(_args("--no-model-ema"), model) is None
     assert ema.get_decay(1) == 0.0 and 0.0 < ema.get_decay(5) < ema.get_decay(50) <= 0.9
     with torch.no_grad():
@@ -103,7 +117,7 @@ def test_ema_tracks_and_warms_up():
     torch.testing.assert_close(ema.module[0].weight, model[0].weight)
     torch.testing.assert_close(ema.module[1].running_mean, model[1].running_mean)
     assert not any(p.requires_grad for p in ema.parameters())
-    clone = make_ema(_args(), model)
+    clone = make_ema(_args("--model-ema"), model)
     clone.load_state_dict(ema.state_dict())
     torch.testing.assert_close(clone.module[0].weight, ema.module[0].weight)
 

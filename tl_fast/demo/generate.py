@@ -32,7 +32,7 @@ def generate_images(
     A single process is used on purpose: a scene takes a few milliseconds, so the whole default
     dataset takes about 20 s on one core and extra processes would mostly fight for the same cores.
     """
-    specs = class_specs(num_classes)
+    specs = class_specs(num_classes, scene.shapes)
     names = [s.name for s in specs]
     settings: dict = {
         "generator": GENERATOR_VERSION,

@@ -47,17 +47,20 @@ class ClassSpec:
         return f"{self.index:02d}_{self.colour}_{self.shape}"
 
 
-def class_specs(num_classes: int) -> list[ClassSpec]:
-    """The first ``num_classes`` classes: shapes cycle fastest, then colour families."""
-    limit = len(SHAPES) * len(COLOURS)
+def class_specs(num_classes: int, shapes: tuple[str, ...] = SHAPES) -> list[ClassSpec]:
+    """The first ``num_classes`` classes over ``shapes``: shapes cycle fastest, then colour families."""
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown or not shapes:
+        raise ValueError(f"demo shapes must be some of {', '.join(SHAPES)}, got {shapes!r}")
+    limit = len(shapes) * len(COLOURS)
     if not 2 <= num_classes <= limit:
-        raise ValueError(f"the demo supports 2..{limit} classes, got {num_classes}")
+        raise ValueError(f"the demo supports 2..{limit} classes with {len(shapes)} shapes, got {num_classes}")
     specs = []
     for i in range(num_classes):
-        s, c = i % len(SHAPES), i // len(SHAPES)
+        s, c = i % len(shapes), i // len(shapes)
         # The texture is a cue, not a give-away: each texture is shared by a quarter of the classes.
         texture = TEXTURES[(s + 2 * c) % len(TEXTURES)]
-        specs.append(ClassSpec(i, SHAPES[s], COLOURS[c][0], COLOURS[c][1], texture))
+        specs.append(ClassSpec(i, shapes[s], COLOURS[c][0], COLOURS[c][1], texture))
     return specs
 
 
@@ -167,7 +170,7 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _paste(img: np.ndarray, spec: ClassSpec, cx: float, cy: float, size: int,
-           rng: np.random.Generator) -> None:
+           rng: np.random.Generator, textured: bool = True) -> None:
     """Render one object of class ``spec`` centred at (cx, cy) with side ``size`` into ``img``."""
     shape_angle = rng.uniform(-0.5, 0.5) if spec.shape in ("triangle", "bowtie", "crescent") else \
         rng.uniform(0, 2 * math.pi)
@@ -175,6 +178,7 @@ def _paste(img: np.ndarray, spec: ClassSpec, cx: float, cy: float, size: int,
     colour = _hsv_to_rgb(spec.hue + rng.normal(0, 9), rng.uniform(0.55, 0.95), rng.uniform(0.55, 0.95))
     # Mostly the class texture; sometimes another one, so texture is a cue and not the answer.
     texture = spec.texture if rng.random() < 0.75 else TEXTURES[rng.integers(len(TEXTURES))]
+    texture = texture if textured else "solid"
     fill = colour[None, None, :] * _texture(texture, size, rng)[..., None]
     h, w = img.shape[:2]
     x0, y0 = int(round(cx - size / 2)), int(round(cy - size / 2))
@@ -200,6 +204,8 @@ class SceneConfig:
     distractor_scale: tuple[float, float] = (0.14, 0.28)
     distractors: tuple[int, int] = (2, 4)  # inclusive range
     jpeg_quality: int = 90
+    shapes: tuple[str, ...] = SHAPES  # classes cycle through these shapes, then through colour families
+    textured: bool = True  # False: objects are filled with their colour alone (no surface texture)
 
 
 @dataclass(frozen=True)
@@ -273,7 +279,7 @@ def render_scene(seed: int, split: str, label: int, index: int, specs: list[Clas
     rng = np.random.default_rng([seed, SPLITS[split], label, index, 1])  # appearance stream
     img = _background(layout.height, layout.width, rng)
     for obj in layout.objects:
-        _paste(img, specs[obj.label], obj.cx, obj.cy, obj.size, rng)
+        _paste(img, specs[obj.label], obj.cx, obj.cy, obj.size, rng, cfg.textured)
     out = Image.fromarray((np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
     buf = io.BytesIO()
     out.save(buf, format="JPEG", quality=cfg.jpeg_quality)

@@ -7,15 +7,22 @@ import textwrap
 
 # Defaults that depend on the data: the demo presets are sized for two CPU cores and a few minutes.
 PRESETS = {
-    "demo": dict(model="lvvit_demo", img_size=64, epochs=10, batch_size=64, lr=0.02, warmup_epochs=1.0,
-                 drop_path=0.0, aa="none", crop_scale=0.25, reprob=0.0, workers=2, label_mode="tokens"),
+    # Token labels without MixToken and no EMA: what the demo's sweep found best for both of its runs
+    # (docs/demo-evidence.md); the LV-ViT it trains is sized by PRESET_MODEL_OVERRIDES.
+    "demo": dict(model="lvvit_demo", img_size=64, epochs=24, batch_size=64, lr=0.01, warmup_epochs=1.0,
+                 drop_path=0.0, aa="none", crop_scale=0.25, reprob=0.0, workers=2, label_mode="tokens",
+                 mixtoken=False, model_ema=False, eval_every=2),
     # timm's narrow test ResNet (0.4M parameters) at 64 px: a CNN that trains on the demo in minutes.
     "demo-cnn": dict(model="test_resnet", img_size=64, epochs=10, batch_size=64, lr=0.02, warmup_epochs=1.0,
-                     drop_path=0.0, aa="none", crop_scale=0.25, reprob=0.0, workers=2, label_mode="class"),
+                     drop_path=0.0, aa="none", crop_scale=0.25, reprob=0.0, workers=2, label_mode="class",
+                     model_ema=True, eval_every=1),
     "imagenet": dict(model="lvvit_s", img_size=224, epochs=300, batch_size=128, lr=1.6e-3, warmup_epochs=5.0,
                      drop_path=0.1, aa="rand-m9-mstd0.5-inc1", crop_scale=0.08, reprob=0.25, workers=8,
-                     label_mode="tokens"),
+                     label_mode="tokens", model_ema=True, eval_every=1),
 }
+# Model options a preset sets only for its own model (--model left unset or equal to the preset's): the
+# demo's LV-ViT is wider and sees 48 px (a 6 x 6 token grid), while --preset demo --model NAME keeps NAME's.
+PRESET_MODEL_OVERRIDES = {"demo": dict(dim=192, heads=6, img_size=48)}
 
 # LV-ViT sizes built by tl_fast.models (tl_fast.models.MODEL_NAMES); any other name goes to timm.create_model.
 LVVIT_NAMES = ("lvvit_demo", "lvvit_t", "lvvit_s", "lvvit_m", "lvvit_l")
@@ -60,7 +67,7 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser(prog: str | None = None, add_help: bool = True) -> argparse.ArgumentParser:
-    presets = "\n".join(textwrap.fill(f"{k}: " + ", ".join(f"{a}={v}" for a, v in d.items()), 110,
+    presets = "\n".join(textwrap.fill(f"{k}: " + ", ".join(f"{a}={v}" for a, v in d.items()) + _overrides(k), 110,
                                        subsequent_indent="    ") for k, d in PRESETS.items())
     p = argparse.ArgumentParser(
         prog=prog, add_help=add_help, formatter_class=_Help, epilog=EPILOG, usage=USAGE,
@@ -68,6 +75,13 @@ def build_parser(prog: str | None = None, add_help: bool = True) -> argparse.Arg
         "(the LV-ViT-S recipe) with it.\n" + presets)
     add_arguments(p)
     return p
+
+
+def _overrides(preset: str) -> str:
+    extra = PRESET_MODEL_OVERRIDES.get(preset)
+    if not extra:
+        return ""
+    return f"; with model={PRESETS[preset]['model']}: " + ", ".join(f"{a}={v}" for a, v in extra.items())
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -116,8 +130,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--decay-rate", type=float, default=0.1, help="step / multistep schedules: factor per decay")
     t.add_argument("--weight-decay", type=float, default=0.05, help="not applied to norms, biases, pos/cls")
     t.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip (0: off)")
-    t.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep (and evaluate) an exponential moving average of the weights")
+    t.add_argument("--model-ema", action=argparse.BooleanOptionalAction,
+                   help="keep (and evaluate) an exponential moving average of the weights (default: the preset's)")
     t.add_argument("--ema-decay", "--model-ema-decay", dest="ema_decay", type=float, default=0.9998,
                    help="EMA decay, warmed up as 1 - (1 + step)^(-2/3)")
     t.add_argument("--amp", choices=("bf16", "fp16", "none"),
@@ -133,7 +147,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     "alone on the pooled crop target (ReLabel's LabelPooling; default: the preset's, tokens)")
     tl.add_argument("--mixtoken", action=argparse.BooleanOptionalAction,
                     help="MixToken: tokens inside the batch's box come from the partner sample B-1-b, in the model's "
-                    "first token map (default: on with token labels in --label-mode tokens, off otherwise; "
+                    "first token map (default: the preset's, off in the demo; else on with token labels in --label-mode tokens, off otherwise; "
                     "--no-token-label --mixtoken mixes the hard labels by area, a token-level CutMix baseline)")
     tl.add_argument("--mixtoken-per-sample", action="store_true", help="one MixToken box per sample")
     tl.add_argument("--dense-weight", type=float, default=1.0, help="weight of the token loss (paper: 0.5)")
@@ -148,8 +162,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--resume", nargs="?", const="auto", help="resume exactly from a checkpoint (default <output>/last.pth)")
     o.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in all, with a resumable "
                    "checkpoint")
-    o.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations (the last epoch always "
-                   "evaluates)")
+    o.add_argument("--eval-every", type=int, help="epochs between evaluations (the last epoch always "
+                   "evaluates; default: the preset's)")
     o.add_argument("--log-every", type=int, default=10, help="steps between logged losses (each costs a sync)")
     o.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
                    help="draw <output>/curves.png at the end of the run (needs matplotlib)")
@@ -159,7 +173,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset options from the preset ('demo' without --data, 'imagenet' with it)."""
     args.preset = args.preset or ("imagenet" if args.data else "demo")
-    for key, value in PRESETS[args.preset].items():
+    preset = PRESETS[args.preset]
+    own_model = PRESET_MODEL_OVERRIDES.get(args.preset, {}) if args.model in (None, preset["model"]) else {}
+    for key, value in {**preset, **own_model}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
