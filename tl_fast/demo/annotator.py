@@ -85,7 +85,7 @@ class TrainConfig:
     """Training recipe of the demo annotator (a few minutes on two CPU cores at the defaults).
 
     Token labeling wants an annotator whose maps are right where the student looks. Measured on the
-    demo preset's training crops (BENCHMARKS.md): the first recipe (18 epochs, label smoothing 0.1,
+    demo preset's training crops of the 32-class data (docs/demo-evidence.md): the first recipe (18 epochs, label smoothing 0.1,
     image labels only) reached 83% val top-1, its class-token targets were right on 75% of crops,
     and background tokens (68% of all) named the image's class 19% of the time; 40 epochs without
     smoothing: 97%, 93%, 21%; with the layout supervision (``dense``): 99%, 97%, 45%."""

@@ -195,7 +195,8 @@ def _paste(img: np.ndarray, spec: ClassSpec, cx: float, cy: float, size: int,
 
 @dataclass(frozen=True)
 class SceneConfig:
-    """Image geometry and clutter. The defaults give 160..400 px images like small natural photos."""
+    """Image geometry, clutter and the shapes classes draw from. These defaults give 160..400 px images
+    like small natural photos; the demo's own (``tl_fast.demo.DEMO_SCENE``) are smaller, with 4 shapes."""
 
     min_side: int = 160
     max_side: int = 400
