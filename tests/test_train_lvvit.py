@@ -260,7 +260,8 @@ def test_demo_compare_trains_both_runs_differing_only_in_labels(dataset, tmp_pat
         assert 0 <= r["top1"] <= 100 and 0 <= r["top5"] <= 100 and "img_per_s" in r
     assert summary["gain_points"] == pytest.approx(tl["top1"] - base["top1"], abs=0.01)
     assert (out / "curves.png").stat().st_size > 10_000
-    starts = {n: next(r for r in _log(out / n) if r["event"] == "start")["args"] for n in ("token_labeling", "baseline")}
+    starts = {n: next(r for r in _log(out / n) if r["event"] == "start")["args"]
+              for n in ("token_labeling", "baseline")}
     differ = sorted(k for k in starts["baseline"] if starts["baseline"][k] != starts["token_labeling"].get(k))
     assert differ == ["output", "token_label"] and summary["config_differences"] == ["token_label"]
     assert starts["token_labeling"]["token_label"] == "True" and starts["baseline"]["mixtoken"] == "False"

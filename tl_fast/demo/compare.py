@@ -66,18 +66,11 @@ def trainer_command(name: str, args: argparse.Namespace) -> list[str]:
             "--no-plot", "--no-progress", *RUNS[name][1], *args.trainer_args]
 
 
-def read_log(folder: Path) -> list[dict]:
+def read_log(folder: Path) -> dict | None:
+    """The run's ``log.jsonl`` as :func:`tl_fast.train.plot.read_run` reads it, or None before it exists."""
+    from ..train.plot import read_run
     path = folder / "log.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            break
-    starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
-    return records[starts[-1]:] if starts else records
+    return read_run(path) if path.is_file() else None
 
 
 def _finite(x) -> float | None:
@@ -86,10 +79,8 @@ def _finite(x) -> float | None:
 
 def run_summary(folder: Path, wall_s: float) -> dict:
     """Final top-1/top-5, images/s (median over epochs), the curves and the logged configuration."""
-    records = read_log(folder)
-    start = next((r for r in records if r.get("event") == "start"), {})
-    epochs = [r for r in records if r.get("event") == "epoch"]
-    evals = [r for r in epochs if "top1" in r]
+    run = read_log(folder) or {"head": {}, "epochs": [], "evals": []}
+    start, epochs, evals = run["head"], run["epochs"], run["evals"]
     speeds = [s for s in (_finite(r.get("train_images_per_s")) for r in epochs) if s is not None]
     last = evals[-1] if evals else {}
     return {
@@ -120,13 +111,12 @@ def _progress(names: list[str], enabled: bool):
 
 
 def _follow(name: str, folder: Path, bars, printed: dict) -> None:
-    records = read_log(folder)
-    start = next((r for r in records if r.get("event") == "start"), None)
-    if start is None:
+    run = read_log(folder)
+    if run is None or not run["head"]:
         return
-    evals = [r for r in records if r.get("event") == "epoch" and "top1" in r]
+    start, evals = run["head"], run["evals"]
     if bars is not None:
-        bar, steps = bars[name], [r["step"] for r in records if r.get("event") == "train"]
+        bar, steps = bars[name], [r["step"] for r in run["train"]]
         bar.total = int(start["steps_per_epoch"]) * int(start["args"]["epochs"])
         bar.update(max(steps, default=0) - bar.n)  # update(), not n =: tqdm's rate and ETA follow recent steps
         if evals:

@@ -147,8 +147,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     "alone on the pooled crop target (ReLabel's LabelPooling; default: the preset's, tokens)")
     tl.add_argument("--mixtoken", action=argparse.BooleanOptionalAction,
                     help="MixToken: tokens inside the batch's box come from the partner sample B-1-b, in the model's "
-                    "first token map (default: the preset's, off in the demo; else on with token labels in --label-mode tokens, off otherwise; "
-                    "--no-token-label --mixtoken mixes the hard labels by area, a token-level CutMix baseline)")
+                    "first token map (default: the preset's, off in the demo; else on with token labels in "
+                    "--label-mode tokens, off otherwise; --no-token-label --mixtoken mixes the hard labels by area, a "
+                    "token-level CutMix baseline)")
     tl.add_argument("--mixtoken-per-sample", action="store_true", help="one MixToken box per sample")
     tl.add_argument("--dense-weight", type=float, default=1.0, help="weight of the token loss (paper: 0.5)")
     tl.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")

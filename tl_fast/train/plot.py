@@ -14,17 +14,26 @@ from ..optional import MissingDependency, require
 
 def read_run(log_path: str | os.PathLike) -> dict:
     """The latest run in ``log_path``: its records from the last ``start`` on, the steps where it was
-    resumed, and the steps per epoch (to draw everything against epochs)."""
-    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    resumed, and the steps per epoch (to draw everything against epochs). A run still writing its log
+    may have a last line cut short; the records before it are read."""
+    records = []
+    for line in Path(log_path).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
     starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
     records = records[starts[-1]:] if starts else records
     head = next((r for r in records if r.get("event") in ("start", "resume")), {})
     spe = max(int(head.get("steps_per_epoch") or 1), 1)
     train = [r for r in records if r.get("event") == "train"]
-    evals = [r for r in records if r.get("event") == "epoch" and "top1" in r]
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    evals = [r for r in epochs if "top1" in r]
     resumes = [r for r in records if r.get("event") == "resume"]
-    return {"head": head, "steps_per_epoch": spe, "train": train, "evals": evals, "resumes": resumes,
-            "end": next((r for r in reversed(records) if r.get("event") == "end"), None)}
+    return {"head": head, "steps_per_epoch": spe, "train": train, "epochs": epochs, "evals": evals,
+            "resumes": resumes, "end": next((r for r in reversed(records) if r.get("event") == "end"), None)}
 
 
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
