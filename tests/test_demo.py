@@ -68,10 +68,10 @@ def test_layout_main_object_inside_and_drawn_last():
         assert all(o.size < main.size for o in lay.objects[:-1])
 
 
-def test_layout_class_map_names_the_object_on_top_and_the_label_elsewhere():
+def test_layout_class_map_names_the_object_on_top_and_the_background_given():
     # 80 x 40 image on a 4 x 4 grid: cell centres at x = 10, 30, 50, 70 and y = 5, 15, 25, 35.
     # Object 1 covers x 35-65, y 0-30; object 2, drawn after it, x 46-54, y 11-19; the main object
-    # (label 0) x 66-74, y 31-39. Background cells take the label, 0.
+    # (label 0) x 66-74, y 31-39. Background cells take the label, 0, or the background given.
     lay = SceneLayout(80, 40, (SceneObject(1, 50.0, 15.0, 30, False), SceneObject(2, 50.0, 15.0, 8, False),
                                SceneObject(0, 70.0, 35.0, 8, True)))
     want = np.array([[0, 0, 1, 0],
@@ -79,11 +79,36 @@ def test_layout_class_map_names_the_object_on_top_and_the_label_elsewhere():
                      [0, 0, 1, 0],
                      [0, 0, 0, 0]])
     assert np.array_equal(layout_class_map(lay, 4), want)
+    want[(want == 0)] = -1  # the annotator's "no class" background: only the main object's own cell keeps 0
+    want[3, 3] = 0
+    assert np.array_equal(layout_class_map(lay, 4, background=-1), want)
     real = scene_layout(0, "train", 3, 7, 8)
     m = layout_class_map(real, 12)
     assert m.shape == (12, 12) and set(np.unique(m)) <= {o.label for o in real.objects}
     main = real.objects[-1]
     assert m[int(main.cy / real.height * 12), int(main.cx / real.width * 12)] == 3
+
+
+def test_annotator_background_cells_learn_no_class():
+    """Object cells get the cross-entropy; background cells (BACKGROUND) have every score pulled to 0,
+    a flat target after the softmax, so a crop's pooled target names the objects it holds."""
+    import torch.nn.functional as F
+
+    from tl_fast.demo.annotator import BACKGROUND, _dense_loss
+
+    cells = torch.randn(2, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    maps = torch.full((2, 3, 3), BACKGROUND)
+    maps[:, 1, 1] = 2
+    _dense_loss(cells, maps, 0.0).backward()
+    n = maps.numel()
+    grad, x = cells.grad.permute(0, 2, 3, 1), cells.detach().permute(0, 2, 3, 1)
+    background = maps == BACKGROUND
+    assert torch.allclose(grad[background], 2 * x[background] / 5 / n)
+    assert torch.allclose(grad[:, 1, 1], (x[:, 1, 1].softmax(-1) - F.one_hot(torch.tensor([2, 2]), 5)) / n)
+    plain = torch.randint(0, 5, (2, 3, 3))  # no background: the plain cross-entropy
+    assert torch.allclose(_dense_loss(cells, plain, 0.1), F.cross_entropy(cells, plain, label_smoothing=0.1))
+    with pytest.raises(ValueError, match="background"):
+        TrainConfig(background="dark")
 
 
 def _main_object_coverage(config: DemoConfig, epochs: int, scale=(0.08, 1.0)) -> np.ndarray:

@@ -198,16 +198,17 @@ def _layout_maps(folder: Path, classes, config: DemoConfig):
     ``annotator.load_split`` order: the dense supervision of the demo annotator."""
     import torch
 
-    from .annotator import STRIDE
+    from .annotator import BACKGROUND, STRIDE
     from .scenes import layout_class_map, scene_layout
 
     grid = config.annotator.img_size // STRIDE
+    background = None if config.annotator.background == "image" else BACKGROUND
     maps = []
     for label, name in enumerate(classes):
         for file in sorted(os.listdir(folder / name)):  # <class>_<index>.jpg
             index = int(Path(file).stem.rsplit("_", 1)[1])
             layout = scene_layout(config.seed, "train", label, index, config.num_classes, config.scene)
-            maps.append(torch.from_numpy(layout_class_map(layout, grid)))
+            maps.append(torch.from_numpy(layout_class_map(layout, grid, background)))
     return torch.stack(maps)
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
 STRIDE = 8
+BACKGROUND = -1  # the cell class of background in the dense maps when TrainConfig.background is "none"
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -88,7 +89,9 @@ class TrainConfig:
     demo preset's training crops of the 32-class data (docs/demo-evidence.md): the first recipe (18 epochs, label smoothing 0.1,
     image labels only) reached 83% val top-1, its class-token targets were right on 75% of crops,
     and background tokens (68% of all) named the image's class 19% of the time; 40 epochs without
-    smoothing: 97%, 93%, 21%; with the layout supervision (``dense``): 99%, 97%, 45%."""
+    smoothing: 97%, 93%, 21%; with the layout supervision (``dense``): 99%, 97%, 45%. On the 16-class
+    data, background cells that learn no class (``background="none"``) instead of the image's class
+    raised the demo student's val top-1 by 1.7 and 2.0 points (seeds 0 and 1)."""
 
     img_size: int = 96
     width: int = 16
@@ -99,9 +102,16 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # Also supervise every output cell with the scene layout (``scenes.layout_class_map``): the
     # annotator stands in for a much stronger model (the student never sees layouts), whose maps
-    # name the object under each cell and the image's class on background.
+    # name the object under each cell.
     dense: bool = True
+    # What background cells learn: "none", no class (every score 0, a flat target after the softmax),
+    # so a crop's pooled target names the objects it holds; "image", the image's class, as context.
+    background: str = "none"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.background not in ("none", "image"):
+            raise ValueError(f"TrainConfig.background must be 'none' or 'image', got {self.background!r}")
 
 
 def load_split(folder: Path, img_size: int, classes: list[str], progress: bool = True,
@@ -145,6 +155,14 @@ def _augment(x: torch.Tensor, gen: torch.Generator, maps: torch.Tensor | None = 
     return xp[:, :, dy:dy + s, dx:dx + s], maps
 
 
+def _dense_loss(cells: torch.Tensor, maps: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy on object cells; background cells (``BACKGROUND``) pull every score to 0."""
+    background = maps == BACKGROUND
+    ce = F.cross_entropy(cells, maps.clamp(min=0), label_smoothing=label_smoothing, reduction="none")
+    flat = cells.pow(2).mean(1)
+    return torch.where(background, flat, ce).mean()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy of the pooled output."""
@@ -169,7 +187,8 @@ def train_annotator(
 ) -> dict:
     """Train the demo CNN and save ``{"model", "config", "classes", "val_acc", "train_acc", **extra}``
     atomically. With ``cfg.dense``, ``dense_maps`` (``[N, S / STRIDE, S / STRIDE]`` class per output
-    cell, in the train split's load order) adds a per-cell cross-entropy to the image-level one.
+    cell, in the train split's load order; ``BACKGROUND`` on background) adds a per-cell loss to the
+    image-level cross-entropy.
 
     Deterministic for a given seed and thread count on the CPU. Returns the saved dict (minus weights).
     """
@@ -208,7 +227,7 @@ def train_annotator(
             if cfg.dense:
                 fc = model.get_classifier()
                 cells = F.conv2d(features, fc.weight[:, :, None, None], fc.bias)
-                loss = loss + F.cross_entropy(cells, maps, label_smoothing=cfg.label_smoothing)
+                loss = loss + _dense_loss(cells, maps, cfg.label_smoothing)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             opt.zero_grad(set_to_none=True)

@@ -256,12 +256,12 @@ def scene_layout(seed: int, split: str, label: int, index: int, num_classes: int
     return SceneLayout(w, h, tuple(objects))
 
 
-def layout_class_map(layout: SceneLayout, grid: int) -> np.ndarray:
+def layout_class_map(layout: SceneLayout, grid: int, background: int | None = None) -> np.ndarray:
     """``[grid, grid]`` class ids of a scene squashed to a square ``grid``: each cell takes the class of
-    the topmost object whose square box holds the cell centre, else the scene's label (background
-    carries the image's class, as context does for an ImageNet annotator)."""
+    the topmost object whose square box holds the cell centre, else ``background`` (default: the
+    scene's label, so background carries the image's class as context does)."""
     main = next(o.label for o in layout.objects if o.main)
-    out = np.full((grid, grid), main, dtype=np.int64)
+    out = np.full((grid, grid), main if background is None else background, dtype=np.int64)
     centres = (np.arange(grid) + 0.5) / grid
     ys, xs = centres[:, None] * layout.height, centres[None, :] * layout.width
     for o in layout.objects:  # drawing order: later objects are on top
