@@ -137,6 +137,11 @@ def test_batch_larger_than_the_dataset_is_one_line(dataset, tmp_path, capsys):  
     assert "--batch-size 30 is larger than the train split (24 usable images" in err
 
 
+def test_image_size_that_gives_no_whole_token_grid_is_one_line(dataset, tmp_path, capsys):  # noqa: F811
+    err = _error(_args(dataset, tmp_path / "out", "torch", "--epochs", "1", "--patch-size", "6"), capsys)
+    assert "must be a multiple of patch_size 6" in err and "--img-size and --patch-size" in err
+
+
 def test_output_that_is_a_file_or_not_writable_is_one_line(dataset, tmp_path, capsys):  # noqa: F811
     afile = tmp_path / "afile"
     afile.write_text("x")

@@ -48,10 +48,10 @@ def test_demo_preset_sizes_its_own_model_only():
     """The demo's LV-ViT gets the preset's width and 48 px; another --model keeps its own size, and an
     option given on the command line always wins."""
     demo = _args()
-    assert (demo.model, demo.dim, demo.heads, demo.img_size) == ("lvvit_demo", 192, 6, 48)
+    assert (demo.model, demo.dim, demo.heads, demo.patch_size, demo.img_size) == ("lvvit_demo", 128, 4, 6, 48)
     assert (demo.mixtoken, demo.model_ema, demo.label_mode) == (False, False, "tokens")
     vit = _args("--model", "vit_tiny_patch16_224")
-    assert (vit.dim, vit.heads, vit.img_size) == (None, None, 64)
+    assert (vit.dim, vit.heads, vit.patch_size, vit.img_size) == (None, None, None, 64)
     assert (_args("--img-size", "40", "--dim", "96").img_size, _args("--dim", "96").dim) == (40, 96)
     cnn = _args("--preset", "demo-cnn")
     assert (cnn.dim, cnn.img_size, cnn.model_ema, cnn.eval_every) == (None, 64, True, 1)
