@@ -1,0 +1,78 @@
+"""Experiment (2026-12-07): what do the demo's students get wrong? Each run's checkpoint is evaluated on
+the demo val split (the trainer's rule: class logits, plus 0.5 x the max over tokens for a token-label
+run) and each error is sorted against the scene's known layout: a distractor in the image, the right
+colour with the wrong shape, the right shape with the wrong colour, or neither.
+
+    PYTHONPATH=. python experiments/demo_errors.py runs/demo/token_labeling/last.pth runs/demo/baseline/last.pth
+
+Results: docs/demo-evidence.md ("The sweep on two seeds"). Reads the torch loader's centre crop, so its
+top-1 can differ from the trainer's DALI figure by a few tenths of a point.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from tl_fast import TokenLabelLoader
+from tl_fast.demo import DEMO_SCENE, default_root
+from tl_fast.demo.scenes import scene_layout
+from tl_fast.models import create_lvvit
+
+KINDS = ("distractor", "right colour, wrong shape", "right shape, wrong colour", "other")
+
+
+def error_kind(true: str, pred: str, pred_id: int, distractors: set[int]) -> str:
+    """Class names are ``NN_colour_shape``."""
+    if pred_id in distractors:
+        return KINDS[0]
+    _, colour, shape = true.split("_")
+    _, p_colour, p_shape = pred.split("_")
+    return KINDS[1] if p_colour == colour else KINDS[2] if p_shape == shape else KINDS[3]
+
+
+def study(path: str, data: Path) -> tuple[float, Counter]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    args, classes = ckpt["args"], ckpt["classes"]
+    size, patch = int(args["img_size"]), int(args["patch_size"])
+    model = create_lvvit(args["model"], num_classes=len(classes), img_size=size, patch_size=patch,
+                         embed_dim=int(args["dim"]), num_heads=int(args["heads"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    tokens = args["token_label"] == "True"
+    val = TokenLabelLoader(str(data / "val"), None, batch_size=128, train=False, backend="torch", image_size=size,
+                           patch_size=patch, num_workers=1, classes=classes)
+    files = [f for c in classes for f in sorted((data / "val" / c).iterdir())]
+    kinds, right, n = Counter(), 0, 0
+    with torch.no_grad():
+        for batch in val:
+            cls, tok = model.forward_train(batch.images, None)[:2]
+            pred = (cls + 0.5 * tok.max(1).values if tokens else cls).argmax(1)
+            for i, y, q in zip(batch.indices.tolist(), batch.labels.tolist(), pred.tolist()):
+                n += 1
+                if q == y:
+                    right += 1
+                    continue
+                index = int(files[i].stem.rsplit("_", 1)[1])
+                layout = scene_layout(0, "val", y, index, len(classes), DEMO_SCENE)
+                kinds[error_kind(classes[y], classes[q], q, {o.label for o in layout.objects if not o.main})] += 1
+    return 100.0 * right / n, kinds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoints", nargs="+", help="last.pth / best.pth of demo runs (lvvit_demo)")
+    p.add_argument("--data", type=Path, default=default_root(), help="the demo data the runs trained on")
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    for path in a.checkpoints:
+        top1, kinds = study(path, a.data)
+        errors = sum(kinds.values())
+        shares = ", ".join(f"{k} {100 * kinds[k] / errors:.0f}%" for k in KINDS)
+        print(f"{path}: top-1 {top1:.2f}%; errors: {shares}")
+
+
+if __name__ == "__main__":
+    main()
