@@ -11,26 +11,31 @@ top-1 can differ from the trainer's DALI figure by a few tenths of a point.
 from __future__ import annotations
 
 import argparse
+import json
 from collections import Counter
 from pathlib import Path
 
 import torch
 
 from tl_fast import TokenLabelLoader
-from tl_fast.demo import DEMO_SCENE, default_root
-from tl_fast.demo.scenes import scene_layout
+from tl_fast.demo import default_root
+from tl_fast.demo.scenes import ClassSpec, SceneConfig, class_specs, scene_layout
 from tl_fast.models import create_lvvit
 
 KINDS = ("distractor", "right colour, wrong shape", "right shape, wrong colour", "other")
 
 
-def error_kind(true: str, pred: str, pred_id: int, distractors: set[int]) -> str:
-    """Class names are ``NN_colour_shape``."""
-    if pred_id in distractors:
+def error_kind(true: ClassSpec, pred: ClassSpec, distractors: set[int]) -> str:
+    if pred.index in distractors:
         return KINDS[0]
-    _, colour, shape = true.split("_")
-    _, p_colour, p_shape = pred.split("_")
-    return KINDS[1] if p_colour == colour else KINDS[2] if p_shape == shape else KINDS[3]
+    return KINDS[1] if pred.colour == true.colour else KINDS[2] if pred.shape == true.shape else KINDS[3]
+
+
+def demo_settings(data: Path) -> tuple[int, SceneConfig, list[ClassSpec]]:
+    """Seed, scene settings and class specs of the demo folder, from the manifest ``prepare`` wrote."""
+    config = json.loads((data / "demo.json").read_text())["config"]
+    scene = SceneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["scene"].items()})
+    return config["seed"], scene, class_specs(config["num_classes"], scene.shapes)
 
 
 def study(path: str, data: Path) -> tuple[float, Counter]:
@@ -45,6 +50,7 @@ def study(path: str, data: Path) -> tuple[float, Counter]:
     val = TokenLabelLoader(str(data / "val"), None, batch_size=128, train=False, backend="torch", image_size=size,
                            patch_size=patch, num_workers=1, classes=classes)
     files = [f for c in classes for f in sorted((data / "val" / c).iterdir())]
+    seed, scene, specs = demo_settings(data)
     kinds, right, n = Counter(), 0, 0
     with torch.no_grad():
         for batch in val:
@@ -56,8 +62,8 @@ def study(path: str, data: Path) -> tuple[float, Counter]:
                     right += 1
                     continue
                 index = int(files[i].stem.rsplit("_", 1)[1])
-                layout = scene_layout(0, "val", y, index, len(classes), DEMO_SCENE)
-                kinds[error_kind(classes[y], classes[q], q, {o.label for o in layout.objects if not o.main})] += 1
+                layout = scene_layout(seed, "val", y, index, len(specs), scene)
+                kinds[error_kind(specs[y], specs[q], {o.label for o in layout.objects if not o.main})] += 1
     return 100.0 * right / n, kinds
 
 

@@ -50,8 +50,7 @@ def create_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
         try:
             return create_lvvit(args.model, img_size=args.img_size, **kwargs)
         except ValueError as err:  # a size that gives no whole token grid
-            raise InputError(f"{args.model}: {err}: pick --img-size and --patch-size together (the demo "
-                             "preset's LV-ViT sees 48 px in 6 px patches)") from None
+            raise InputError(f"{args.model}: {err}: pick --img-size and --patch-size together") from None
     import timm
     try:  # ViT-like models size their position embedding from img_size; CNNs take no such argument
         return timm.create_model(args.model, pretrained=args.pretrained, img_size=args.img_size, **kwargs)
