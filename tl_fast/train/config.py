@@ -12,7 +12,7 @@ PRESETS = {
     # on 2 cores; the LV-ViT it trains is sized by PRESET_MODEL_OVERRIDES.
     "demo": dict(model="lvvit_demo", img_size=64, epochs=23, batch_size=16, lr=0.04, warmup_epochs=1.0,
                  drop_path=0.0, aa="none", crop_scale=0.25, reprob=0.0, workers=2, label_mode="tokens",
-                 mixtoken=False, model_ema=False, eval_every=2),
+                 mixtoken=False, model_ema=False, eval_every=3),
     # timm's narrow test ResNet (0.4M parameters) at 64 px: a CNN that trains on the demo in minutes.
     "demo-cnn": dict(model="test_resnet", img_size=64, epochs=10, batch_size=64, lr=0.02, warmup_epochs=1.0,
                      drop_path=0.0, aa="none", crop_scale=0.25, reprob=0.0, workers=2, label_mode="class",
