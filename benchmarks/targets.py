@@ -86,8 +86,9 @@ _ALL = (
            "2 idle cores, data prepared: token labeling vs the class-token baseline on the same budget: >= 50% "
            "val top-1, >= +5 points on the mean of 2 seeds, both runs in <= 5 min of training",
            ("demo_gain", "token_label_evidence"),
-           reading="What the runs so far show and why MixToken costs accuracy on the demo: "
-                   "[docs/demo-evidence.md](docs/demo-evidence.md)."),
+           reading="The sweep behind the demo's recipe (both labelings on seeds 0 and 1 over batch size, learning "
+                   "rate and student, with the command of every cell), the earlier runs and why MixToken costs "
+                   "accuracy on the demo: [docs/demo-evidence.md](docs/demo-evidence.md)."),
     Target("annotate", "Machine annotation against plain inference",
            "`tl-fast annotate` >= 0.95x the images/s of a plain timm inference loop over the same images, model "
            "and batch", ("annotate_throughput",), spec=False),
